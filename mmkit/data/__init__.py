@@ -1,0 +1,5 @@
+"""Instruction data: normalised samples, readers, validation and batching."""
+
+from mmkit.data.records import ReadContext, Sample, Turn
+
+__all__ = ["ReadContext", "Sample", "Turn"]

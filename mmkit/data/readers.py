@@ -1,0 +1,124 @@
+"""File readers for instruction data: generic, LLaVA and LAMM. JSONL streams line by line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mmkit.data.records import ReadContext, Sample, parse_record
+from mmkit.errors import DataError
+
+# System messages selected by LAMM's ``task_type`` (paraphrased from the LAMM paper's task
+# descriptions; LAMM keeps one per task family).
+LAMM_SYSTEM_MESSAGES = {
+    "normal": "You are a helpful assistant. Answer the user's question about the input.",
+    "conversation": "You are a helpful assistant. Hold a conversation about the input with the user.",
+    "detailed_description": "You are a helpful assistant. Describe the input in detail.",
+    "classification": "Identify the main object in the input and answer with its category.",
+    "classification3d": "Identify the object in the point cloud and answer with its category.",
+    "detection": "Find the objects in the image and give each one's class and normalized box [x1, y1, x2, y2].",
+    "detection3d": "Find the objects in the scene and give each one's class and box [cx, cy, cz, l, w, h] in metres.",
+    "VQA": "Answer the question about the input; for multiple choice, answer with the option's letter.",
+    "VQA3d": "Answer the question about the 3D scene.",
+    "counting": "Count the objects the user asks about and answer with a number.",
+    "caption": "Describe the input in one sentence.",
+}
+
+
+def iter_raw_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, object)`` from a JSON list or a JSONL file; JSONL is streamed."""
+    source = str(path)
+    if not path.is_file():
+        raise DataError(source, None, "file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at 4096 bytes is fine; anything earlier is not UTF-8.
+        if exc.start < len(head) - 4:
+            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})") from None
+    first = head.lstrip()[:1]
+    if first == b"[":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except UnicodeDecodeError as exc:
+            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(source, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        yield from enumerate(data)
+        return
+    if first not in (b"{", b""):
+        raise DataError(source, None, "not JSON or JSONL: expected a list '[...]' or one object per line")
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        index = 0
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError:
+                raise DataError(source, index, f"not UTF-8 text near line {lineno + 1}") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}") from None
+            yield index, obj
+            index += 1
+
+
+def _read(path: Path, ctx: ReadContext, *, system_for: Any = None, allowed_keys: set[str] | None = None
+          ) -> Iterator[Sample]:
+    base = path.parent
+    for index, obj in iter_raw_records(path):
+        system = system_for(obj) if system_for else None
+        yield parse_record(obj, ctx=ctx, base=base, source=str(path), index=index, system=system,
+                           allowed_keys=allowed_keys)
+
+
+def read_generic(path: Path, *, context: ReadContext) -> Iterator[Sample]:
+    """Any registered modality's data key may hold a path or a list of paths."""
+    return _read(Path(path), context)
+
+
+def read_llava(path: Path, *, context: ReadContext) -> Iterator[Sample]:
+    """LLaVA instruction data: an optional ``image`` key and human/gpt ``conversations``."""
+    return _read(Path(path), context, allowed_keys={"image"})
+
+
+def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
+    """LAMM 2D (``image``) and 3D (``pcl``) data; ``task_type`` selects the system message."""
+
+    def system_for(obj: Any) -> str | None:
+        if isinstance(obj, dict):
+            return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal")), LAMM_SYSTEM_MESSAGES["normal"])
+        return None
+
+    return _read(Path(path), context, system_for=system_for)
+
+
+def _first_record(path: Path) -> Any:
+    for _, obj in iter_raw_records(path):
+        return obj
+    return None
+
+
+def detect_lamm(path: Path, first_record: Any) -> bool:
+    return isinstance(first_record, dict) and "task_type" in first_record
+
+
+def detect_llava(path: Path, first_record: Any) -> bool:
+    if not isinstance(first_record, dict) or "conversations" not in first_record:
+        return False
+    return set(first_record) <= {"id", "image", "conversations", "model"}
+
+
+def detect_generic(path: Path, first_record: Any) -> bool:
+    return isinstance(first_record, dict) and ("conversations" in first_record or "messages" in first_record)

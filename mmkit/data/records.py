@@ -1,0 +1,170 @@
+"""The normalised sample every reader produces, and the parsing rules they share.
+
+Generic record format (JSON list or JSONL; LLaVA and LAMM records are special cases)::
+
+    {"id": "42", "image": "digits/0042.png",            # any registered modality's data key,
+     "system": "optional system message",               #   a path or a list of paths
+     "conversations": [{"from": "human", "value": "<image>\\nWhat digit is shown?"},
+                       {"from": "gpt", "value": "7"}]}
+
+Turn roles may be written ``human``/``gpt`` (LLaVA) or ``user``/``assistant`` with ``content``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mmkit.errors import DataError
+from mmkit.specs import ModalitySpec
+
+USER, ASSISTANT = "user", "assistant"
+_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "model": ASSISTANT}
+KNOWN_KEYS = {"id", "conversations", "messages", "system", "task_type", "src_image", "src_dataset",
+              "src_id", "label", "answers", "meta"}
+
+
+@attrs.frozen
+class Turn:
+    role: str
+    text: str
+
+
+@attrs.frozen
+class Sample:
+    """One conversation with its modality inputs, in order of their placeholders."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    inputs: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    system: str | None = None
+    source: str = ""
+    index: int = 0
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities present, in order of first placeholder."""
+        return tuple(name for name, paths in self.inputs.items() if paths)
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} record {self.index} (id {self.id})"
+
+
+@attrs.frozen
+class ReadContext:
+    """What a reader needs besides the file: the registered modalities and path rules."""
+
+    modalities: Mapping[str, ModalitySpec]
+    data_root: Path | None = None
+    allow_outside_root: bool = False
+    check_files: bool = False
+
+    def modality_for_key(self, key: str) -> ModalitySpec | None:
+        for spec in self.modalities.values():
+            if key in spec.data_keys:
+                return spec
+        return None
+
+
+def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: int) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataError(source, index, f"input path must be a non-empty string, got {raw!r}")
+    root = ctx.data_root or base
+    path = Path(raw)
+    full = path if path.is_absolute() else root / path
+    if not ctx.allow_outside_root:
+        resolved = Path(os.path.normpath(full.absolute()))
+        root_abs = Path(os.path.normpath(root.absolute()))
+        if resolved != root_abs and root_abs not in resolved.parents:
+            raise DataError(source, index, f"path {raw!r} escapes the data root {root} "
+                                           "(pass --allow-outside-root to permit it)")
+    if ctx.check_files and not full.is_file():
+        raise DataError(source, index, f"file not found: {full}")
+    return str(full)
+
+
+def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int,
+                 system: str | None = None, allowed_keys: set[str] | None = None) -> Sample:
+    """Validate one raw record and normalise it. Raises :class:`DataError` naming the record."""
+    if not isinstance(obj, dict):
+        raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}")
+    conv = obj.get("conversations", obj.get("messages"))
+    if conv is None:
+        raise DataError(source, index, "no 'conversations'")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(source, index, "'conversations' must be a non-empty list")
+    turns = []
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise DataError(source, index, f"turn {t} is not an object")
+        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        if role is None:
+            raise DataError(source, index, f"turn {t} has unknown speaker {turn.get('from', turn.get('role'))!r}")
+        text = turn.get("value", turn.get("content"))
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(source, index, f"turn {t} is empty")
+        expected = USER if t % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
+                                           "(turns alternate, starting with the user)")
+        turns.append(Turn(role, text))
+    if turns[-1].role != ASSISTANT:
+        raise DataError(source, index, "the last turn must be the assistant's answer")
+
+    inputs: dict[str, tuple[str, ...]] = {}
+    unknown = []
+    for key, value in obj.items():
+        if key in KNOWN_KEYS:
+            continue
+        spec = ctx.modality_for_key(key)
+        if spec is None or (allowed_keys is not None and key not in allowed_keys):
+            unknown.append(key)
+            continue
+        values = value if isinstance(value, list) else [value]
+        paths = tuple(resolve_path(v, ctx=ctx, base=base, source=source, index=index) for v in values)
+        if spec.name in inputs:
+            raise DataError(source, index, f"modality {spec.name!r} given under two keys")
+        inputs[spec.name] = paths
+
+    # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
+    for spec in ctx.modalities.values():
+        for alias in spec.markers.aliases:
+            turns = [Turn(t.role, t.text.replace(alias, spec.markers.placeholder)) for t in turns]
+        count = sum(t.text.count(spec.markers.placeholder) for t in turns)
+        for t in turns:
+            if t.role == ASSISTANT and spec.markers.placeholder in t.text:
+                raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn")
+        given = len(inputs.get(spec.name, ()))
+        if count != given:
+            if given and not count:
+                reason = f"{given} {spec.name} input(s) but no {spec.markers.placeholder} placeholder"
+            elif count and not given:
+                reason = f"{count} {spec.markers.placeholder} placeholder(s) but no {spec.name} input"
+            else:
+                reason = f"{count} {spec.markers.placeholder} placeholder(s) for {given} {spec.name} input(s)"
+            raise DataError(source, index, reason)
+
+    # Order inputs by where their first placeholder appears (cosmetic but deterministic).
+    text = "\n".join(t.text for t in turns)
+    order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
+    record_system = obj.get("system", system)
+    if record_system is not None and not isinstance(record_system, str):
+        raise DataError(source, index, "'system' must be a string")
+    meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
+    if unknown:
+        meta["unknown_keys"] = tuple(sorted(unknown))
+    return Sample(
+        id=str(obj.get("id", index)),
+        turns=tuple(turns),
+        inputs={m: inputs[m] for m in order},
+        system=record_system,
+        source=source,
+        index=index,
+        meta=meta,
+    )

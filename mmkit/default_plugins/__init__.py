@@ -1,0 +1,1 @@
+"""mmkit's own pieces, registered through the same hooks third-party plugins use."""

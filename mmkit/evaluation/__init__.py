@@ -1,0 +1,1 @@
+"""Evaluation: metrics (registered as plugins) and the held-out evaluation loop."""

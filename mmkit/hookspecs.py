@@ -1,0 +1,151 @@
+"""The plugin contract: every hook mmkit calls, with what it passes and what it expects back.
+
+Hooks are called with keyword arguments only; an implementation declares just the parameters it
+uses (pluggy passes only those) and never gives them defaults. Registration hooks return typed,
+lazy descriptors from :mod:`mmkit.specs`: importing a plugin must not import torch.
+
+``docs/plugins.md`` carries this reference for readers; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from mmkit.specs import EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
+
+PROJECT = "mmkit"
+#: Version of this contract. Plugins declare the range they support with ``mmkit>=X,<Y`` in their
+#: dependencies; ``mmkit plugins check`` verifies it.
+HOOK_API_VERSION = "1.0"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def mmkit_modalities() -> Sequence[ModalitySpec]:
+    """Register modalities: the bundle of data keys, tokenizer markers, file loader, default
+    encoder, projector and LoRA targets, and the tiny demo task.
+
+    Return a list of :class:`mmkit.specs.ModalitySpec`. A modality name registered by two plugins
+    is an error naming both.
+
+    Example::
+
+        @hookimpl
+        def mmkit_modalities():
+            return [ModalitySpec(
+                name="audio", data_keys=("audio",),
+                markers=MarkerSpec("<audio>", begin="<Aud>", end="</Aud>"),
+                load="mmkit_plugin_audio.io:load_wav", encoder="logmel_conv",
+                demo=DemoSpec(build="mmkit_plugin_audio.demo:build_demo"),
+            )]
+    """
+
+
+@hookspec
+def mmkit_encoders() -> Sequence[EncoderSpec]:
+    """Register modality encoders (frozen feature extractors).
+
+    Return a list of :class:`mmkit.specs.EncoderSpec`. ``build`` returns a
+    :class:`mmkit.modeling.ModalityEncoder`: ``preprocess(raw) -> Tensor`` for one input and
+    ``forward(Tensor[B, ...]) -> Tensor[B, num_tokens, output_dim]``.
+
+    Example::
+
+        @hookimpl
+        def mmkit_encoders():
+            return [EncoderSpec(name="logmel_conv", modality="audio",
+                                build="mmkit_plugin_audio.encoder:build_encoder",
+                                tiny={"hidden_size": 32, "num_layers": 1})]
+    """
+
+
+@hookspec
+def mmkit_projectors() -> Sequence[ProjectorSpec]:
+    """Register projectors (encoder features -> LLM embeddings).
+
+    Return a list of :class:`mmkit.specs.ProjectorSpec`. mmkit's own ``linear``, ``mlp`` and
+    ``resampler`` projectors are registered through this hook too.
+
+    Example::
+
+        @hookimpl
+        def mmkit_projectors():
+            return [ProjectorSpec(name="qformer", build="my_pkg.qformer:build")]
+    """
+
+
+@hookspec(firstresult=True)
+def mmkit_lora_targets(model_type: str, module_names: Sequence[str]) -> Sequence[str] | None:
+    """Choose the LLM modules LoRA adapts.
+
+    ``model_type`` is the Hugging Face ``config.model_type`` (``"llama"``, ``"qwen2"``, ...) and
+    ``module_names`` the names of the model's ``nn.Linear`` leaves. Return module-name suffixes for
+    peft's ``target_modules``, or ``None`` to let the next plugin decide. The first non-``None``
+    answer wins; mmkit's built-in table answers last.
+
+    Example::
+
+        @hookimpl
+        def mmkit_lora_targets(model_type):
+            if model_type == "mamba":
+                return ["in_proj", "out_proj"]
+            return None
+    """
+
+
+@hookspec
+def mmkit_dataset_readers() -> Sequence[ReaderSpec]:
+    """Register dataset readers (file formats of instruction data).
+
+    Return a list of :class:`mmkit.specs.ReaderSpec`. mmkit's ``llava``, ``lamm`` and ``generic``
+    readers are registered through this hook too. A modality's raw-file loader is part of its
+    :class:`~mmkit.specs.ModalitySpec` (``load``).
+
+    Example::
+
+        @hookimpl
+        def mmkit_dataset_readers():
+            return [ReaderSpec(name="sharegpt4v", read="my_pkg.data:read",
+                               detect="my_pkg.data:detect")]
+    """
+
+
+@hookspec
+def mmkit_metrics() -> Sequence[MetricSpec]:
+    """Register evaluation metrics.
+
+    Return a list of :class:`mmkit.specs.MetricSpec`; ``compute(predictions, references)`` returns a
+    ``dict[str, float]`` whose first key is the headline figure.
+
+    Example::
+
+        @hookimpl
+        def mmkit_metrics():
+            return [MetricSpec(name="count_mae", compute="my_pkg.metrics:count_mae")]
+    """
+
+
+@hookspec
+def mmkit_commands(app: Any) -> None:
+    """Add commands to the ``mmkit`` CLI.
+
+    ``app`` is the root ``typer.Typer``. Add a Typer sub-app (``app.add_typer(sub, name=...)``) or a
+    command (``@app.command()``); keep heavy imports inside the command functions so ``mmkit --help``
+    stays fast.
+
+    Example::
+
+        @hookimpl
+        def mmkit_commands(app):
+            import typer
+            sub = typer.Typer(help="Audio tools")
+            @sub.command()
+            def inspect(path: str):
+                ...
+            app.add_typer(sub, name="audio")
+    """

@@ -1,0 +1,198 @@
+"""The typed descriptors plugins hand to the host.
+
+Everything here is cheap to import: no torch. Heavy objects are reached through *lazy references*,
+either a ``"package.module:attribute"`` string (preferred: listable, picklable, costs nothing until
+used) or a plain callable (handy for in-process plugins in tests and notebooks).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import attrs
+
+LazyRef = Union[str, Callable[..., Any]]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def resolve(ref: LazyRef) -> Any:
+    """Import and return the object a lazy reference points to."""
+    if callable(ref):
+        return ref
+    module_name, _, attr_path = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_name(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{attribute.name}={value!r}: use lower-case letters, digits and underscores, starting with a letter"
+        )
+
+
+def _check_ref(_instance: Any, attribute: attrs.Attribute, value: LazyRef | None) -> None:
+    if value is None or callable(value):
+        return
+    if not isinstance(value, str) or not _REF.match(value):
+        raise ValueError(f"{attribute.name}={value!r}: expected 'package.module:attribute' or a callable")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+def _tuple(value: Any) -> tuple:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class MarkerSpec:
+    """How a modality shows up in text.
+
+    ``placeholder`` is what data and prompts contain (``"<image>"``); at assembly each placeholder is
+    replaced by ``begin`` + the projected feature tokens + ``end``. ``aliases`` are other spellings
+    accepted in data (LAMM writes ``<pcl>``) and rewritten to ``placeholder`` on read.
+    """
+
+    placeholder: str
+    begin: str | None = None
+    end: str | None = None
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokens the tokenizer must treat as atomic."""
+        return tuple(t for t in (self.placeholder, self.begin, self.end) if t)
+
+
+@attrs.frozen
+class DemoTask:
+    """A small, fully offline task for tests and ``mmkit train`` with no data argument.
+
+    Records are in mmkit's generic format (see ``mmkit.data.records``) with paths relative to the
+    folder the demo builder wrote into. ``answers`` is the closed set of answers, so chance accuracy
+    is ``1 / len(answers)``.
+    """
+
+    train: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple)
+    test: tuple[Mapping[str, Any], ...] = attrs.field(converter=tuple)
+    answers: tuple[str, ...] = attrs.field(converter=_tuple)
+    metric: str = "accuracy"
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.answers)
+
+
+@attrs.frozen
+class DemoSpec:
+    """The tiny demo configuration of a modality.
+
+    ``build(root: pathlib.Path, *, seed: int) -> DemoTask`` writes the demo's input files under
+    ``root`` and returns the records. ``encoder_options`` are the options for the modality's default
+    encoder in its tiny (random-init, no download) configuration.
+    """
+
+    build: LazyRef = attrs.field(validator=_check_ref)
+    encoder_options: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    description: str = ""
+
+
+@attrs.frozen
+class ModalitySpec:
+    """A modality: the named bundle a plugin registers.
+
+    - ``data_keys``: record keys holding this modality's file path(s); the first is canonical, the
+      rest are accepted aliases (LAMM's ``pcl``).
+    - ``markers``: placeholder and begin/end tokens (see :class:`MarkerSpec`).
+    - ``load``: ``load(path: pathlib.Path) -> raw`` decodes one file and validates it, raising
+      :class:`mmkit.errors.InputError` (file and reason) on anything unusable. ``raw`` is whatever the
+      encoder's ``preprocess`` accepts (a PIL image, an ``N x C`` float array, a waveform, ...).
+    - ``encoder`` / ``projector``: default component names (from the encoder / projector hooks).
+    - ``encoder_lora_targets``: module names inside the encoder to adapt when encoder LoRA is on.
+    - ``demo``: the tiny demo task and encoder options.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    data_keys: tuple[str, ...] = attrs.field(converter=_tuple)
+    markers: MarkerSpec
+    load: LazyRef = attrs.field(validator=_check_ref)
+    encoder: str
+    projector: str = "mlp"
+    file_types: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    encoder_lora_targets: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    demo: DemoSpec | None = None
+    description: str = ""
+
+    @data_keys.validator
+    def _nonempty(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+        if not value:
+            raise ValueError("data_keys: give at least one record key")
+
+
+@attrs.frozen
+class EncoderSpec:
+    """A modality encoder.
+
+    ``build(*, pretrained: str | None, **options) -> mmkit.modeling.ModalityEncoder``. With
+    ``pretrained`` (a hub id or a local path) it loads weights with ``from_pretrained``; with
+    ``pretrained=None`` it builds a random-init model from ``options`` (``tiny`` holds a
+    configuration small enough for a CPU test).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    modality: str = attrs.field(validator=_check_name)
+    build: LazyRef = attrs.field(validator=_check_ref)
+    tiny: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    description: str = ""
+
+
+@attrs.frozen
+class ProjectorSpec:
+    """A projector from encoder features to the LLM's embedding space.
+
+    ``build(*, in_dim: int, out_dim: int, num_tokens: int, **options) -> torch.nn.Module`` whose
+    ``forward`` maps ``[B, num_tokens, in_dim]`` to ``[B, T, out_dim]`` and whose attribute
+    ``num_output_tokens`` is ``T`` (a resampler changes the token count).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    build: LazyRef = attrs.field(validator=_check_ref)
+    description: str = ""
+
+
+@attrs.frozen
+class ReaderSpec:
+    """A dataset reader.
+
+    ``read(path: pathlib.Path, *, context: mmkit.data.ReadContext) -> Iterator[mmkit.data.Sample]``
+    streams normalised samples; ``detect(path, first_record: dict) -> bool`` says whether this
+    reader understands a file (for ``--data`` without an explicit format).
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    read: LazyRef = attrs.field(validator=_check_ref)
+    detect: LazyRef | None = attrs.field(default=None, validator=_check_ref)
+    description: str = ""
+
+
+@attrs.frozen
+class MetricSpec:
+    """An evaluation metric.
+
+    ``compute(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]``; the first
+    key of the result is the headline figure.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    compute: LazyRef = attrs.field(validator=_check_ref)
+    description: str = ""

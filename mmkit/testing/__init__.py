@@ -1,0 +1,23 @@
+"""The test kit for plugin authors.
+
+Subclass :class:`ModalityContract` in your plugin's tests and point it at your modality; pytest
+then runs the whole contract (shapes and dtypes as declared, batch invariance, determinism, no NaN,
+bad files rejected with a clear error, no torch at import time, the demo task builds)::
+
+    from mmkit.testing import ModalityContract
+
+    class TestAudioContract(ModalityContract):
+        modality = "audio_example"
+
+        def make_valid_files(self, tmp_path):
+            return [write_tone(tmp_path / "a.wav", 440), write_tone(tmp_path / "b.wav", 880)]
+
+        def make_invalid_files(self, tmp_path):
+            bad = tmp_path / "bad.wav"
+            bad.write_bytes(b"not audio")
+            return {"garbage bytes": bad}
+"""
+
+from mmkit.testing.contract import ModalityContract
+
+__all__ = ["ModalityContract"]
