@@ -157,6 +157,10 @@ class PluginHost:
     def _load(self, record: PluginRecord, load: Callable[[], Any], fatal: bool = False) -> None:
         if record.name in self.records:
             other = self.records[record.name]
+            if not (fatal or self.strict):
+                # Keep the clash visible to `plugins list` and check(): store it under a key that
+                # names its distribution (the name itself belongs to the first plugin).
+                self.records[f"{record.name} [{record.distribution}]"] = record
             self._fail(record, f"plugin name {record.name!r} is already used by {other.distribution}", fatal)
             return
         self.records[record.name] = record
@@ -195,7 +199,9 @@ class PluginHost:
     def _unknown_hooks(self, module: Any) -> list[str]:
         """Hook implementations with no matching spec, e.g. a misspelled ``mmkit_modalitys``."""
         problems = []
-        known = [name for name in dir(self.pm.hook) if name.startswith("mmkit_")]
+        # Only hooks with a spec: the misspelled name itself now has a (spec-less) caller too.
+        known = [name for name in dir(self.pm.hook)
+                 if name.startswith("mmkit_") and getattr(self.pm.hook, name).spec is not None]
         for caller in self.pm.get_hookcallers(module) or []:
             if caller.spec is None:
                 guess = difflib.get_close_matches(caller.name, known, n=1)
@@ -208,7 +214,9 @@ class PluginHost:
         registry: dict[str, dict[str, Registered]] = {kind: {} for _, kind in _REGISTRATION_HOOKS.values()}
         for hook_name, (spec_type, kind) in _REGISTRATION_HOOKS.items():
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            # get_hookimpls() is in registration order (pluggy calls it back to front): the first
+            # plugin to register a name keeps it, so a later plugin cannot knock out a built-in.
+            for impl in caller.get_hookimpls():
                 record = self.records.get(impl.plugin_name)
                 if record is not None and record.status != "ok":
                     continue

@@ -1,0 +1,65 @@
+"""A tiny LLaMA-architecture LM and a word-level tokenizer, built offline for the embedded demo and
+for tests. Both are saved with ``save_pretrained`` and then loaded back through the same
+``from_pretrained`` path a real model takes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from mmkit.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_TOKENS
+
+SPECIALS = ("<unk>", "<pad>", "<s>", "</s>", *DEFAULT_TEMPLATE_TOKENS)
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def build_tokenizer(corpus: Iterable[str]):
+    """A word-level tokenizer over ``corpus`` with the default chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in corpus for w in _WORDS.findall(text)})
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *words])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(DEFAULT_TEMPLATE_TOKENS)})
+    tokenizer.chat_template = DEFAULT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llm(out_dir: Path, corpus: Iterable[str], *, architecture: str = "llama", hidden_size: int = 64,
+                   num_layers: int = 2, num_heads: int = 4, init_std: float = 0.25, seed: int = 0) -> Path:
+    """Write a random-init causal LM + tokenizer to ``out_dir`` and return it.
+
+    ``architecture``: ``llama`` (the demo), ``qwen2`` or ``gpt_neox`` (tests of other families).
+    ``init_std`` is larger than HF's 0.02: an untrained model with 0.02 weights can only produce
+    near-uniform logits, and LoRA alone cannot lift a 64-wide output head out of that regime.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    tokenizer = build_tokenizer(corpus)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, intermediate_size=hidden_size * 3, max_position_embeddings=512,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                  initializer_range=init_std)
+    if architecture == "llama":
+        config = LlamaConfig(num_key_value_heads=max(1, num_heads // 2), **common)
+    elif architecture == "qwen2":
+        config = Qwen2Config(num_key_value_heads=max(1, num_heads // 2), **common)
+    elif architecture == "gpt_neox":
+        config = GPTNeoXConfig(**common)
+    else:
+        raise ValueError(f"unknown demo architecture {architecture!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,251 @@
+"""Saving and reloading a trained model on top of its base models.
+
+An output directory holds ``trainable.safetensors`` (projectors, LoRA adapters, marker embeddings),
+``encoders.safetensors`` (only encoders built from random init, which no hub can give back),
+``tokenizer/`` and ``mmkit.json``: what to rebuild, fingerprints of the base models, and the hash
+and shapes of the weights. Loading checks every one of them and refuses a mismatch by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmkit.errors import CheckpointMismatchError
+from mmkit.modeling.assembly import MultimodalLM
+
+FORMAT = 1
+META = "mmkit.json"
+TRAINABLE = "trainable.safetensors"
+ENCODERS = "encoders.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def llm_fingerprint(llm: torch.nn.Module) -> dict[str, Any]:
+    config = llm.config
+    return {
+        "model_type": config.model_type,
+        "hidden_size": int(llm.get_input_embeddings().weight.shape[1]),
+        "vocab_size": int(llm.get_input_embeddings().weight.shape[0]),
+        "num_hidden_layers": int(getattr(config, "num_hidden_layers", -1)),
+    }
+
+
+def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    """Names and values of the trainable weights (gathered from ZeRO-3 partitions if needed)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return _gather(named)
+
+
+def random_init_encoder_state(model: MultimodalLM, components: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    named = [(f"encoders.{m}.{n}", p) for m, comp in components.items() if comp.get("encoder_pretrained") is None
+             for n, p in model.encoders[m].named_parameters()]
+    return _gather(named)
+
+
+def _gather(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    params = [p for _, p in named]
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+    return {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+
+
+def write_model_files(directory: Path, *, state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
+                      meta: dict[str, Any], tokenizer: Any) -> None:
+    """Write into ``directory`` (a fresh temporary directory: the caller swaps it in atomically)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / TRAINABLE))
+    if encoder_state:
+        save_file({k: v.contiguous() for k, v in encoder_state.items()}, str(directory / ENCODERS))
+    tokenizer.save_pretrained(directory / "tokenizer")
+    meta = {
+        **meta,
+        "format": FORMAT,
+        "weights": {
+            TRAINABLE: {"sha256": sha256(directory / TRAINABLE), "shapes": {k: list(v.shape) for k, v in state.items()}},
+            **({ENCODERS: {"sha256": sha256(directory / ENCODERS),
+                           "shapes": {k: list(v.shape) for k, v in encoder_state.items()}}} if encoder_state else {}),
+        },
+    }
+    (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{directory}: not an mmkit model directory (no {META})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointMismatchError(f"{path}: unreadable metadata: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path}: format {meta.get('format')!r}, this mmkit reads format {FORMAT}")
+    return meta
+
+
+def load_weights(directory: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = Path(directory) / name
+    expected = meta["weights"].get(name)
+    if expected is None:
+        return {}
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{path}: missing")
+    if sha256(path) != expected["sha256"]:
+        raise CheckpointMismatchError(f"{path}: contents do not match the hash in {META} (corrupt or replaced)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointMismatchError(f"{path}: unreadable safetensors file: {exc}") from None
+
+
+def check_fingerprint(meta: dict[str, Any], model: MultimodalLM, components: dict[str, dict[str, Any]]) -> None:
+    saved, now = meta["llm"]["fingerprint"], llm_fingerprint(model.llm)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, base model {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointMismatchError("the checkpoint was trained on a different base LLM (" + "; ".join(diffs) + ")")
+    saved_mods, now_mods = set(meta["modalities"]), set(components)
+    if saved_mods != now_mods:
+        raise CheckpointMismatchError(f"modalities differ: checkpoint {sorted(saved_mods)}, model {sorted(now_mods)}")
+    for m in now_mods:
+        if meta["modalities"][m]["encoder_identity"] != components[m]["encoder_identity"]:
+            raise CheckpointMismatchError(f"the {m} encoder differs from the one the checkpoint was trained with")
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str,
+                      allow_missing: bool = False) -> None:
+    """Copy ``state`` into ``module``'s parameters by name: every key must exist with the same shape;
+    with ``allow_missing=False`` every trainable parameter must be present too."""
+    params = dict(module.named_parameters())
+    unexpected = sorted(set(state) - set(params))
+    shape = sorted(k for k in set(state) & set(params) if tuple(state[k].shape) != tuple(params[k].shape))
+    missing = [] if allow_missing else sorted(k for k, p in params.items() if p.requires_grad and k not in state)
+    if unexpected or shape or missing:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)}: {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:5])}")
+        for k in shape[:5]:
+            lines.append(f"{k}: checkpoint {list(state[k].shape)}, model {list(params[k].shape)}")
+        raise CheckpointMismatchError(f"{what} does not match the model: " + "; ".join(lines))
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].dtype))
+
+
+# -- whole model directories ----------------------------------------------------------------------
+def _portable_path(path: str, directory: Path) -> str:
+    """Store the base LLM path relative to the output dir when it lives inside it (the demo), so the
+    directory can be moved."""
+    p = Path(path)
+    if p.exists():
+        try:
+            return str(p.resolve().relative_to(directory.resolve()))
+        except ValueError:
+            return str(p.resolve())
+    return path  # a hub id
+
+
+def build_meta(assembled: Any, directory: Path, *, stage: str) -> dict[str, Any]:
+    import attrs
+
+    from mmkit import __version__
+
+    config = assembled.config
+    return {
+        "mmkit_version": __version__,
+        "stage": stage,
+        "llm": {"name_or_path": _portable_path(config.llm, directory),
+                "fingerprint": llm_fingerprint(assembled.model.llm)},
+        "first_new_token_id": assembled.first_new_token_id,
+        "modalities": assembled.components,
+        "lora": attrs.asdict(config.lora) if config.lora is not None else None,
+        "encoder_lora": config.encoder_lora,
+        "template": config.template,
+        "max_length": config.max_length,
+    }
+
+
+def save_model(directory: Path, assembled: Any, *, stage: str, write: bool = True) -> None:
+    """Write the reloadable model files into ``directory`` (each file atomically; ``mmkit.json``
+    last, so a reader never sees metadata that does not match the weights)."""
+    from mmkit.training.atomic import atomic_directory
+
+    directory = Path(directory)
+    state = trainable_state(assembled.model)
+    encoder_state = random_init_encoder_state(assembled.model, assembled.components)
+    if not write:  # other ranks took part in gathering ZeRO-3 partitions; one rank writes
+        return
+    meta = build_meta(assembled, directory, stage=stage)
+    atomic_directory(directory / "model", lambda tmp: write_model_files(
+        tmp, state=state, encoder_state=encoder_state, meta=meta, tokenizer=assembled.tokenizer))
+
+
+def model_config_from_meta(meta: dict[str, Any], directory: Path, *, with_lora: bool = True):
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig
+    from mmkit.modeling.lora import LoraSettings
+
+    llm = meta["llm"]["name_or_path"]
+    if not Path(llm).is_absolute() and (directory / llm).exists():
+        llm = str(directory / llm)
+    choices = tuple(
+        ModalityChoice(name=m, encoder=c["encoder"], encoder_pretrained=c["encoder_pretrained"],
+                       encoder_options=c["encoder_options"], projector=c["projector"],
+                       projector_options=c["projector_options"])
+        for m, c in meta["modalities"].items())
+    lora = meta.get("lora")
+    lora_settings = None
+    if lora is not None and with_lora:
+        lora_settings = LoraSettings(**{**lora, "targets": tuple(lora["targets"])})
+    return ModelConfig(llm=llm, modalities=choices, lora=lora_settings, encoder_lora=meta.get("encoder_lora", False),
+                       max_length=meta["max_length"], template=meta.get("template"),
+                       first_new_token_id=meta["first_new_token_id"])
+
+
+def model_dir(output_dir: Path) -> Path:
+    """Accept either a run's output dir or its ``model/`` subdirectory."""
+    output_dir = Path(output_dir)
+    if (output_dir / "model" / META).is_file():
+        return output_dir / "model"
+    return output_dir
+
+
+def load_model(output_dir: Path, host: Any) -> Any:
+    from mmkit.modeling.builder import assemble, trainable_parameters
+
+    directory = model_dir(output_dir)
+    meta = read_meta(directory)
+    config = model_config_from_meta(meta, output_dir)
+    assembled = assemble(config, host, tokenizer_path=str(directory / "tokenizer"))
+    check_fingerprint(meta, assembled.model, assembled.components)
+    load_into(assembled, directory, meta, stage=meta["stage"])
+    assembled.model.eval()
+    return assembled
+
+
+def load_into(assembled: Any, directory: Path, meta: dict[str, Any], *, stage: str, allow_missing: bool = False) -> None:
+    """Load encoder (random-init) and trainable weights into an assembled model, strictly."""
+    from mmkit.modeling.builder import trainable_parameters
+
+    encoder_state = load_weights(directory, ENCODERS, meta)
+    if encoder_state:
+        load_state_strict(assembled.model, encoder_state, what=f"{directory / ENCODERS}", allow_missing=True)
+    trainable_parameters(assembled.model, stage)
+    load_state_strict(assembled.model, load_weights(directory, TRAINABLE, meta), what=f"{directory / TRAINABLE}",
+                      allow_missing=allow_missing)
