@@ -33,25 +33,11 @@ def _register_commands() -> None:
 
 
 def main() -> None:
-    _register_commands()
+    # Typer runs in standalone mode (usage errors exit 2 with a message, typer.Exit keeps its
+    # code); mmkit's own errors are user-facing and print without a traceback.
     try:
-        app(standalone_mode=False)
+        _register_commands()
+        app()
     except MmkitError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise

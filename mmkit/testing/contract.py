@@ -33,22 +33,25 @@ class ModalityContract:
 
     # -- fixtures --------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
-    def host(self):
+    @classmethod
+    def host(cls):
         from mmkit.plugins import PluginHost
 
         return PluginHost()
 
     @pytest.fixture(scope="class")
-    def spec(self, host):
-        return host.modality(self.modality)
+    @classmethod
+    def spec(cls, host):
+        return host.modality(cls.modality)
 
     @pytest.fixture(scope="class")
-    def encoder(self, host, spec):
+    @classmethod
+    def encoder(cls, host, spec):
         from mmkit.modeling.factory import build_encoder
 
         torch = pytest.importorskip("torch")
         torch.manual_seed(0)
-        enc = build_encoder(host, spec, options=self.encoder_options)
+        enc = build_encoder(host, spec, options=cls.encoder_options)
         return enc.eval()
 
     @pytest.fixture

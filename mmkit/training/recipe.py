@@ -158,6 +158,8 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     host = get_host()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
     plan = plan_run(cfg, host, is_main=is_main)
@@ -251,7 +253,7 @@ def _loop(cfg, engine, loader, sampler, scheduler, log, total_steps, console, is
                 engine.step()
                 tokens_window += batch["num_tokens"]
                 total_tokens += batch["num_tokens"]
-                loss_window += float(loss)
+                loss_window += float(loss.detach())
                 loss_count += 1
                 if not boundary:
                     continue

@@ -1,0 +1,169 @@
+"""``mmkit.scaffold.create_plugin``: names, the generated tree, and (slow) the generated package
+installed and passing its own contract tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mmkit.plugins import PluginHost
+from mmkit.scaffold import ScaffoldError, create_plugin, derive_names, plan
+
+EXPECTED_FILES = {
+    ".gitignore",
+    "README.md",
+    "pyproject.toml",
+    "src/{pkg}/__init__.py",
+    "src/{pkg}/plugin.py",
+    "src/{pkg}/io.py",
+    "src/{pkg}/encoder.py",
+    "src/{pkg}/demo.py",
+    "tests/test_contract.py",
+    "tests/test_plugin.py",
+}
+
+
+@pytest.mark.parametrize(("name", "distribution", "package", "modality", "prefix"), [
+    ("mmkit-plugin-demo", "mmkit-plugin-demo", "mmkit_plugin_demo", "demo", "Demo"),
+    ("MMKit_Plugin.Sonar-Scan", "mmkit-plugin-sonar-scan", "mmkit_plugin_sonar_scan", "sonar_scan", "SonarScan"),
+    ("acme-radar", "acme-radar", "acme_radar", "acme_radar", "AcmeRadar"),
+    ("mmkit-plugin-ecg12", "mmkit-plugin-ecg12", "mmkit_plugin_ecg12", "ecg12", "Ecg12"),
+])
+def test_names_are_derived(name, distribution, package, modality, prefix):
+    names = derive_names(name)
+    assert (names.distribution, names.package, names.modality, names.class_prefix) == (
+        distribution, package, modality, prefix)
+    assert names.encoder == f"{modality}_patch"
+
+
+@pytest.mark.parametrize(("name", "modality", "message"), [
+    ("my plugin", None, "not a valid distribution name"),
+    ("-oops", None, "not a valid distribution name"),
+    ("mmkit-plugin-3d", None, "modality name '3d' .* not valid.*--modality"),
+    ("mmkit-plugin-label", None, "'label' is reserved"),
+    ("mmkit-plugin-x", "Bad-Name", "modality name 'Bad-Name'"),
+])
+def test_bad_names_are_refused(name, modality, message):
+    with pytest.raises(ScaffoldError, match=message):
+        derive_names(name, modality)
+
+
+def test_modality_override():
+    names = derive_names("mmkit-plugin-3d", "pointcloud3d")
+    assert (names.package, names.modality) == ("mmkit_plugin_3d", "pointcloud3d")
+
+
+def test_generated_tree(tmp_path):
+    target = create_plugin("mmkit-plugin-demo", tmp_path)
+    assert target == tmp_path / "mmkit-plugin-demo"
+    files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert files == {f.format(pkg="mmkit_plugin_demo") for f in EXPECTED_FILES}
+    for path in target.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            assert "{{" not in text and "__package__" not in text, path
+            if path.suffix == ".py":
+                compile(text, str(path), "exec")
+
+    project = tomllib.loads((target / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "mmkit-plugin-demo"
+    assert project["entry-points"]["mmkit"] == {"demo": "mmkit_plugin_demo.plugin"}
+    assert {"mmkit>=0.1,<0.2", "torch>=2.2", "numpy"} <= set(project["dependencies"])
+    assert any(dep.startswith("pytest") for dep in project["optional-dependencies"]["test"])
+    contract = (target / "tests" / "test_contract.py").read_text()
+    assert "class TestDemoContract(ModalityContract):" in contract and 'modality = "demo"' in contract
+    plugin_source = (target / "src" / "mmkit_plugin_demo" / "plugin.py").read_text()
+    assert not re.search(r"^\s*(import|from)\s+(torch|numpy)\b", plugin_source, re.M)
+
+
+def test_existing_directory_is_refused_and_left_alone(tmp_path):
+    existing = tmp_path / "mmkit-plugin-demo"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(ScaffoldError, match="already exists"):
+        create_plugin("mmkit-plugin-demo", tmp_path)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_plan_renders_without_writing(tmp_path):
+    files = plan(derive_names("mmkit-plugin-demo"))
+    assert set(files) == {f.format(pkg="mmkit_plugin_demo") for f in EXPECTED_FILES}
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def generated_on_path(tmp_path, monkeypatch):
+    """A generated plugin importable from its ``src`` folder (no install), cleaned from sys.modules."""
+    target = create_plugin("mmkit-plugin-fastcheck", tmp_path)
+    monkeypatch.syspath_prepend(str(target / "src"))
+    yield target
+    for name in [m for m in sys.modules if m.split(".")[0] == "mmkit_plugin_fastcheck"]:
+        del sys.modules[name]
+
+
+def test_generated_plugin_registers_cleanly_and_its_demo_builds(generated_on_path, tmp_path):
+    import importlib
+
+    from mmkit.data.records import ReadContext, parse_record
+    from mmkit.errors import InputError
+    from mmkit.specs import resolve
+
+    host = PluginHost(load_entrypoints=False)
+    host.register(importlib.import_module("mmkit_plugin_fastcheck.plugin"), name="fastcheck")
+    assert host.check() == []
+    spec = host.modality("fastcheck")
+    assert host.encoder(spec.encoder).modality == "fastcheck"
+
+    task = resolve(spec.demo.build)(tmp_path / "demo", seed=0)
+    assert set(task.answers) == {"sine", "square", "sawtooth", "noise"}
+    ctx = ReadContext(modalities=host.modalities(), data_root=tmp_path / "demo", check_files=True)
+    sample = parse_record(task.test[0], ctx=ctx, base=tmp_path / "demo", source="demo", index=0)
+    signal = resolve(spec.load)(sample.inputs["fastcheck"][0])
+    assert signal.ndim == 1 and signal.dtype.name == "float32"
+
+    bad = tmp_path / "bad.npy"
+    bad.write_text("not numpy")
+    with pytest.raises(InputError, match="bad.npy: not a readable .npy array"):
+        resolve(spec.load)(bad)
+
+
+def _pip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
+    distribution = "mmkit-plugin-scaffoldcheck"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    target = create_plugin(distribution, tmp_path)
+    _pip("uninstall", "-y", distribution)  # a leftover from an interrupted run
+    try:
+        installed = _pip("install", "--no-deps", "--no-build-isolation", "-e", str(target))
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                               cwd=target, capture_output=True, text=True, env=env, timeout=300)
+        assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
+        assert " passed" in tests.stdout and "skipped" not in tests.stdout
+
+        mmkit = str(Path(sys.executable).with_name("mmkit"))
+        listed = subprocess.run([mmkit, "plugins", "list", "--json"], capture_output=True, text=True, env=env)
+        assert listed.returncode == 0, listed.stderr
+        row = {r["name"]: r for r in json.loads(listed.stdout)}["scaffoldcheck"]
+        assert (row["status"], row["distribution"], row["requires_mmkit"]) == ("ok", distribution, "<0.2,>=0.1")
+        assert row["registered"]["modalities"] == ["scaffoldcheck"]
+        assert row["registered"]["encoders"] == ["scaffoldcheck_patch"]
+
+        checked = subprocess.run([mmkit, "plugins", "check", "--deep"], capture_output=True, text=True,
+                                 env={**env, "MMKIT_PLUGINS": "scaffoldcheck"})
+        assert checked.returncode == 0, checked.stderr
+        assert "all 5 plugins OK" in checked.stdout
+    finally:
+        _pip("uninstall", "-y", distribution)
