@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install mmkit, its three plugins and the test tools from this checkout.
+# torch is installed first and pinned so a CPU machine keeps the CPU build (the packages' own
+# requirements are lower bounds, which the installed torch already satisfies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${MMKIT_TORCH:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet -e ".[test]" -e plugins/image -e plugins/pointcloud -e plugins/audio_example
+.venv/bin/mmkit plugins check
