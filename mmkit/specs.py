@@ -61,7 +61,7 @@ class MarkerSpec:
 
     ``placeholder`` is what data and prompts contain (``"<image>"``); at assembly each placeholder is
     replaced by ``begin`` + the projected feature tokens + ``end``. ``aliases`` are other spellings
-    accepted in data (LAMM writes ``<pcl>``) and rewritten to ``placeholder`` on read.
+    accepted in data (LAMM's own 3-D placeholder, say) and rewritten to ``placeholder`` on read.
     """
 
     placeholder: str
@@ -112,7 +112,7 @@ class ModalitySpec:
     """A modality: the named bundle a plugin registers.
 
     - ``data_keys``: record keys holding this modality's file path(s); the first is canonical, the
-      rest are accepted aliases (LAMM's ``pcl``).
+      rest are accepted aliases (such as LAMM's key for the same data).
     - ``markers``: placeholder and begin/end tokens (see :class:`MarkerSpec`).
     - ``load``: ``load(path: pathlib.Path) -> raw`` decodes one file and validates it, raising
       :class:`mmkit.errors.InputError` (file and reason) on anything unusable. ``raw`` is whatever the

@@ -108,3 +108,113 @@ def make_distribution(tmp_path: Path) -> Callable[..., Path]:
         return site
 
     return make
+
+
+# -- core model fixtures (prompt, assembly, LoRA routing, persistence, training tests) -----------------
+#: Words the tiny test tokenizers know: every text the model tests put into a conversation.
+TEST_CORPUS = (
+    "What is shown here ? Which shape is it ? Describe the input . What digit is shown ? "
+    "a cube sphere cone torus red blue green digit 0 1 2 3 4 5 6 7 8 9 hello world yes no "
+    "and then more please compare the two what about this one it is user assistant system"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: thread hand-offs cost far more than the arithmetic on a small shared box."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def mm_host() -> PluginHost:
+    """A host with the installed plugins (entry points), built without any MMKIT_* switch."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _ENV_SWITCHES:
+            mp.delenv(name, raising=False)
+        host = PluginHost()
+    missing = {"image", "pointcloud"} - set(host.modalities())
+    if missing:
+        pytest.skip(f"the {sorted(missing)} plugin(s) are not installed (pip install -e plugins/image "
+                    "plugins/pointcloud)")
+    return host
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_llm(architecture="llama", hidden_size=32)`` -> a saved tiny causal LM directory
+    (built once per session per argument set, loaded by tests through ``from_pretrained``)."""
+    from mmkit.demo.llm import build_tiny_llm
+
+    built: dict[tuple, Path] = {}
+
+    def make(architecture: str = "llama", hidden_size: int = 32, num_layers: int = 1) -> Path:
+        key = (architecture, hidden_size, num_layers)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"llm_{architecture}_{hidden_size}_{num_layers}")
+            built[key] = build_tiny_llm(out, [TEST_CORPUS], architecture=architecture, hidden_size=hidden_size,
+                                        num_layers=num_layers, num_heads=2)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture
+def assemble_model(mm_host: PluginHost, tiny_llm: Callable[..., Path]) -> Callable[..., Any]:
+    """``assemble_model(("image", "pointcloud"), architecture="llama", mode="per_modality")``: an
+    assembled tiny model on the installed plugins' tiny random-init encoders (seeded torch)."""
+    import torch
+
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+
+    def make(modalities=("image", "pointcloud"), *, architecture: str = "llama", mode: str = "per_modality",
+             lora: bool = True, llm: str | None = None, seed: int = 0, **config: Any) -> Any:
+        torch.manual_seed(seed)
+        settings = LoraSettings(r=4, alpha=8, dropout=0.0, mode=mode) if lora else None
+        cfg = ModelConfig(llm=llm or str(tiny_llm(architecture)),
+                          modalities=tuple(ModalityChoice(m) for m in modalities), lora=settings, **config)
+        return assemble(cfg, mm_host)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def input_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """A few real input files per modality: RGB PNG images and N x 3 ``.npy`` point clouds."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    files: dict[str, list[Path]] = {"image": [], "pointcloud": []}
+    for i in range(3):
+        img = root / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(img)
+        files["image"].append(img)
+        pcl = root / f"pcl{i}.npy"
+        np.save(pcl, rng.normal(size=(300, 3)).astype(np.float32))
+        files["pointcloud"].append(pcl)
+    return files
+
+
+def _randomize_lora(model: Any, seed: int = 0, scale: float = 0.2) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@pytest.fixture
+def randomize_lora() -> Callable[..., None]:
+    """``randomize_lora(model, seed=0)``: peft starts every ``lora_B`` at zero, so all adapters
+    would compute the same (nothing); this gives each adapter distinct non-zero weights so routing
+    mistakes show."""
+    return _randomize_lora

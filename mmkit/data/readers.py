@@ -53,17 +53,18 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, Any]]:
         return
     if first not in (b"{", b""):
         raise DataError(source, None, "not JSON or JSONL: expected a list '[...]' or one object per line")
-    with open(path, encoding="utf-8", errors="strict") as fh:
+    # Binary lines decoded one at a time: a text-mode reader decodes 8 KiB chunks ahead of the
+    # lines it returns, so a bad byte would be blamed on an earlier record.
+    with open(path, "rb") as fh:
         index = 0
         lineno = 0
-        while True:
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError:
-                raise DataError(source, index, f"not UTF-8 text near line {lineno + 1}") from None
-            if not line:
-                break
+        for raw in fh:
             lineno += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)"
+                                ) from None
             if not line.strip():
                 continue
             try:

@@ -231,12 +231,30 @@ def load_model(output_dir: Path, host: Any) -> Any:
 
     directory = model_dir(output_dir)
     meta = read_meta(directory)
-    config = model_config_from_meta(meta, output_dir)
+    # The base LLM path was stored relative to the run directory (model/'s parent), whichever of
+    # the two the caller names.
+    config = model_config_from_meta(meta, directory.parent)
+    _check_architecture(meta, config.llm)
     assembled = assemble(config, host, tokenizer_path=str(directory / "tokenizer"))
     check_fingerprint(meta, assembled.model, assembled.components)
     load_into(assembled, directory, meta, stage=meta["stage"])
     assembled.model.eval()
     return assembled
+
+
+def _check_architecture(meta: dict[str, Any], llm: str) -> None:
+    """Refuse another architecture before assembling: the checkpoint's LoRA targets are module
+    names of the architecture it was trained on, and would otherwise fail inside peft first."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(llm).model_type
+    except (OSError, ValueError):
+        return  # assembling reports why the LLM cannot be loaded
+    saved = meta["llm"]["fingerprint"].get("model_type")
+    if saved != model_type:
+        raise CheckpointMismatchError(f"the checkpoint was trained on a different base LLM "
+                                      f"(model_type: checkpoint {saved!r}, base model {model_type!r})")
 
 
 def load_into(assembled: Any, directory: Path, meta: dict[str, Any], *, stage: str, allow_missing: bool = False) -> None:

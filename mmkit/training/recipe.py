@@ -127,6 +127,24 @@ def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, ass
     return good, skipped
 
 
+def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, samples: list[Sample],
+                 modalities: tuple[str, ...], *, rank: int, world: int) -> tuple[Any, Any, Collator]:
+    """The training batches: each rank reads its shard of the samples, shuffled per epoch."""
+    import torch
+
+    model = assembled.model
+    preprocess = {m: make_preprocessor(resolve(host.modality(m).load), model.encoders[m].preprocess)
+                  for m in modalities}
+    adapters = model.lora.adapters if model.lora is not None else ["-"]
+    dataset = SampleDataset(samples, assembled.prompts, preprocess, adapters, skip_bad_records=cfg.skip_bad_records)
+    collator = Collator(pad_id=assembled.tokenizer.pad_token_id)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                                  drop_last=world > 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
+                                         collate_fn=collator, num_workers=cfg.num_workers)
+    return loader, sampler, collator
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -173,15 +191,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     groups = trainable_parameters(model, cfg.stage)
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
 
-    preprocess = {m: make_preprocessor(resolve(host.modality(m).load), model.encoders[m].preprocess)
-                  for m in plan.modalities}
-    adapters = model.lora.adapters if model.lora is not None else ["-"]
-    dataset = SampleDataset(samples, assembled.prompts, preprocess, adapters, skip_bad_records=cfg.skip_bad_records)
-    collator = Collator(pad_id=assembled.tokenizer.pad_token_id)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                                  drop_last=world > 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
-                                         collate_fn=collator, num_workers=cfg.num_workers)
+    loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world)
     steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
