@@ -333,6 +333,10 @@ class PluginHost:
         """Every problem found: failed plugins, dangling references, unsupported mmkit versions."""
         self.registry  # noqa: B018 - building it records registration failures
         problems = [f"{r.name} ({r.distribution}): {r.error}" for r in self.records.values() if r.status != "ok"]
+        try:
+            self.pm.check_pending()  # pluggy's own check: implementations of hooks nobody specified
+        except pluggy.PluginValidationError as exc:
+            problems.append(f"{exc.plugin_name if hasattr(exc, 'plugin_name') else '?'}: {exc}")
         from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
         for record in self.records.values():

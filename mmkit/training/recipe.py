@@ -164,6 +164,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
+def _quiet_library_deprecations() -> None:
+    """DeepSpeed and transformers call APIs their own dependencies deprecate; the warnings repeat
+    every step and say nothing a user can act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     import deepspeed
     import torch
@@ -171,6 +180,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     from transformers import get_cosine_schedule_with_warmup
 
     console = console or Console()
+    _quiet_library_deprecations()
     rank, world = init_distributed()
     is_main = rank == 0
     out = Path(cfg.output_dir)
@@ -199,13 +209,13 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     param_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []), "lr": projector_lr}]
     if "lora" in groups:
         param_groups.append({"params": groups["lora"], "lr": cfg.lr})
+    n_trainable = sum(p.numel() for group in groups.values() for p in group)  # before ZeRO-3 partitions them
     warmup = int(cfg.warmup_ratio * total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups, config=deepspeed_config(cfg, world),
         lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps))
 
     log = MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main)
-    n_trainable = sum(p.numel() for group in groups.values() for p in group)
     if is_main:
         console.print(f"[bold]mmkit train[/] stage={cfg.stage} modalities={','.join(plan.modalities)} "
                       f"llm={cfg.llm or 'embedded demo (tiny LLaMA)'} samples={len(samples)} steps={total_steps} "
