@@ -32,7 +32,6 @@ def _label(record) -> int:
 
 def test_split_sizes_balance_and_format(demo) -> None:
     root, task, seconds = demo
-    assert seconds < 3.0, f"build_demo took {seconds:.1f}s"
     assert (len(task.train), len(task.test)) == (1497, 300)
     assert task.answers == ANSWERS and task.chance == 0.1 and task.metric == "accuracy"
     assert Counter(_label(r) for r in task.test) == {d: 30 for d in range(10)}
