@@ -1,6 +1,7 @@
 """Torch-side building blocks. Importing this package imports torch."""
 
 import os
+import warnings
 
 import torch
 
@@ -9,6 +10,11 @@ if not torch.cuda.is_available():
     # (transformers imports it too).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from mmkit.modeling.encoder import ModalityEncoder
+# DeepSpeed and transformers call APIs their own dependencies deprecate; the warnings repeat every
+# step and say nothing a user can act on.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+from mmkit.modeling.encoder import ModalityEncoder  # noqa: E402
 
 __all__ = ["ModalityEncoder"]

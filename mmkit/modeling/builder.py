@@ -58,7 +58,9 @@ class Assembled:
 def load_llm(path_or_id: str) -> tuple[nn.Module, Any]:
     """The shared LLM and its tokenizer, through ``from_pretrained`` (a hub id or a local path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # mmkit shows its own progress; per-shard bars are noise here
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         llm = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)

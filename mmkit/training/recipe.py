@@ -105,11 +105,18 @@ def start_from(assembled: Assembled, init_from: str) -> None:
 def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, assembled: Assembled
                           ) -> tuple[list[Sample], list[Skipped]]:
     """Read and check every record before training starts (schema, placeholders, token length)."""
+    skipped: list[Skipped] = []
+
+    def skip(exc: DataError) -> None:  # a malformed record, under --skip-bad-records
+        where = exc.source if exc.record is None else f"{exc.source} record {exc.record}"
+        skipped.append(Skipped(where, exc.reason))
+
     ctx = ReadContext(modalities={m: host.modality(m) for m in plan.modalities},
                       data_root=Path(cfg.data_root) if cfg.data_root else None,
-                      allow_outside_root=cfg.allow_outside_root)
+                      allow_outside_root=cfg.allow_outside_root,
+                      on_bad_record=skip if cfg.skip_bad_records else None)
     samples = read_mixture(host, plan.train_sources, ctx, reader=cfg.data_format, seed=cfg.seed)
-    good, skipped = [], []
+    good = []
     for sample in samples:
         try:
             assembled.prompts.encode_sample(sample)
@@ -164,15 +171,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
-def _quiet_library_deprecations() -> None:
-    """DeepSpeed and transformers call APIs their own dependencies deprecate; the warnings repeat
-    every step and say nothing a user can act on."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
 def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     import deepspeed
     import torch
@@ -180,7 +178,6 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     from transformers import get_cosine_schedule_with_warmup
 
     console = console or Console()
-    _quiet_library_deprecations()
     rank, world = init_distributed()
     is_main = rank == 0
     out = Path(cfg.output_dir)
