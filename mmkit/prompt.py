@@ -154,7 +154,8 @@ class PromptBuilder:
         # The last non-whitespace token of a rendered assistant turn is its end-of-turn marker.
         for tok in reversed(ids):
             if self.tokenizer.decode([tok]).strip():
-                if tok in self.tokenizer.all_special_ids:
+                # (a word-level tokenizer may not know the probe's text: <unk> is no end-of-turn)
+                if tok in self.tokenizer.all_special_ids and tok != self.tokenizer.unk_token_id:
                     stops.add(tok)
                 break
         return frozenset(stops)

@@ -218,3 +218,54 @@ def randomize_lora() -> Callable[..., None]:
     would compute the same (nothing); this gives each adapter distinct non-zero weights so routing
     mistakes show."""
     return _randomize_lora
+
+
+class BatchKit:
+    """Helpers to build model batches from conversations with random input tensors (no files)."""
+
+    @staticmethod
+    def sample(text: str, answer: str = "a cube", **inputs: Any) -> Any:
+        from mmkit.data.records import Sample, Turn
+
+        return Sample(id=text[:12], turns=(Turn("user", text), Turn("assistant", answer)),
+                      inputs={m: tuple(v) for m, v in inputs.items()})
+
+    @classmethod
+    def mixed(cls) -> list[Any]:
+        """Image-only, point-cloud-only, both, and text-only rows."""
+        return [
+            cls.sample("<image> What is shown here ?", "7", image=["i"]),
+            cls.sample("<pointcloud> Which shape is it ?", "a cube", pointcloud=["p"]),
+            cls.sample("<image> and <pointcloud> compare the two", "yes", image=["i"], pointcloud=["p"]),
+            cls.sample("hello world", "yes no"),
+        ]
+
+    @staticmethod
+    def batch(assembled: Any, samples: list[Any], seed: int = 0, padding_side: str = "right") -> dict[str, Any]:
+        """Encode through the prompt builder and collate; each input is a random tensor of the
+        encoder's input shape (stacked in row order, as the collator does)."""
+        import torch
+
+        from mmkit.data.batching import Collator
+        from mmkit.modeling.lora import route_for_sample
+
+        gen = torch.Generator().manual_seed(seed)
+        adapters = assembled.model.lora.adapters if assembled.model.lora else ["-"]
+        items = []
+        for s in samples:
+            enc = assembled.prompts.encode_sample(s)
+            tensors = {m: [torch.randn(assembled.model.encoders[m].input_shape, generator=gen) for _ in paths]
+                       for m, paths in s.inputs.items()}
+            items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels, "inputs": tensors,
+                          "adapter": route_for_sample(s.modalities, adapters)})
+        return Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side=padding_side)(items)
+
+    @staticmethod
+    def run(model: Any, batch: dict[str, Any]) -> Any:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     inputs=batch["inputs"], adapters=batch["adapters"])
+
+
+@pytest.fixture(scope="session")
+def kit() -> type[BatchKit]:
+    return BatchKit
