@@ -24,14 +24,28 @@ class PluginError(MmkitError):
 
 
 class DataError(MmkitError):
-    """A dataset record is malformed; names the file and the record."""
+    """A dataset record is malformed; names the file and the record (its index, and its ``id`` when
+    known). ``kind`` is a short category for reports (``schema``, ``turn_order``, ``placeholder``,
+    ``path``, ``missing_file``, ``corrupt_file``, ``too_long``, ``file_format``, ...)."""
 
-    def __init__(self, source: str, record: str | int | None, reason: str):
+    def __init__(self, source: str, record: str | int | None, reason: str, *, record_id: str | None = None,
+                 kind: str | None = None):
         self.source = source
         self.record = record
         self.reason = reason
+        self.record_id = record_id
+        self.kind = kind
         where = source if record is None else f"{source} record {record}"
+        if record_id is not None:
+            where += f" (id {record_id})"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # picklable across processes, keyword fields included
+        return (_rebuild_data_error, (self.source, self.record, self.reason, self.record_id, self.kind))
+
+
+def _rebuild_data_error(source, record, reason, record_id, kind) -> DataError:
+    return DataError(source, record, reason, record_id=record_id, kind=kind)
 
 
 class ConfigError(MmkitError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,16 @@ LAMM_SYSTEM_MESSAGES = {
 }
 
 
-def iter_raw_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, object)`` from a JSON list or a JSONL file; JSONL is streamed."""
+def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None = None
+                     ) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, object)`` from a JSON list or a JSONL file; JSONL is streamed.
+
+    A JSONL line that is not UTF-8 or not JSON raises :class:`DataError`, or with ``on_bad_line`` is
+    passed to it and skipped (it keeps its record index, so later records keep their numbers).
+    """
     source = str(path)
     if not path.is_file():
-        raise DataError(source, None, "file not found")
+        raise DataError(source, None, "file not found", kind="missing_file")
     with open(path, "rb") as fh:
         head = fh.read(4096)
     try:
@@ -39,20 +44,22 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as exc:
         # A multi-byte character cut at 4096 bytes is fine; anything earlier is not UTF-8.
         if exc.start < len(head) - 4:
-            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})") from None
+            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
     first = head.lstrip()[:1]
     if first == b"[":
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except UnicodeDecodeError as exc:
-            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})") from None
+            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
         except json.JSONDecodeError as exc:
-            raise DataError(source, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            raise DataError(source, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                            kind="file_format") from None
         yield from enumerate(data)
         return
     if first not in (b"{", b""):
-        raise DataError(source, None, "not JSON or JSONL: expected a list '[...]' or one object per line")
+        raise DataError(source, None, "not JSON or JSONL: expected a list '[...]' or one object per line",
+                        kind="file_format")
     # Binary lines decoded one at a time: a text-mode reader decodes 8 KiB chunks ahead of the
     # lines it returns, so a bad byte would be blamed on an earlier record.
     with open(path, "rb") as fh:
@@ -63,25 +70,54 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)"
-                                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}") from None
-            yield index, obj
+                error = DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)",
+                                  kind="encoding")
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    error = DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}"
+                                      + _whole_file_hint(path, lineno), kind="file_format")
+                else:
+                    yield index, obj
+                    index += 1
+                    continue
+            if on_bad_line is None:
+                raise error
+            on_bad_line(error)
             index += 1
+
+
+def _whole_file_hint(path: Path, lineno: int) -> str:
+    """A pretty-printed single object fails on its first line; say what the file is instead."""
+    if lineno != 1 or path.stat().st_size > 64 << 20:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            whole = json.load(fh)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if isinstance(whole, dict):
+        return " (the file is one JSON object; expected a list of records '[...]' or one record per line)"
+    return ""
 
 
 def _read(path: Path, ctx: ReadContext, *, system_for: Any = None, allowed_keys: set[str] | None = None
           ) -> Iterator[Sample]:
     base = path.parent
-    for index, obj in iter_raw_records(path):
+    for index, obj in iter_raw_records(path, ctx.on_bad_record):
         system = system_for(obj) if system_for else None
-        yield parse_record(obj, ctx=ctx, base=base, source=str(path), index=index, system=system,
-                           allowed_keys=allowed_keys)
+        try:
+            sample = parse_record(obj, ctx=ctx, base=base, source=str(path), index=index, system=system,
+                                  allowed_keys=allowed_keys)
+        except DataError as exc:
+            if ctx.on_bad_record is None:
+                raise
+            ctx.on_bad_record(exc)
+            continue
+        yield sample
 
 
 def read_generic(path: Path, *, context: ReadContext) -> Iterator[Sample]:
@@ -105,10 +141,48 @@ def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
     return _read(Path(path), context, system_for=system_for)
 
 
-def _first_record(path: Path) -> Any:
-    for _, obj in iter_raw_records(path):
-        return obj
-    return None
+def head_records(path: Path, n: int) -> list[Any]:
+    """Up to ``n`` leading record objects (for reader detection), without loading a large JSON list
+    when they fit in its first MiB. Unparseable JSONL lines and non-object records are passed over;
+    file-level problems raise :class:`DataError`."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    stripped = head.lstrip()
+    if stripped[:1] == b"[":
+        decoder = json.JSONDecoder()
+        try:
+            text = stripped[1:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = stripped[1:exc.start + 1].decode("utf-8")
+        out, pos = [], 0
+        while len(out) < n:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                return [o for o in out if isinstance(o, dict)] if pos < len(text) else _slow_head(path, n)
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                return _slow_head(path, n)  # cut mid-record: read it properly
+            out.append(obj)
+        return [o for o in out if isinstance(o, dict)]
+    return _slow_head(path, n)
+
+
+def _slow_head(path: Path, n: int) -> list[Any]:
+    out = []
+    for _, obj in iter_raw_records(path, on_bad_line=lambda _err: None):
+        if isinstance(obj, dict):
+            out.append(obj)
+        if len(out) >= n:
+            break
+    return out
+
+
+def first_record(path: Path) -> Any:
+    """The file's first record object, or ``None``."""
+    head = head_records(path, 1)
+    return head[0] if head else None
 
 
 def detect_lamm(path: Path, first_record: Any) -> bool:

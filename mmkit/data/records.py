@@ -12,8 +12,9 @@ Turn roles may be written ``human``/``gpt`` (LLaVA) or ``user``/``assistant`` wi
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ class ReadContext:
     data_root: Path | None = None
     allow_outside_root: bool = False
     check_files: bool = False
+    #: ``--skip-bad-records``: readers pass each malformed record's :class:`DataError` here and go on
+    #: with the next record instead of raising it (``None``: raise).
+    on_bad_record: Callable[[DataError], None] | None = None
 
     def modality_for_key(self, key: str) -> ModalitySpec | None:
         for spec in self.modalities.values():
@@ -72,50 +76,69 @@ class ReadContext:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _absolute(root: str, cwd: str) -> str:
+    return os.path.normpath(os.path.join(cwd, root))
+
+
 def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: int) -> str:
     if not isinstance(raw, str) or not raw.strip():
-        raise DataError(source, index, f"input path must be a non-empty string, got {raw!r}")
+        raise DataError(source, index, f"input path must be a non-empty string, got {raw!r}", kind="schema")
     root = ctx.data_root or base
     path = Path(raw)
     full = path if path.is_absolute() else root / path
     if not ctx.allow_outside_root:
-        resolved = Path(os.path.normpath(full.absolute()))
-        root_abs = Path(os.path.normpath(root.absolute()))
-        if resolved != root_abs and root_abs not in resolved.parents:
+        # strings, not Path.parents: this runs once per input of every record
+        resolved = os.path.normpath(os.path.abspath(full))
+        root_abs = _absolute(str(root), os.getcwd())
+        if resolved != root_abs and not resolved.startswith(root_abs.rstrip(os.sep) + os.sep):
             raise DataError(source, index, f"path {raw!r} escapes the data root {root} "
-                                           "(pass --allow-outside-root to permit it)")
+                                           "(pass --allow-outside-root to permit it)", kind="path")
     if ctx.check_files and not full.is_file():
-        raise DataError(source, index, f"file not found: {full}")
+        raise DataError(source, index, f"file not found: {full}", kind="missing_file")
     return str(full)
 
 
 def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int,
                  system: str | None = None, allowed_keys: set[str] | None = None) -> Sample:
-    """Validate one raw record and normalise it. Raises :class:`DataError` naming the record."""
+    """Validate one raw record and normalise it. Raises :class:`DataError` naming the record (file,
+    index and, when the record has one, its id) with a ``kind`` for reports."""
+    try:
+        return _parse_record(obj, ctx=ctx, base=base, source=source, index=index, system=system,
+                             allowed_keys=allowed_keys)
+    except DataError as exc:
+        if exc.record_id is None and isinstance(obj, dict) and "id" in obj:
+            raise DataError(exc.source, exc.record, exc.reason, record_id=str(obj["id"]), kind=exc.kind) from None
+        raise
+
+
+def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int, system: str | None,
+                  allowed_keys: set[str] | None) -> Sample:
     if not isinstance(obj, dict):
-        raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}")
+        raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}", kind="schema")
     conv = obj.get("conversations", obj.get("messages"))
     if conv is None:
-        raise DataError(source, index, "no 'conversations'")
+        raise DataError(source, index, "no 'conversations'", kind="schema")
     if not isinstance(conv, list) or not conv:
-        raise DataError(source, index, "'conversations' must be a non-empty list")
+        raise DataError(source, index, "'conversations' must be a non-empty list", kind="schema")
     turns = []
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict):
-            raise DataError(source, index, f"turn {t} is not an object")
+            raise DataError(source, index, f"turn {t} is not an object", kind="schema")
         role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
-            raise DataError(source, index, f"turn {t} has unknown speaker {turn.get('from', turn.get('role'))!r}")
+            raise DataError(source, index, f"turn {t} has unknown speaker {turn.get('from', turn.get('role'))!r}",
+                            kind="schema")
         text = turn.get("value", turn.get("content"))
         if not isinstance(text, str) or not text.strip():
-            raise DataError(source, index, f"turn {t} is empty")
+            raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
         expected = USER if t % 2 == 0 else ASSISTANT
         if role != expected:
             raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
-                                           "(turns alternate, starting with the user)")
+                                           "(turns alternate, starting with the user)", kind="turn_order")
         turns.append(Turn(role, text))
     if turns[-1].role != ASSISTANT:
-        raise DataError(source, index, "the last turn must be the assistant's answer")
+        raise DataError(source, index, "the last turn must be the assistant's answer", kind="turn_order")
 
     inputs: dict[str, tuple[str, ...]] = {}
     unknown = []
@@ -129,7 +152,7 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
         values = value if isinstance(value, list) else [value]
         paths = tuple(resolve_path(v, ctx=ctx, base=base, source=source, index=index) for v in values)
         if spec.name in inputs:
-            raise DataError(source, index, f"modality {spec.name!r} given under two keys")
+            raise DataError(source, index, f"modality {spec.name!r} given under two keys", kind="schema")
         inputs[spec.name] = paths
 
     # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
@@ -139,7 +162,8 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
         count = sum(t.text.count(spec.markers.placeholder) for t in turns)
         for t in turns:
             if t.role == ASSISTANT and spec.markers.placeholder in t.text:
-                raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn")
+                raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn",
+                                kind="placeholder")
         given = len(inputs.get(spec.name, ()))
         if count != given:
             if given and not count:
@@ -148,14 +172,14 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
                 reason = f"{count} {spec.markers.placeholder} placeholder(s) but no {spec.name} input"
             else:
                 reason = f"{count} {spec.markers.placeholder} placeholder(s) for {given} {spec.name} input(s)"
-            raise DataError(source, index, reason)
+            raise DataError(source, index, reason, kind="placeholder")
 
     # Order inputs by where their first placeholder appears (cosmetic but deterministic).
     text = "\n".join(t.text for t in turns)
     order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
     record_system = obj.get("system", system)
     if record_system is not None and not isinstance(record_system, str):
-        raise DataError(source, index, "'system' must be a string")
+        raise DataError(source, index, "'system' must be a string", kind="schema")
     meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
     if unknown:
         meta["unknown_keys"] = tuple(sorted(unknown))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from mmkit.data.readers import iter_raw_records
+from mmkit.data.readers import head_records
 from mmkit.data.records import ReadContext, Sample
 from mmkit.errors import DataError
 from mmkit.plugins import PluginHost
@@ -33,13 +33,29 @@ class DataSource:
         return cls(Path(text))
 
 
+GENERIC_READER = "generic"
+#: Records a reader's ``detect`` must accept for the reader to be chosen.
+DETECT_RECORDS = 32
+
+
 def pick_reader(host: PluginHost, path: Path, name: str | None) -> str:
     if name is not None:
         host.reader(name)
         return name
-    first = next((obj for _, obj in iter_raw_records(path)), None)
-    for reader_name, spec in host.readers().items():
-        if spec.detect is not None and resolve(spec.detect)(path, first):
+    # Several leading records, not just the first: a mixed file that opens with an image record is
+    # not a LLaVA file when a point-cloud record follows.
+    head = head_records(path, DETECT_RECORDS)
+    # The generic reader accepts any record with conversations, so it is asked last: the readers
+    # that recognise a specific format (LAMM's task_type, LLaVA's keys) get their files first.
+    ordered = [(name, resolve(spec.detect)) for name, spec in
+               sorted(host.readers().items(), key=lambda item: item[0] == GENERIC_READER) if spec.detect is not None]
+    # Records no reader accepts (malformed ones) are left to the reader to report.
+    votes = [[detect(path, record) for _, detect in ordered] for record in head]
+    usable = [v for v in votes if any(v)]
+    if not head and GENERIC_READER in host.readers():
+        return GENERIC_READER  # empty, or nothing readable at its start: the reader names what is wrong
+    for column, (reader_name, _) in enumerate(ordered):
+        if usable and all(v[column] for v in usable):
             return reader_name
     raise DataError(str(path), None, "no reader recognises this file; pass --data-format "
                                      f"({', '.join(host.readers())})")

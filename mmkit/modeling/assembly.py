@@ -81,7 +81,12 @@ class MultimodalLM(nn.Module):
             if projected is None:
                 if bool(slot.any()):
                     raise DataError("batch", None, f"{int(slot.sum())} {modality} slots but no {modality} input")
-                if self.training:
+                if self.training and features is not None:
+                    # cached features: no process runs an encoder, so neither does the blank pass
+                    encoder, projector = self.encoders[modality], self.projectors[modality]
+                    blank = next(projector.parameters()).new_zeros(1, encoder.num_tokens, encoder.output_dim)
+                    zero = zero + 0.0 * projector(blank).sum()
+                elif self.training:
                     blank = self.encoders[modality].blank_input(1)
                     zero = zero + 0.0 * self.encode(modality, blank).sum()
                 continue
@@ -95,10 +100,18 @@ class MultimodalLM(nn.Module):
     # -- training forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 inputs: Mapping[str, torch.Tensor] | None = None, adapters: Sequence[str] | None = None,
-                position_ids: torch.Tensor | None = None, features: Mapping[str, torch.Tensor] | None = None):
+                position_ids: torch.Tensor | None = None, features: Mapping[str, torch.Tensor] | None = None,
+                segment_ids: torch.Tensor | None = None):
+        """``segment_ids`` (packed rows, see ``mmkit.data.packing``): which sample each token belongs
+        to; attention then stays inside each sample (``position_ids`` must restart per sample)."""
         if self.lora is not None and adapters is not None:
             self.lora.set_routes(adapters, input_ids.device)
         embeds = self.embed(input_ids, inputs or {}, features)
+        if segment_ids is not None:
+            from mmkit.data.packing import packed_attention_mask
+
+            attention_mask = packed_attention_mask(segment_ids, embeds.dtype,
+                                                   getattr(self.llm.config, "_attn_implementation", None))
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -1,0 +1,116 @@
+"""``mmkit data validate``: check instruction data before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+data_app = typer.Typer(help="Inspect and check instruction data.", no_args_is_help=True,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
+
+
+def _keyed_ints(items: list[str] | None) -> dict[str, int]:
+    from mmkit.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--tokens-per-input {item!r}: expected MODALITY=N")
+    return out
+
+
+@data_app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Data files (LLaVA, LAMM or generic JSON / JSONL).")],
+    data_root: Annotated[Path | None, typer.Option(
+        help="Root for relative input paths (default: each file's folder).")] = None,
+    allow_outside_root: Annotated[bool, typer.Option(help="Accept input paths outside the data root.")] = False,
+    data_format: Annotated[str | None, typer.Option(help="Reader name (default: detect per file).")] = None,
+    modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities (default: all installed).")] = None,
+    llm: Annotated[str | None, typer.Option(help="LLM whose tokenizer measures lengths (hub id or path). "
+                                                 "Without it the length check is skipped.")] = None,
+    max_length: Annotated[int, typer.Option(help="Maximum tokens per sample, modality tokens included.")] = 2048,
+    tokens_per_input: Annotated[list[str] | None, typer.Option(
+        help="MODALITY=N tokens one input becomes (default: the modality's default encoder and projector "
+             "in their tiny configuration).")] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the tokenizer's).")] = None,
+    decode: Annotated[bool, typer.Option(help="Decode every input file (--no-decode: only check they exist).")] = True,
+    workers: Annotated[int | None, typer.Option(help="Processes decoding files (default: CPU count).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full per-record report as JSON.")] = False,
+    show: Annotated[int, typer.Option(help="Issues listed after the summary.")] = 20,
+) -> None:
+    """Check every record before training: schema, turn order, one placeholder per input, paths
+    inside the data root, input files present and decodable (in parallel), tokenised length with
+    modality tokens (with --llm), unknown keys. Exits 1 when any record has an error."""
+    import json
+
+    from rich.console import Console
+
+    from mmkit.data.validate import default_tokens_per_input, prompt_lengths_for
+    from mmkit.data.validate import validate as run_validation
+    from mmkit.plugins import get_host
+
+    host = get_host()
+    chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
+    lengths = None
+    if llm is not None:
+        given = _keyed_ints(tokens_per_input)
+        missing = [m for m in chosen if m not in given]
+        counts = {**default_tokens_per_input(host, missing), **given} if missing else given
+        lengths = prompt_lengths_for(llm, {m: host.modality(m).markers for m in chosen}, counts,
+                                     template=template, max_length=max_length)
+    err = Console(stderr=True)
+    with err.status("validating", spinner="dots") as status:
+        report = run_validation([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
+                                allow_outside_root=allow_outside_root, data_format=data_format, lengths=lengths,
+                                decode_files=decode, workers=workers, status=lambda msg: status.update(msg))
+    if json_out:
+        typer.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        print_report(report, Console(), show=show)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def print_report(report, console, *, show: int = 20) -> None:
+    from rich.table import Table
+
+    table = Table(title="mmkit data validate")
+    for col in ("file", "reader", "records", "ok", "with errors", "with warnings"):
+        table.add_column(col, justify="left" if col in ("file", "reader") else "right")
+    for f in report.files:
+        table.add_row(f.file, f.reader or "-", f"{f.records:,}", f"{f.ok:,}",
+                      f"[red]{f.with_errors:,}[/]" if f.with_errors else "0",
+                      f"[yellow]{f.with_warnings:,}[/]" if f.with_warnings else "0")
+    console.print(table)
+    kinds = report.kind_counts()
+    if kinds:
+        by_kind = Table(title="issues by kind")
+        for col in ("severity", "kind", "count", "first"):
+            by_kind.add_column(col, justify="right" if col == "count" else "left", overflow="fold")
+        for severity, kind, count, first in kinds:
+            colour = "red" if severity == "error" else "yellow"
+            by_kind.add_row(f"[{colour}]{severity}[/]", kind, f"{count:,}", first)
+        console.print(by_kind)
+    ordered = report.errors + report.warnings
+    for issue in ordered[:show]:
+        colour = "red" if issue.severity == "error" else "yellow"
+        console.print(f"[{colour}]{issue.severity}[/] {issue.message()}", highlight=False, soft_wrap=True)
+    if len(ordered) > show:
+        console.print(f"... and {len(ordered) - show:,} more (--json lists every record)")
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    verdict = "[green]OK[/]" if report.ok else f"[red]{len(report.errors):,} error(s)[/]"
+    console.print(f"{verdict}: {report.num_records:,} records, {report.inputs_checked:,} input files checked, "
+                  f"{len(report.warnings):,} warning(s), {report.seconds:.1f} s")

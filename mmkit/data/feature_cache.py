@@ -1,0 +1,458 @@
+"""A versioned cache of frozen-encoder features (``--cache-features DIR``).
+
+Each input file is encoded once. Its features are stored under a key that hashes the file's bytes
+together with a *namespace*: the modality, the encoder's ``identity()`` (class, weights hash,
+configuration, preprocessing), the modality's loader and plugin version, and the stored dtype. A
+changed encoder, preprocessing or plugin therefore lands in another namespace and never reads
+stale features.
+
+Layout::
+
+    DIR/<modality>-<namespace[:16]>/identity.json          what the namespace stands for (for people)
+    DIR/<modality>-<namespace[:16]>/shard-<host>-<pid>-<uuid>.safetensors
+
+A shard is a safetensors file of up to a few hundred entries (tensor name = entry key) whose
+metadata holds each entry's CRC-32. Shards are written under a temporary name and renamed into
+place, with names unique per writer, so any number of processes (ranks, or runs) can fill one
+cache at once; a reader only ever sees whole shards. Every read checks the entry's checksum,
+shape and dtype; an unreadable shard is set aside (renamed ``*.corrupt``) and a bad entry is
+recomputed and written again (the newest shard holding a key is read first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+FORMAT = "mmkit-feature-cache/1"
+SHARD_GLOB = "shard-*.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def content_hash(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def namespace_of(description: Mapping[str, Any]) -> str:
+    """The namespace hash of a description (encoder identity, modality, loader, dtype, ...)."""
+    payload = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def entry_key(namespace: str, content: str) -> str:
+    return hashlib.sha256(f"{namespace}:{content}".encode()).hexdigest()
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(raw) & 0xFFFFFFFF:08x}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FeatureStore:
+    """One namespace of the cache: the features of one modality under one encoder identity."""
+
+    def __init__(self, root: str | Path, *, prefix: str, description: Mapping[str, Any], shape: Sequence[int],
+                 dtype: str = "float32", shard_entries: int = 256, shard_bytes: int = 256 << 20):
+        if dtype not in _DTYPES:
+            raise ValueError(f"feature dtype {dtype!r}: use {', '.join(_DTYPES)}")
+        self.description = {**description, "dtype": dtype, "shape": list(shape), "format": FORMAT}
+        self.namespace = namespace_of(self.description)
+        self.directory = Path(root) / f"{prefix}-{self.namespace[:16]}"
+        self.shape = tuple(shape)
+        self.dtype = _DTYPES[dtype]
+        self.shard_entries, self.shard_bytes = shard_entries, shard_bytes
+        self.index: dict[str, list[str]] = {}  # key -> shard files holding it, newest first
+        self.quarantined: list[str] = []
+        self.bad_entries = 0  # entries that failed their check on read in this process
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._pid = os.getpid()
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+    def open(self) -> FeatureStore:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ident = self.directory / "identity.json"
+        if not ident.is_file():
+            tmp = self.directory / f".identity.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(json.dumps({"namespace": self.namespace, **self.description}, indent=2, sort_keys=True,
+                                      default=str))
+            os.replace(tmp, ident)
+        self.refresh()
+        return self
+
+    def refresh(self) -> None:
+        """Re-read which shards hold which keys (after other processes wrote)."""
+        from safetensors import safe_open
+
+        shards = sorted(self.directory.glob(SHARD_GLOB), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+        index: dict[str, list[str]] = {}
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt") as fh:
+                    keys = list(fh.keys())
+                    meta = fh.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("namespace") != self.namespace:
+                    raise ValueError("not a shard of this namespace")
+                json.loads(meta["checksums"])
+            except Exception:  # unreadable header, truncated file, foreign file: set it aside
+                self._quarantine(shard)
+                continue
+            for key in keys:
+                index.setdefault(key, []).append(str(shard))
+        self.index = index
+        self._handles.clear()
+
+    def _quarantine(self, shard: Path) -> None:
+        try:
+            os.replace(shard, shard.with_name(shard.name + f".{uuid.uuid4().hex[:8]}.corrupt"))
+        except OSError:
+            pass  # another process moved it first
+        self.quarantined.append(str(shard))
+
+    def __getstate__(self) -> dict[str, Any]:  # data-loader workers: no open files, no unsaved entries
+        state = dict(self.__dict__)
+        state["_handles"] = OrderedDict()
+        state["_pending"] = {}
+        state["_pending_bytes"] = 0
+        return state
+
+    # -- reading --------------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def _handle(self, shard: str) -> tuple[Any, dict[str, str]]:
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # forked: handles belong to the parent
+            self._handles.clear()
+            self._pid = os.getpid()
+        entry = self._handles.get(shard)
+        if entry is None:
+            fh = safe_open(shard, framework="pt")
+            entry = (fh, json.loads((fh.metadata() or {})["checksums"]))
+            self._handles[shard] = entry
+            if len(self._handles) > 64:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(shard)
+        return entry
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The entry's features, checked; ``None`` when absent or when every copy is bad."""
+        for shard in self.index.get(key, ()):
+            try:
+                fh, sums = self._handle(shard)
+                tensor = fh.get_tensor(key)
+                good = (tuple(tensor.shape) == self.shape and tensor.dtype == self.dtype
+                        and sums.get(key) == checksum(tensor))
+            except Exception:
+                good = False
+            if good:
+                return tensor
+            self.bad_entries += 1
+        return None
+
+    # -- writing --------------------------------------------------------------------------------
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
+        if tuple(tensor.shape) != self.shape:
+            raise ValueError(f"features of shape {tuple(tensor.shape)} for a cache of shape {self.shape}")
+        self._pending[key] = tensor
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        if len(self._pending) >= self.shard_entries or self._pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write the pending entries as one shard (atomically) and index it."""
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return None
+        name = f"shard-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.safetensors"
+        final = self.directory / name
+        tmp = self.directory / f".{name}.tmp"
+        meta = {"format": FORMAT, "namespace": self.namespace,
+                "checksums": json.dumps({k: checksum(t) for k, t in self._pending.items()})}
+        try:
+            save_file(self._pending, str(tmp), metadata=meta)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        for key in self._pending:
+            self.index.setdefault(key, []).insert(0, str(final))
+        self._pending, self._pending_bytes = {}, 0
+        return final
+
+
+@attrs.define
+class FillStats:
+    inputs: int = 0  # distinct input files
+    reused: int = 0  # already cached (and checked)
+    encoded: int = 0  # encoded by this process
+    recomputed: int = 0  # of those, entries that were in the cache but failed their check
+    quarantined: int = 0  # unreadable shards set aside
+    failed: list[tuple[str, str]] = attrs.field(factory=list)  # (path, reason): inputs that failed to load
+
+
+class FeatureCache:
+    """The cache for one model: a :class:`FeatureStore` per modality and each input's entry key."""
+
+    def __init__(self, root: str | Path, stores: Mapping[str, FeatureStore]):
+        self.root = Path(root)
+        self.stores = dict(stores)
+        self.keys: dict[tuple[str, str], str] = {}  # (modality, path) -> entry key
+
+    @classmethod
+    def for_model(cls, root: str | Path, encoders: Mapping[str, Any], *, descriptions: Mapping[str, Mapping[str, Any]],
+                  dtype: str = "float32") -> FeatureCache:
+        """``descriptions[m]`` must hold everything that changes modality ``m``'s features besides the
+        encoder's ``identity()`` (which is added here): the loader, the plugin and its version."""
+        stores = {}
+        for modality, encoder in encoders.items():
+            description = {"modality": modality, "encoder": encoder.identity(), **descriptions.get(modality, {})}
+            stores[modality] = FeatureStore(root, prefix=modality, description=description,
+                                            shape=(encoder.num_tokens, encoder.output_dim), dtype=dtype).open()
+        return cls(root, stores)
+
+    # -- keys -----------------------------------------------------------------------------------
+    def key_for(self, modality: str, path: str) -> str:
+        key = self.keys.get((modality, path))
+        if key is None:
+            key = entry_key(self.stores[modality].namespace, content_hash(path))
+            self.keys[(modality, path)] = key
+        return key
+
+    def compute_keys(self, items: Iterable[tuple[str, str]], workers: int = 4) -> dict[tuple[str, str], str | None]:
+        """Entry keys of many inputs (file hashing in threads); ``None`` for unreadable files."""
+        todo = [item for item in dict.fromkeys(items) if item not in self.keys]
+
+        def one(item: tuple[str, str]) -> tuple[tuple[str, str], str | None]:
+            try:
+                return item, entry_key(self.stores[item[0]].namespace, content_hash(item[1]))
+            except OSError:
+                return item, None
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for item, key in pool.map(one, todo):
+                if key is not None:
+                    self.keys[item] = key
+        return {item: self.keys.get(item) for item in items}
+
+    # -- reading and writing --------------------------------------------------------------------
+    def lookup(self, modality: str, path: str) -> tuple[torch.Tensor | None, str]:
+        """``(features or None, entry key)`` for one input."""
+        key = self.key_for(modality, path)
+        return self.stores[modality].get(key), key
+
+    def put(self, modality: str, key: str, features: torch.Tensor) -> None:
+        self.stores[modality].put(key, features)
+
+    def flush(self) -> None:
+        for store in self.stores.values():
+            store.flush()
+
+    def refresh(self) -> None:
+        for store in self.stores.values():
+            store.refresh()
+
+    # -- filling --------------------------------------------------------------------------------
+    def fill(self, inputs: Iterable[tuple[str, str]], *, encoders: Mapping[str, Any],
+             preprocess: Mapping[str, Callable[[Path], torch.Tensor]], device: Any = "cpu", batch_size: int = 32,
+             num_workers: int = 0, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> FillStats:
+        """Encode every input not yet cached (or whose entry fails its check) and store it.
+
+        With several processes, each encodes the missing inputs whose key falls to its rank; after
+        ``barrier()`` every process re-reads the index. Inputs that fail to load are reported in
+        ``stats.failed`` and left out (training reports them against their records).
+        """
+        items = list(dict.fromkeys(inputs))
+        stats = FillStats(inputs=len(items))
+        keys = self.compute_keys(items)
+        missing: list[tuple[str, str, str]] = []
+        for (modality, path), key in keys.items():
+            if key is None:
+                stats.failed.append((path, "file not found or unreadable"))
+                continue
+            store = self.stores[modality]
+            if int(key[:8], 16) % world != rank:
+                continue  # another process checks (and if needed encodes) this one
+            if key in store:
+                if store.get(key) is not None:
+                    stats.reused += 1
+                    continue
+                stats.recomputed += 1
+            missing.append((modality, path, key))
+        done = 0
+        by_modality: dict[str, list[tuple[str, str]]] = {}
+        for modality, path, key in missing:
+            by_modality.setdefault(modality, []).append((path, key))
+        for modality, todo in by_modality.items():
+            encoder = encoders[modality]
+            dataset = _Preprocessed(todo, preprocess[modality])
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                                 collate_fn=_collate_preprocessed)
+            for tensors, batch_keys, failures in loader:
+                stats.failed.extend(failures)
+                if tensors is not None:
+                    features = encode_frozen(encoder, tensors, device)
+                    for key, feat in zip(batch_keys, features, strict=True):
+                        self.put(modality, key, feat)
+                    stats.encoded += len(batch_keys)
+                done += len(batch_keys) + len(failures)
+                if progress is not None:
+                    progress(done, len(missing))
+        self.flush()
+        if barrier is not None:
+            barrier()
+        self.refresh()
+        stats.quarantined = sum(len(s.quarantined) for s in self.stores.values())
+        return stats
+
+
+def encode_frozen(encoder: Any, inputs: torch.Tensor, device: Any = None) -> torch.Tensor:
+    """A frozen encoder's features for a batch of preprocessed inputs (no gradients)."""
+    param = next(encoder.parameters(), None)
+    if param is not None:
+        inputs = inputs.to(device=param.device, dtype=param.dtype if inputs.is_floating_point() else inputs.dtype)
+    elif device is not None:
+        inputs = inputs.to(device)
+    with torch.no_grad():
+        return encoder(inputs)
+
+
+class _Preprocessed(torch.utils.data.Dataset):
+    def __init__(self, todo: Sequence[tuple[str, str]], preprocess: Callable[[Path], torch.Tensor]):
+        self.todo = list(todo)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str, str | None]:
+        path, key = self.todo[index]
+        try:
+            return self.preprocess(Path(path)), key, path, None
+        except Exception as exc:  # reported against the records using it when training reads it
+            from mmkit.errors import MmkitError
+
+            return None, key, path, str(exc) if isinstance(exc, MmkitError) else f"{type(exc).__name__}: {exc}"
+
+
+def _collate_preprocessed(items: Sequence[tuple[Any, str, str, str | None]]):
+    good = [(t, k) for t, k, _, err in items if err is None]
+    failures = [(p, err) for _, _, p, err in items if err is not None]
+    if not good:
+        return None, [], failures
+    return torch.stack([t for t, _ in good]), [k for _, k in good], failures
+
+
+# -- training -------------------------------------------------------------------------------------
+_PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _ref_name(ref: Any) -> str:
+    return ref if isinstance(ref, str) else f"{getattr(ref, '__module__', '?')}:{getattr(ref, '__qualname__', ref)}"
+
+
+def plugin_descriptions(host: Any, modalities: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """What besides the encoder changes each modality's features: its loader, and the plugin
+    (with its version) that provides them."""
+    out = {}
+    for modality in modalities:
+        plugin = host.provider("modality", modality)
+        record = host.records.get(plugin)
+        out[modality] = {"load": _ref_name(host.modality(modality).load), "plugin": plugin,
+                         "plugin_version": getattr(record, "version", None)}
+    return out
+
+
+def open_training_cache(root: str | Path, *, host: Any, encoders: Mapping[str, Any], samples: Sequence[Any],
+                        preprocess: Mapping[str, Callable[[Path], torch.Tensor]], precision: str = "fp32",
+                        device: Any = "cpu", batch_size: int = 32, num_workers: int = 0, rank: int = 0,
+                        world: int = 1, barrier: Callable[[], None] | None = None,
+                        gather: Callable[[Any], list[Any]] | None = None, console: Any = None,
+                        strict: bool = False) -> FeatureCache:
+    """The cache a training run reads: opened for the model's encoders and filled with every input
+    of ``samples`` before training starts (encoders frozen, nothing partitioned yet). ``strict``:
+    an input that fails to load raises :class:`DataError` naming its first record, on every process
+    (``gather``: all-gather of a picklable object over the processes); otherwise training meets it
+    and skips its records."""
+    cache = FeatureCache.for_model(root, encoders, descriptions=plugin_descriptions(host, encoders),
+                                   dtype=_PRECISION_DTYPES[precision])
+    inputs = [(m, p) for s in samples for m, paths in s.inputs.items() if m in encoders for p in paths]
+    for encoder in encoders.values():
+        encoder.to(device)
+    progress = None
+    if console is not None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]caching features"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeElapsedColumn(), console=console, transient=True)
+        task = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("cache", total=total)
+            bar.update(task, completed=done, total=total)
+    try:
+        stats = cache.fill(inputs, encoders=encoders, preprocess=preprocess, device=device, batch_size=batch_size,
+                           num_workers=num_workers, rank=rank, world=world, barrier=barrier, progress=progress)
+    finally:
+        if console is not None:
+            bar.stop()
+    reused, encoded, recomputed, failed = stats.reused, stats.encoded, stats.recomputed, stats.failed
+    if gather is not None and world > 1:  # every process checked and encoded its share
+        parts = gather((stats.reused, stats.encoded, stats.recomputed, stats.failed))
+        reused, encoded, recomputed = (sum(part[i] for part in parts) for i in range(3))
+        failed = [f for part in parts for f in part[3]]
+    if console is not None:
+        console.print(f"feature cache {root}: {stats.inputs:,} inputs, {reused:,} read from the cache, "
+                      f"{encoded:,} encoded now"
+                      + (f" ({recomputed:,} bad entries recomputed)" if recomputed else "")
+                      + (f", {stats.quarantined} unreadable shard(s) set aside" if stats.quarantined else "")
+                      + (f", {len(failed):,} failed to load" if failed else ""))
+    if strict and failed:
+        from mmkit.errors import DataError
+
+        path, reason = min(failed)
+        for sample in samples:
+            if any(path in paths for paths in sample.inputs.values()):
+                raise DataError(sample.source, sample.index, reason if path in reason else f"{path}: {reason}",
+                                record_id=sample.id, kind="corrupt_file")
+    return cache

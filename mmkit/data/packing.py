@@ -1,0 +1,345 @@
+"""Batching strategies beyond pad-to-longest: length- and modality-grouped batches, and multimodal
+packing.
+
+- ``grouped`` (:class:`GroupedBatchSampler`): LLaVA's modality-length grouping. Samples are split by
+  modality group (:func:`modality_group`: the modalities a sample has, or text-only), shuffled, cut
+  into windows of ``micro_batch_size x window`` samples, each window sorted by length and cut into
+  micro-batches; the micro-batch order is then shuffled across groups (the biggest first, so an
+  out-of-memory shows at step 1).
+- ``packed`` (:class:`PackedBatchSampler` + :class:`PackingCollator`): several samples per sequence,
+  up to ``max_tokens`` tokens counted with their modality tokens. Rows are filled best-fit-
+  decreasing within windows of shuffled samples of one LoRA route (a row trains one adapter; with
+  one shared adapter every sample may share a row). Position ids restart at each sample,
+  attention stays inside each sample (a block-diagonal causal mask, or flash-attention's varlen
+  path through the position ids), and no label crosses a sample boundary. ``micro_batch_size``
+  then counts rows.
+
+Both samplers follow the step geometry of :class:`mmkit.training.sampler.GlobalBatchSampler` (the
+same global steps on any number of processes, ``set_epoch(epoch, start_step)`` for resuming).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from mmkit.data.batching import Skipped
+from mmkit.data.records import Sample
+from mmkit.prompt import IGNORE_INDEX
+
+BATCHING = ("pad", "grouped", "packed")
+
+
+def modality_group(sample: Sample) -> str:
+    """The key samples are grouped by: their modalities in order (``image``, ``image+pointcloud``),
+    or ``text``. It determines the sample's LoRA route, so a group never mixes routes."""
+    return "+".join(sample.modalities) or "text"
+
+
+def sample_lengths(prompts: Any, samples: Sequence[Sample], chunk: int = 1024) -> list[int]:
+    """Token lengths with modality tokens, as ``prompts.encode_sample`` counts them (batched)."""
+    from mmkit.data.validate import PromptLengths
+
+    measure = PromptLengths(prompts)
+    out: list[int] = []
+    for start in range(0, len(samples), chunk):
+        out.extend(length for length, _ in measure(samples[start:start + chunk]))
+    return out
+
+
+def _by_group(groups: Sequence[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for index, key in enumerate(groups):
+        out.setdefault(key, []).append(index)
+    return dict(sorted(out.items()))
+
+
+class _StepPlan(torch.utils.data.Sampler):
+    """The step geometry shared with :class:`mmkit.training.sampler.GlobalBatchSampler`: an epoch is a
+    list of micro-batches, the same on every process; global step ``s`` is micro-batches
+    ``s*G ... (s+1)*G - 1`` (``G = grad_accum x world_size``) and process ``r`` runs micro-batches
+    ``r*grad_accum ... (r+1)*grad_accum - 1`` of it. The last step is completed with micro-batches
+    from the start of the epoch, so every process runs the same number."""
+
+    def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool = True):
+        if num_samples < 1:
+            raise ValueError("no training samples")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_samples = num_samples
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.global_batch_size = micro_batch_size * grad_accum * world_size
+        self.epoch = 0
+        self.start_step = 0
+        self._plans: dict[int, list[list[Any]]] = {}
+
+    def plan(self, epoch: int) -> list[list[Any]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def micro_batches(self, epoch: int) -> list[list[Any]]:
+        """Every micro-batch of ``epoch``, all processes together (cached for the last two epochs)."""
+        key = epoch if self.shuffle else 0
+        if key not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k >= key - 1}
+            self._plans[key] = self.plan(key)
+        return self._plans[key]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.micro_batches(self.epoch)) / (self.grad_accum * self.world_size)))
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        batches = self.micro_batches(self.epoch)
+        per_step = self.grad_accum * self.world_size
+        steps = self.steps_per_epoch
+        for step in range(self.start_step, steps):
+            for a in range(self.grad_accum):
+                j = step * per_step + self.rank * self.grad_accum + a
+                yield batches[j % len(batches)]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+
+
+class GroupedBatchSampler(_StepPlan):
+    """Micro-batches of one modality group and similar lengths; yields lists of dataset indices."""
+
+    def __init__(self, lengths: Sequence[int], groups: Sequence[str], *, micro_batch_size: int, grad_accum: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, window: int = 16):
+        if len(lengths) != len(groups):
+            raise ValueError("one length and one group per sample")
+        super().__init__(len(lengths), micro_batch_size=micro_batch_size, grad_accum=grad_accum, rank=rank,
+                         world_size=world_size, seed=seed, shuffle=shuffle)
+        self.lengths = list(lengths)
+        self.groups = _by_group(groups)
+        self.window = max(1, window)
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}:grouped")
+        bs = self.micro_batch_size
+        span = bs * self.window
+        batches: list[list[int]] = []
+        for members in self.groups.values():
+            order = list(members)
+            rng.shuffle(order)
+            for start in range(0, len(order), span):
+                window = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
+                batches += [window[i:i + bs] for i in range(0, len(window), bs)]
+        rng.shuffle(batches)
+        # the most tokens first (padding included): an out-of-memory shows at the first step
+        biggest = max(range(len(batches)), key=lambda b: len(batches[b]) * max(self.lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(biggest))
+        return batches
+
+
+def best_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of total length <= ``capacity``: longest item first, each into the open bin it fills
+    best (the least room left). O(n log n) with a sorted list of free room. Items longer than the
+    capacity get a bin of their own."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for index in sorted(indices, key=lambda i: -lengths[i]):
+        size = lengths[index]
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, b = free.pop(at)
+            bins[b].append(index)
+            if room - size > 0:
+                bisect.insort(free, (room - size, b))
+        else:
+            bins.append([index])
+            if capacity - size > 0:
+                bisect.insort(free, (capacity - size, len(bins) - 1))
+    return bins
+
+
+class PackedBatchSampler(_StepPlan):
+    """Micro-batches of ``micro_batch_size`` packed rows of at most ``max_tokens`` tokens; yields
+    lists of ``(dataset index, row)`` pairs (see :class:`PackedView`)."""
+
+    def __init__(self, lengths: Sequence[int], groups: Sequence[str], *, max_tokens: int, micro_batch_size: int,
+                 grad_accum: int = 1, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 window: int = 16384):
+        if len(lengths) != len(groups):
+            raise ValueError("one length and one group per sample")
+        too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+        if too_long:
+            raise ValueError(f"{len(too_long)} sample(s) longer than pack_max_tokens={max_tokens} "
+                             f"(the first, sample {too_long[0]}, has {lengths[too_long[0]]} tokens)")
+        super().__init__(len(lengths), micro_batch_size=micro_batch_size, grad_accum=grad_accum, rank=rank,
+                         world_size=world_size, seed=seed, shuffle=shuffle)
+        self.lengths = list(lengths)
+        self.groups = _by_group(groups)
+        self.max_tokens = max_tokens
+        self.window = max(1, window)
+
+    def rows(self, epoch: int) -> list[list[int]]:
+        """Every packed row of ``epoch`` (sample indices), in training order."""
+        rng = random.Random(f"{self.seed}:{epoch}:packed")
+        bins: list[list[int]] = []
+        for members in self.groups.values():
+            order = list(members)
+            rng.shuffle(order)
+            for start in range(0, len(order), self.window):
+                bins += best_fit_decreasing(order[start:start + self.window], self.lengths, self.max_tokens)
+        rng.shuffle(bins)
+        for row in bins:  # packing sorted each row by length; keep the samples' order random within a row
+            rng.shuffle(row)
+        return bins
+
+    def plan(self, epoch: int) -> list[list[tuple[int, int]]]:
+        bins = self.rows(epoch)
+        rows = self.micro_batch_size
+        return [[(i, r) for r, row in enumerate(bins[b:b + rows]) for i in row] for b in range(0, len(bins), rows)]
+
+
+class PackedView(torch.utils.data.Dataset):
+    """The dataset indexed by ``(index, row)``: each item learns the packed row it belongs to."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        index, row = key if isinstance(key, tuple) else (key, 0)
+        item = self.dataset[index]
+        if isinstance(item, dict):
+            item["row"] = row
+        return item
+
+
+@attrs.define
+class PackingCollator:
+    """Concatenates the items of each row (see :class:`PackedBatchSampler`) and pads rows to the
+    longest. The batch has ``position_ids`` restarting at 0 per sample and ``segment_ids`` (1, 2, ...
+    per sample in its row, 0 for padding) that :func:`packed_attention_mask` turns into the mask."""
+
+    pad_id: int
+    skipped: list[Skipped] = attrs.field(factory=list)
+    #: append skipped items to ``skipped`` here (``False`` when :class:`~mmkit.data.batching.Batches` counts them)
+    record_skipped: bool = True
+
+    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+        from mmkit.data.batching import stack_modalities
+
+        good, bad = [], []
+        for item in items:
+            (bad if isinstance(item, Skipped) else good).append(item)
+        if self.record_skipped:
+            self.skipped.extend(bad)
+        if not good:
+            return {"empty": True, "skipped": len(items), "skipped_items": bad}
+        rows: dict[int, list[dict[str, Any]]] = {}
+        for item in good:
+            rows.setdefault(item.get("row", 0), []).append(item)
+        ordered = [rows[r] for r in sorted(rows)]
+        width = max(sum(len(it["input_ids"]) for it in row) for row in ordered)
+        shape = (len(ordered), width)
+        ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.long)
+        segments = torch.zeros(shape, dtype=torch.long)
+        adapters = []
+        flat: list[dict[str, Any]] = []
+        for r, row in enumerate(ordered):
+            routes = {it["adapter"] for it in row}
+            if len(routes) != 1:
+                raise ValueError(f"packed row {r} mixes LoRA routes {sorted(routes)}")
+            adapters.append(row[0]["adapter"])
+            col = 0
+            for seg, item in enumerate(row, start=1):
+                n = len(item["input_ids"])
+                ids[r, col:col + n] = torch.tensor(item["input_ids"])
+                lab = torch.tensor(item["labels"])
+                lab[0] = IGNORE_INDEX  # never a target for the previous sample's last token
+                labels[r, col:col + n] = lab
+                mask[r, col:col + n] = 1
+                positions[r, col:col + n] = torch.arange(n)
+                segments[r, col:col + n] = seg
+                col += n
+                flat.append(item)
+            positions[r, col:] = torch.arange(width - col)  # padding: a sequence of its own
+        real = int(mask.sum())
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "segment_ids": segments,
+            "adapters": adapters,
+            "ids": [item["id"] for item in flat],
+            "samples": len(flat),
+            "num_tokens": real,
+            "padding_fraction": 1.0 - real / mask.numel(),
+            "skipped": len(bad),
+            "skipped_items": bad,
+        }
+        batch.update(stack_modalities(flat))
+        return batch
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype, attn_implementation: str | None
+                          ) -> torch.Tensor | None:
+    """The attention mask for packed rows: causal within each sample, nothing across samples.
+
+    - flash-attention implementations: ``None`` (transformers then finds the samples from the
+      restarting position ids and runs varlen attention; no L x L mask is built);
+    - ``sdpa``: a boolean ``[B, 1, L, L]`` mask (True: attend);
+    - ``eager`` and others: an additive ``[B, 1, L, L]`` mask in ``dtype`` (0 or the dtype's minimum).
+
+    Padding (segment 0) attends causally to padding only, so no row of the mask is empty.
+    """
+    if attn_implementation and "flash" in attn_implementation:
+        return None
+    length = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (same & causal)[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def make_batching(batching: str, samples: Sequence[Sample], dataset: torch.utils.data.Dataset, *, prompts: Any,
+                  pad_id: int, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                  shuffle: bool = True, pack_max_tokens: int | None = None, adapters: Sequence[str] | None = None
+                  ) -> tuple[Any, Any, Any]:
+    """``(batch sampler, dataset to load from, collator)`` for ``batching`` = ``grouped`` or ``packed``."""
+    from mmkit.data.batching import Collator
+
+    lengths = sample_lengths(prompts, samples)
+    groups = [modality_group(s) for s in samples]
+    if batching == "packed" and adapters is not None:
+        # a row trains one LoRA adapter: pack by route (one shared adapter: every sample together)
+        from mmkit.modeling.lora import route_for_sample
+
+        groups = [route_for_sample(s.modalities, adapters) for s in samples]
+    common = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "rank": rank, "world_size": world_size,
+              "seed": seed, "shuffle": shuffle}
+    if batching == "grouped":
+        return (GroupedBatchSampler(lengths, groups, **common), dataset,
+                Collator(pad_id=pad_id, record_skipped=False))
+    if batching == "packed":
+        max_tokens = pack_max_tokens or 2 * (prompts.max_length or max(lengths))
+        return (PackedBatchSampler(lengths, groups, max_tokens=max_tokens, **common), PackedView(dataset),
+                PackingCollator(pad_id=pad_id, record_skipped=False))
+    raise ValueError(f"batching {batching!r}: use pad, grouped or packed")
