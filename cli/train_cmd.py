@@ -51,6 +51,8 @@ def train(
     max_steps: Annotated[Optional[int], typer.Option()] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option()] = None,
     grad_accum: Annotated[Optional[int], typer.Option()] = None,
+    global_batch_size: Annotated[Optional[int], typer.Option(
+        help="Samples per optimizer step over all processes (grad_accum is then derived).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (LoRA).")] = None,
     projector_lr: Annotated[Optional[float], typer.Option(help="Learning rate of projectors and markers.")] = None,
     zero_stage: Annotated[Optional[int], typer.Option(help="DeepSpeed ZeRO stage 0-3.")] = None,
@@ -59,7 +61,21 @@ def train(
     lora_r: Annotated[Optional[int], typer.Option()] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option()] = None,
     skip_bad_records: Annotated[Optional[bool], typer.Option(help="Skip and count records that fail to load.")] = None,
+    batching: Annotated[Optional[str], typer.Option(
+        help="pad (random batches, padded), grouped (by modality and length) or packed (several samples per "
+             "sequence, attention kept inside each).")] = None,
+    pack_max_tokens: Annotated[Optional[int], typer.Option(
+        help="Tokens per packed sequence with --batching packed (default: max_length).")] = None,
+    cache_features: Annotated[Optional[str], typer.Option(
+        help="Directory caching frozen-encoder features: each input is encoded once, later epochs and runs "
+             "read them.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    num_procs: Annotated[Optional[int], typer.Option(help="Data-parallel processes on this machine (gloo on CPU, "
+                                                      "NCCL on GPUs). Several machines: see README.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (and always at the end).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="auto (default: continue from the newest checkpoint in the "
+                                                   "output dir), never (start over), or a checkpoint/run directory."
+                                                   )] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file of options; flags override it.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any option as KEY=VALUE.")] = None,
 ) -> None:
@@ -78,6 +94,17 @@ def train(
         "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr, "projector_lr": projector_lr,
         "zero_stage": zero_stage, "precision": precision, "lora_mode": lora_mode, "lora_r": lora_r,
         "gradient_checkpointing": gradient_checkpointing, "skip_bad_records": skip_bad_records, "seed": seed,
+        "batching": batching, "pack_max_tokens": pack_max_tokens, "cache_features": cache_features,
+        "global_batch_size": global_batch_size, "num_procs": num_procs, "save_every": save_every, "resume": resume,
         **parse_assignments(set_),
     }
-    run(resolve_config(config, overrides))
+    cfg = resolve_config(config, overrides)
+    if cfg.num_procs > 1:
+        from mmkit.training.launch import launch, launched_externally
+
+        if not launched_externally():  # else: deepspeed / torchrun / our launcher already started the group
+            code = launch(cfg)
+            if code:
+                raise typer.Exit(code)
+            return
+    run(cfg)

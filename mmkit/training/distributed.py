@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
+from typing import Any
 
 
 def free_port() -> int:
@@ -12,8 +14,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise (once) and return ``(rank, world_size)``."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise (once) and return ``(rank, world_size)``.
+
+    ``timeout_s`` bounds every collective: when another process dies or stops responding, the
+    others fail with an error after that long instead of waiting forever.
+    """
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -25,8 +31,82 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if backend == "nccl":  # NCCL reports a timed-out collective as an error instead of blocking
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        kwargs = {}
+        if timeout_s:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+            _default_group_timeout(kwargs["timeout"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """DeepSpeed creates its data-parallel groups with ``new_group(ranks)`` and no timeout, which
+    torch then takes from a module default (30 minutes for gloo, 10 for NCCL): set that default too,
+    so a collective in any group gives up after ``timeout``."""
+    from torch.distributed import distributed_c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(distributed_c10d, name, None), timedelta):
+            setattr(distributed_c10d, name, timeout)
+
+
+# -- small collectives (no-ops for a lone process) -------------------------------------------------
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if _world() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over processes."""
+    import torch
+    import torch.distributed as dist
+
+    if _world() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process."""
+    return all_reduce_sum([0.0 if flag else 1.0])[0] == 0.0
+
+
+def any_true(flag: bool) -> bool:
+    return all_reduce_sum([1.0 if flag else 0.0])[0] > 0.0
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    import torch.distributed as dist
+
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def device() -> "torch.device":  # noqa: F821 - torch imported lazily

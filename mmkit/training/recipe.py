@@ -6,13 +6,12 @@ Read top to bottom; each step is one function call.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from mmkit.data.batching import Collator, SampleDataset, Skipped, make_preprocessor
+from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
 from mmkit.data.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, read_mixture
 from mmkit.errors import ConfigError, DataError, InputError
@@ -21,9 +20,12 @@ from mmkit.modeling.lora import LoraSettings
 from mmkit.modeling.persistence import check_fingerprint, load_into, model_dir, read_meta, save_model
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
+from mmkit.training.checkpoint import TrainState, plan_resume, save_checkpoint, trim_metrics
 from mmkit.training.config import TrainConfig, save_config
 from mmkit.training.distributed import device, init_distributed
+from mmkit.training.loop import train_loop
 from mmkit.training.metrics_log import MetricsLog
+from mmkit.training.sampler import GlobalBatchSampler, batch_geometry
 
 
 @attrs.frozen
@@ -104,63 +106,115 @@ def start_from(assembled: Assembled, init_from: str) -> None:
 
 def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, assembled: Assembled
                           ) -> tuple[list[Sample], list[Skipped]]:
-    """Read and check every record before training starts (schema, placeholders, token length)."""
-    skipped: list[Skipped] = []
-
-    def skip(exc: DataError) -> None:  # a malformed record, under --skip-bad-records
-        where = exc.source if exc.record is None else f"{exc.source} record {exc.record}"
-        skipped.append(Skipped(where, exc.reason))
-
+    """Read and check every record before training starts (schema, turn order, placeholders, paths,
+    token length with modality tokens, input files present): all records are checked, then the
+    first problem is raised (with the count of the others), or under ``--skip-bad-records`` every
+    bad record is left out and counted."""
+    problems: list[DataError] = []
     ctx = ReadContext(modalities={m: host.modality(m) for m in plan.modalities},
                       data_root=Path(cfg.data_root) if cfg.data_root else None,
-                      allow_outside_root=cfg.allow_outside_root,
-                      on_bad_record=skip if cfg.skip_bad_records else None)
-    samples = read_mixture(host, plan.train_sources, ctx, reader=cfg.data_format, seed=cfg.seed)
+                      allow_outside_root=cfg.allow_outside_root, on_bad_record=problems.append)
+    try:
+        samples = read_mixture(host, plan.train_sources, ctx, reader=cfg.data_format, seed=cfg.seed)
+    except DataError:
+        if problems and not cfg.skip_bad_records:  # e.g. "no records": every record was bad
+            raise _first_of(problems) from None
+        raise
     good = []
     for sample in samples:
         try:
             assembled.prompts.encode_sample(sample)
             missing = [p for paths in sample.inputs.values() for p in paths if not Path(p).is_file()]
             if missing:
-                raise DataError(sample.source, sample.index, f"id {sample.id}: file not found: {missing[0]}")
+                raise DataError(sample.source, sample.index, f"file not found: {missing[0]}", kind="missing_file")
         except DataError as exc:
-            if not cfg.skip_bad_records:
-                raise
-            skipped.append(Skipped(sample.where, str(exc)))
+            if exc.record_id is None and exc.source == sample.source and exc.record == sample.index:
+                exc = DataError(exc.source, exc.record, exc.reason, record_id=sample.id, kind=exc.kind)
+            problems.append(exc)
             continue
         good.append(sample)
+    if problems and not cfg.skip_bad_records:
+        raise _first_of(problems)
+    skipped = [Skipped(exc.source if exc.record is None else f"{exc.source} record {exc.record}"
+                       + (f" (id {exc.record_id})" if exc.record_id is not None else ""), exc.reason)
+               for exc in problems]
     if not good:
         raise DataError(", ".join(str(s.path) for s in plan.train_sources), None, "no usable training records")
     return good, skipped
 
 
+def _first_of(problems: list[DataError]) -> DataError:
+    first = problems[0]
+    if len(problems) == 1:
+        return first
+    more = (f" (and {len(problems) - 1} more bad record(s): `mmkit data validate` lists them all, "
+            "--skip-bad-records trains without them)")
+    return DataError(first.source, first.record, first.reason + more, record_id=first.record_id, kind=first.kind)
+
+
 def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, samples: list[Sample],
-                 modalities: tuple[str, ...], *, rank: int, world: int) -> tuple[Any, Any, Collator]:
-    """The training batches: each rank reads its shard of the samples, shuffled per epoch."""
+                 modalities: tuple[str, ...], *, rank: int, world: int, console: Any = None
+                 ) -> tuple[Batches, Any, Collator]:
+    """The training batches: each rank reads its part of every global batch (``sampler.py``: the
+    same global batches whatever the number of processes). ``cfg.batching`` picks random padded,
+    grouped or packed batches (``mmkit/data/packing.py``); ``cfg.cache_features`` fills the feature
+    cache first and the batches then carry cached features (``mmkit/data/feature_cache.py``)."""
     import torch
 
     model = assembled.model
     preprocess = {m: make_preprocessor(resolve(host.modality(m).load), model.encoders[m].preprocess)
                   for m in modalities}
     adapters = model.lora.adapters if model.lora is not None else ["-"]
-    dataset = SampleDataset(samples, assembled.prompts, preprocess, adapters, skip_bad_records=cfg.skip_bad_records)
-    collator = Collator(pad_id=assembled.tokenizer.pad_token_id)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                                  drop_last=world > 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch_size, sampler=sampler,
-                                         collate_fn=collator, num_workers=cfg.num_workers)
-    return loader, sampler, collator
+    cache = None
+    if cfg.cache_features:
+        from mmkit.data.feature_cache import open_training_cache
+        from mmkit.training.distributed import all_gather_objects, barrier
+
+        cache = open_training_cache(cfg.cache_features, host=host, encoders={m: model.encoders[m] for m in modalities},
+                                    samples=samples, preprocess=preprocess, precision=cfg.precision, device=device(),
+                                    batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, rank=rank,
+                                    world=world, barrier=barrier, gather=all_gather_objects, console=console,
+                                    strict=not cfg.skip_bad_records)
+    dataset = SampleDataset(samples, assembled.prompts, preprocess, adapters, skip_bad_records=cfg.skip_bad_records,
+                            cache=cache, defer_errors=True)
+    grad_accum, _ = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                                   global_batch_size=cfg.global_batch_size, world_size=world)
+    if cfg.batching == "pad":
+        sampler = GlobalBatchSampler(len(dataset), micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum,
+                                     rank=rank, world_size=world, seed=cfg.seed, shuffle=cfg.shuffle)
+        source, collator = dataset, Collator(pad_id=assembled.tokenizer.pad_token_id, record_skipped=False)
+    else:
+        from mmkit.data.packing import make_batching
+
+        sampler, source, collator = make_batching(
+            cfg.batching, samples, dataset, prompts=assembled.prompts, pad_id=assembled.tokenizer.pad_token_id,
+            micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum, rank=rank, world_size=world, seed=cfg.seed,
+            shuffle=cfg.shuffle, pack_max_tokens=cfg.pack_max_tokens, adapters=adapters)
+    # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
+    loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, collate_fn=collator,
+                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    batches = Batches(loader, collator, cache=cache, encoders=model.encoders,
+                      prefetch=2 if cache is not None and cfg.num_workers == 0 else 0,
+                      recompute_error=("under ZeRO-3 the encoders cannot run outside the model's forward pass; "
+                                       "the next run recomputes it before training" if cfg.zero_stage == 3 else None))
+    return batches, sampler, collator
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    grad_accum, global_batch = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                                              global_batch_size=cfg.global_batch_size, world_size=world_size)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": global_batch,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
+        # On CPU, torch's AdamW: DeepSpeed's CPU FusedAdam keeps its bias-correction powers in the
+        # C++ op (beta^t built by repeated multiplication), which a checkpoint cannot restore, so a
+        # resumed run would drift from an uninterrupted one by float rounding.
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                  "betas": [0.9, 0.999], "eps": 1e-8}},
+                                                  "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  **({} if _cuda() else {"torch_adam": True})}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -178,7 +232,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     from transformers import get_cosine_schedule_with_warmup
 
     console = console or Console()
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.collective_timeout_s)
     is_main = rank == 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,9 +252,21 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     groups = trainable_parameters(model, cfg.stage)
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
 
-    loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world)
-    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world,
+                                             console=console if is_main else None)
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # resume: pick and check a checkpoint before DeepSpeed wraps (and under ZeRO-3 partitions) the model
+    resolved = attrs.evolve(cfg, modalities=plan.modalities).to_dict()
+    geometry = {"micro_batch_size": cfg.micro_batch_size, "grad_accum": sampler.grad_accum,
+                "global_batch_size": sampler.global_batch_size, "num_samples": sampler.num_samples}
+    trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    resume = plan_resume(resume=cfg.resume, output_dir=out, config=resolved, world_size=world, geometry=geometry,
+                         trainable=trainable, on_world_size_change=cfg.on_world_size_change, rank=rank,
+                         console=console if is_main else None)
+    if resume is not None:
+        resume.before_engine(assembled)
 
     projector_lr = cfg.projector_lr or cfg.lr
     param_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []), "lr": projector_lr}]
@@ -212,15 +278,47 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
         model=model, model_parameters=param_groups, config=deepspeed_config(cfg, world),
         lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps))
 
+    state = TrainState()
+    if resume is not None:
+        state = resume.after_engine(engine, scheduler, rank=rank, seed=cfg.seed)
+    if is_main:
+        trim_metrics(out, state.step)  # a resumed run logs the steps after its checkpoint again
+    _barrier()
     log = MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main)
     if is_main:
         console.print(f"[bold]mmkit train[/] stage={cfg.stage} modalities={','.join(plan.modalities)} "
                       f"llm={cfg.llm or 'embedded demo (tiny LLaMA)'} samples={len(samples)} steps={total_steps} "
-                      f"processes={world} zero={cfg.zero_stage} precision={cfg.precision} "
-                      f"trainable={n_trainable:,} params")
-    summary = _loop(cfg, engine, loader, sampler, scheduler, log, total_steps, console, is_main, device())
-    summary["skipped_records"] = len(skipped) + len(collator.skipped)
-    log.log(summary["steps"], {"skipped_records": summary["skipped_records"]})
+                      f"processes={world} global_batch={sampler.global_batch_size} zero={cfg.zero_stage} "
+                      f"precision={cfg.precision} trainable={n_trainable:,} params")
+        if resume is not None:
+            console.print(f"resuming from {resume.checkpoint} (step {state.step}, epoch {state.epoch})")
+            for note in resume.notes:
+                console.print(f"  note: {note}")
+            if state.step >= total_steps:
+                console.print(f"  the run had already reached step {total_steps}: nothing left to train "
+                              "(raise max_steps/epochs to continue, or --resume never to start over)")
+
+    run_info = {"world_size": world, **geometry, "zero_stage": cfg.zero_stage, "precision": cfg.precision,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "config": resolved,
+                "trainable": trainable, "versions": _versions()}
+    saved_at: list[int] = [state.step] if resume is not None else []
+
+    def save(at: TrainState) -> str:
+        path = save_checkpoint(out, engine=engine, assembled=assembled, stage=cfg.stage, state=at,
+                               run_info={**run_info, "scheduler": scheduler.state_dict()}, keep_last=cfg.keep_last,
+                               rank=rank)
+        saved_at.append(at.step)
+        return str(path)
+
+    summary = train_loop(cfg, engine, loader, sampler, scheduler, log, total_steps=total_steps, state=state,
+                         console=console, is_main=is_main, dev=device(), rank=rank, world=world, save=save,
+                         last_checkpoint=str(resume.checkpoint) if resume is not None else None)
+    if not saved_at or saved_at[-1] != state.step:
+        save(state)  # the final checkpoint
+    summary["skipped_records"] = len(skipped) + _skipped_in_training(collator, world)
+    summary["resumed_from_step"] = resume.step if resume is not None else None
+    log.log(summary["steps"], {"skipped_records": summary["skipped_records"],
+                               "nonfinite_steps": summary["nonfinite_steps"]})
     log.close()
 
     save_model(out, assembled, stage=cfg.stage, write=is_main)
@@ -238,57 +336,26 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     return summary
 
 
-def _loop(cfg, engine, loader, sampler, scheduler, log, total_steps, console, is_main, dev) -> dict[str, Any]:
+def _cuda() -> bool:
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console, disable=not is_main, transient=False)
-    step, epoch = 0, 0
-    tokens_window, loss_window, loss_count = 0, 0.0, 0
-    total_tokens, last_loss = 0, float("nan")
-    start = window_start = time.perf_counter()
-    engine.train()
-    with progress:
-        task = progress.add_task("train", total=total_steps, loss=float("nan"), tps=0.0)
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                if batch.get("empty"):
-                    continue
-                out = engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                             labels=batch["labels"].to(dev), inputs={m: t.to(dev) for m, t in batch["inputs"].items()},
-                             adapters=batch["adapters"])
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise DataError("batch", None, f"non-finite loss {loss.item()} at step {step} "
-                                                   f"(records {', '.join(batch['ids'][:8])})")
-                engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                engine.step()
-                tokens_window += batch["num_tokens"]
-                total_tokens += batch["num_tokens"]
-                loss_window += float(loss.detach())
-                loss_count += 1
-                if not boundary:
-                    continue
-                step += 1
-                if step % cfg.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    last_loss = loss_window / loss_count
-                    tps = tokens_window / max(elapsed, 1e-9)
-                    log.log(step, {"loss": last_loss, "lr": scheduler.get_last_lr()[-1], "tokens_per_s": tps,
-                                   "padding_fraction": batch["padding_fraction"], "epoch": epoch,
-                                   "elapsed_s": time.perf_counter() - start})
-                    progress.update(task, loss=last_loss, tps=tps)
-                    tokens_window, loss_window, loss_count = 0, 0.0, 0
-                    window_start = time.perf_counter()
-                progress.update(task, completed=step)
-                if step >= total_steps:
-                    break
-            epoch += 1
-    elapsed = time.perf_counter() - start
-    return {"steps": step, "final_loss": last_loss, "tokens_per_s": total_tokens / max(elapsed, 1e-9),
-            "train_seconds": elapsed}
+    return torch.cuda.is_available()
+
+
+def _skipped_in_training(collator: Collator, world: int) -> int:
+    """Distinct records skipped while training, over all processes and epochs."""
+    where = {s.where for s in collator.skipped}
+    if world > 1:
+        from mmkit.training.distributed import all_gather_objects
+
+        where = set().union(*all_gather_objects(sorted(where)))
+    return len(where)
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import torch
+
+    from mmkit import __version__
+
+    return {"mmkit": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}

@@ -1,0 +1,163 @@
+"""Faults during training, each with a clear outcome.
+
+- non-finite loss: skip the optimizer step and count it, or stop naming the step and its records
+  (``on_nonfinite_loss``); every process takes the same decision.
+- out of memory: a :class:`TrainingError` with advice.
+- a collective that fails or times out (another process died or hangs): a :class:`TrainingError`
+  that says so, instead of a hang (the timeout is ``collective_timeout_s``).
+- disk full while saving a checkpoint: see :mod:`mmkit.training.checkpoint`.
+
+``MMKIT_FAULT`` injects faults for fault drills and tests: comma-separated ``KIND@STEP`` or
+``KIND@STEP:RANK`` (rank 0 when omitted; ``*`` for every rank), where STEP is the optimizer step
+being computed (1-based) or, for the ``*_in_save`` kinds, the step of the checkpoint being written:
+
+- ``nan``: that step's loss becomes NaN;  ``oom``: raise an out-of-memory error;
+- ``die``: the process kills itself (SIGKILL);  ``hang``: the process sleeps for an hour;
+- ``kill_in_save``: SIGKILL in the middle of writing a checkpoint;
+- ``enospc_in_save``: an ``OSError(ENOSPC)`` in the middle of writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+from mmkit.errors import MmkitError
+
+FAULT_ENV = "MMKIT_FAULT"
+FAULT_KINDS = ("nan", "oom", "die", "hang", "kill_in_save", "enospc_in_save")
+#: With ``on_nonfinite_loss: skip``, this many non-finite steps in a row stop the run: the weights
+#: themselves have most likely diverged, and skipping further only burns compute.
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class TrainingError(MmkitError):
+    """Training stopped on a fault; the message says what happened, where, and what to do."""
+
+
+# -- fault injection (drills and tests) -------------------------------------------------------------
+def _parse(spec: str) -> list[tuple[str, int, str]]:
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in FAULT_KINDS or not step.isdigit():
+            raise MmkitError(f"{FAULT_ENV}={spec!r}: expected KIND@STEP[:RANK] with KIND one of "
+                             f"{', '.join(FAULT_KINDS)}")
+        out.append((kind, int(step), rank or "0"))
+    return out
+
+
+def injected(kind: str, step: int, rank: int) -> bool:
+    """Whether ``MMKIT_FAULT`` asks for fault ``kind`` at ``step`` on process ``rank``."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    return any(k == kind and s == step and r in ("*", str(rank)) for k, s, r in _parse(spec))
+
+
+def inject_process_faults(step: int, rank: int) -> None:
+    """``die`` / ``hang`` / ``oom`` at the start of ``step``."""
+    if injected("die", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if injected("hang", step, rank):
+        time.sleep(3600)
+    if injected("oom", step, rank):
+        raise MemoryError(f"injected out-of-memory ({FAULT_ENV})")
+
+
+def inject_save_fault(step: int, rank: int) -> None:
+    if injected("kill_in_save", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if injected("enospc_in_save", step, rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# -- recognising faults -----------------------------------------------------------------------------
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text
+                                              or "DefaultCPUAllocator" in text)
+
+
+_COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer", "timed out",
+                     "broken pipe", "processgroup", "socket", "watchdog")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(word in text for word in _COLLECTIVE_WORDS)
+
+
+def out_of_memory_error(exc: BaseException, *, step: int, cfg: Any, device: Any) -> TrainingError:
+    where = str(device)
+    peak = ""
+    try:
+        import torch
+
+        if device.type == "cuda":
+            peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated"
+    except Exception:  # noqa: BLE001 - the advice matters more than the figure
+        pass
+    advice = [
+        f"lower micro_batch_size ({cfg.micro_batch_size}) and set global_batch_size (or raise grad_accum) to "
+        "keep the same global batch",
+        "turn on --gradient-checkpointing",
+    ]
+    if cfg.zero_stage < 3:
+        advice.append(f"--zero-stage 3 (now {cfg.zero_stage}) partitions weights, gradients and optimizer state "
+                      "across processes")
+    if cfg.precision == "fp32":
+        advice.append("--precision bf16 halves weight and activation memory on GPUs that support it")
+    advice.append(f"shorten max_length ({cfg.max_length}) or use fewer/lower-resolution modality tokens")
+    return TrainingError(f"out of memory at step {step} on {where}{peak}: {exc}. To fit: " + "; ".join(advice) + ".")
+
+
+def collective_failure_error(exc: BaseException, *, rank: int, world: int, step: int, timeout_s: float,
+                             last_checkpoint: str | None) -> TrainingError:
+    resume = (f"The last checkpoint ({last_checkpoint}) is intact: rerun the same command to resume"
+              if last_checkpoint else "No checkpoint was written yet (save_every sets how often to write one)")
+    return TrainingError(
+        f"process {rank} of {world}: a collective operation failed at step {step} "
+        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}). "
+        f"Another training process has most likely died or stopped responding (collectives time out after "
+        f"{timeout_s:g}s, collective_timeout_s); look for its error above. {resume}.")
+
+
+class StepGate:
+    """Lets the loop skip an optimizer update: DeepSpeed's wrappers (ZeRO 1-3, bf16) all end in
+    the basic optimizer's ``step``, which this replaces with one that does nothing while
+    ``skip`` is set. Gradients are still reduced and then zeroed as usual, so every process runs
+    the same collectives."""
+
+    def __init__(self, engine: Any):
+        self.skip = False
+        optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        original = optimizer.step
+
+        @functools.wraps(original)  # keeps the marks torch's LR scheduler put on it
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self.skip:
+                return None
+            return original(*args, **kwargs)
+
+        optimizer.step = step

@@ -1,0 +1,210 @@
+"""Checkpoints and exact resume: a run SIGKILLed at a random step (or in the middle of a save) and
+restarted with the same command ends with the weights of an uninterrupted run; what a checkpoint
+holds; verification before loading; refusing a checkpoint of another run."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmkit.errors import CheckpointMismatchError, ConfigError
+from mmkit.training import checkpoint as ckpt
+
+TIMEOUT = 300
+OPTIONS = {"max_steps": 8, "save_every": 2, "keep_last": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(mm_host, tmp_path_factory) -> dict[str, str]:
+    from mmkit.training.drill import write_tiny_run
+
+    return write_tiny_run(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+def _train(run: dict[str, str], out: Path, *, fault: str | None = None, **options):
+    from mmkit.training import drill
+
+    env = drill.child_env({"MMKIT_FAULT": fault} if fault else None)
+    return drill.run(drill.train_command(run, out, **{**OPTIONS, **options}), timeout=TIMEOUT, env=env)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = _train(tiny, out)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_is_exact(tiny, uninterrupted: Path, tmp_path: Path) -> None:
+    from mmkit.training import drill
+
+    rng = random.Random()
+    step, delay = rng.randint(2, 6), rng.uniform(0.0, 0.15)
+    out = tmp_path / "killed"
+    cmd = drill.train_command(tiny, out, **OPTIONS)
+    reached = drill.kill_at_step(cmd, out, step, delay_s=delay, timeout=TIMEOUT)
+    assert reached >= step, f"the run ended before the kill at step {step}"
+
+    result = drill.run(cmd, timeout=TIMEOUT)  # the same command: resumes automatically
+    assert result.returncode == 0, result.stdout[-4000:]
+    diff = drill.max_weight_diff(uninterrupted, out)
+    assert diff <= 1e-6, f"killed after step {step} (+{delay:.2f}s): weights differ by {diff}"
+    # the metrics after the checkpoint were logged again, not twice
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))
+    assert drill.logged_losses(out) == drill.logged_losses(uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, uninterrupted: Path, tmp_path: Path) -> None:
+    from mmkit.training import drill
+
+    out = tmp_path / "run"
+    result = _train(tiny, out, fault="kill_in_save@4")
+    assert result.returncode == -9, result.stdout[-3000:]
+    root = out / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002"]
+    assert (root / ".step-00000004.tmp").is_dir()  # the half-written one, never visible as a checkpoint
+    assert ckpt.verify(root / "step-00000002", 0) is None
+
+    result = _train(tiny, out)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert f"resuming from {root / 'step-00000002'}" in result.stdout
+    assert not list(root.glob(".step-*"))  # leftovers cleaned by the next save
+    assert drill.max_weight_diff(uninterrupted, out) <= 1e-6
+
+
+@pytest.mark.slow
+def test_checkpoint_contents(uninterrupted: Path) -> None:
+    from safetensors import safe_open
+
+    from mmkit.modeling.persistence import load_weights, read_meta
+    from mmkit.training.drill import load_trainable
+
+    root = uninterrupted / "checkpoints"
+    kept = ckpt.list_checkpoints(uninterrupted)
+    assert [p.name for p in kept] == ["step-00000008", "step-00000006"]  # keep_last 2, the end included
+    assert (root / "latest").read_text().strip() == "step-00000008"
+    last = kept[0]
+    manifest = json.loads((last / "manifest.json").read_text())
+    on_disk = {p.relative_to(last).as_posix() for p in last.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert {"trainer_state.json", "model/trainable.safetensors", "model/mmkit.json", "rng/rank-00000.safetensors",
+            "deepspeed/mp_rank_00_model_states.pt"} <= on_disk
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (8, 1, 0)  # 16 samples / 2 per step
+    assert state["global_batch_size"] == 2 and state["world_size"] == 1 and state["num_samples"] == 16
+    assert state["scheduler"]["last_epoch"] == 8
+    assert state["config"]["lora_r"] == 4 and state["trainable"]
+    # the checkpoint's model/ is an ordinary model directory, and holds the final weights
+    meta = read_meta(last / "model")
+    weights = load_weights(last / "model", "trainable.safetensors", meta)
+    final = load_trainable(uninterrupted)
+    assert max(float((weights[k] - final[k]).abs().max()) for k in final) == 0.0
+    with safe_open(str(last / "rng" / "rank-00000.safetensors"), framework="pt") as fh:
+        assert {"torch", "numpy.keys"} <= set(fh.keys()) and {"python", "numpy"} <= set(fh.metadata())
+
+
+# -- choosing a checkpoint (in process: no process group, the collectives are no-ops) ------------------------
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_never_loaded_and_an_older_one_is_used(uninterrupted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "step-00000008"
+    states = newest / "deepspeed" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the hash can tell
+    states.write_bytes(bytes(data))
+    assert "does not match its sha256" in ckpt.verify(newest, 0)
+
+    printed: list[str] = []
+
+    class Console:
+        def print(self, text: str) -> None:
+            printed.append(text)
+
+    candidates, explicit = ckpt.resume_candidates("auto", out)
+    assert [c.name for c in candidates] == ["step-00000008", "step-00000006"] and not explicit
+    chosen = ckpt.choose_checkpoint(candidates, explicit, rank=0, console=Console())
+    assert chosen == out / "checkpoints" / "step-00000006"
+    assert "failed verification" in printed[0] and "trying an older one" in printed[0]
+    with pytest.raises(CheckpointMismatchError, match="failed verification"):
+        ckpt.choose_checkpoint(*ckpt.resume_candidates(str(newest), out), rank=0)
+    (newest / "rng" / "rank-00000.safetensors").unlink()
+    assert "missing rng/rank-00000.safetensors" in ckpt.verify(newest, 0)
+
+
+@pytest.mark.slow
+def test_resume_option_values(uninterrupted: Path, tmp_path: Path) -> None:
+    assert ckpt.resume_candidates("never", uninterrupted) == ([], False)
+    found, explicit = ckpt.resume_candidates(str(uninterrupted), tmp_path)  # a run directory
+    assert explicit and [p.name for p in found] == ["step-00000008", "step-00000006"]
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        ckpt.resume_candidates(str(tmp_path), tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted / "checkpoints", copy / "checkpoints")
+    assert ckpt.discard_checkpoints(copy) == 2 and ckpt.list_checkpoints(copy) == []
+
+
+def _saved(uninterrupted: Path) -> dict:
+    return ckpt.read_state(uninterrupted / "checkpoints" / "step-00000008")
+
+
+def _check(saved: dict, *, world: int = 1, policy: str = "refuse", **changes):
+    config = {**saved["config"], **changes}
+    geometry = {k: saved[k] for k in ("micro_batch_size", "grad_accum", "global_batch_size", "num_samples")}
+    return ckpt.check_resumable(saved, config=config, world_size=world, geometry=geometry,
+                                trainable=saved["trainable"], on_world_size_change=policy)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_run_is_refused_by_name(uninterrupted: Path) -> None:
+    saved = _saved(uninterrupted)
+    assert _check(saved) == ("exact", [])
+    with pytest.raises(CheckpointMismatchError, match=r"different training run \(lora_r: checkpoint 4, now 8"):
+        _check(saved, lora_r=8)
+    with pytest.raises(CheckpointMismatchError, match="different training run .*seed"):
+        _check(saved, seed=1)
+    mode, notes = _check(saved, lr=5e-4, max_steps=20)  # a longer or gentler schedule may continue
+    assert mode == "exact" and any(n.startswith("lr changed") for n in notes) and any("max_steps" in n for n in notes)
+    geometry = {"micro_batch_size": 2, "grad_accum": 2, "global_batch_size": 4, "num_samples": 16}
+    with pytest.raises(CheckpointMismatchError, match="global batch differs.*global_batch_size: 2"):
+        ckpt.check_resumable(saved, config=saved["config"], world_size=1, geometry=geometry,
+                             trainable=saved["trainable"], on_world_size_change="refuse")
+    trainable = dict(saved["trainable"])
+    dropped = sorted(trainable)[0]
+    del trainable[dropped]
+    trainable["llm.extra.lora_A.weight"] = [2, 2]
+    with pytest.raises(CheckpointMismatchError, match=f"parameters differ .*only in the checkpoint: {dropped}"):
+        ckpt.check_resumable(saved, config=saved["config"], world_size=1, geometry={
+            k: saved[k] for k in ("micro_batch_size", "grad_accum", "global_batch_size", "num_samples")},
+            trainable=trainable, on_world_size_change="refuse")
+
+
+@pytest.mark.slow
+def test_process_count_change_policy(uninterrupted: Path) -> None:
+    saved = _saved(uninterrupted)
+    mode, notes = _check(saved, world=2)  # ZeRO 0: the optimizer state is whole
+    assert mode == "exact" and "not partitioned" in notes[0]
+    zero2 = {**saved, "zero_stage": 2, "config": {**saved["config"], "zero_stage": 2}}
+    with pytest.raises(CheckpointMismatchError, match=r"written by 1 process\(es\) with ZeRO stage 2; this run has 2"):
+        _check(zero2, world=2)
+    mode, notes = _check(zero2, world=2, policy="reset_optimizer")
+    assert mode == "reset_optimizer" and "optimizer moments start again from zero" in notes[0]
+    with pytest.raises(CheckpointMismatchError, match="ZeRO stage 2; this run has 1 with stage 3"):
+        _check(zero2, zero_stage=3)
+
+
+def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 6)] + ['{"step": 6, "lo']  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    ckpt.trim_metrics(tmp_path, 3)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
