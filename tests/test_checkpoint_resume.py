@@ -20,13 +20,13 @@ OPTIONS = {"max_steps": 8, "save_every": 2, "keep_last": 2}
 
 @pytest.fixture(scope="module")
 def tiny(mm_host, tmp_path_factory) -> dict[str, str]:
-    from mmkit.training.drill import write_tiny_run
+    from drill import write_tiny_run
 
     return write_tiny_run(tmp_path_factory.mktemp("tiny_ckpt"))
 
 
 def _train(run: dict[str, str], out: Path, *, fault: str | None = None, **options):
-    from mmkit.training import drill
+    import drill
 
     env = drill.child_env({"MMKIT_FAULT": fault} if fault else None)
     return drill.run(drill.train_command(run, out, **{**OPTIONS, **options}), timeout=TIMEOUT, env=env)
@@ -43,7 +43,7 @@ def uninterrupted(tiny, tmp_path_factory) -> Path:
 # -- end to end ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_exact(tiny, uninterrupted: Path, tmp_path: Path) -> None:
-    from mmkit.training import drill
+    import drill
 
     rng = random.Random()
     step, delay = rng.randint(2, 6), rng.uniform(0.0, 0.15)
@@ -65,7 +65,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(tiny, uninterrupted: Path
 
 @pytest.mark.slow
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny, uninterrupted: Path, tmp_path: Path) -> None:
-    from mmkit.training import drill
+    import drill
 
     out = tmp_path / "run"
     result = _train(tiny, out, fault="kill_in_save@4")
@@ -87,7 +87,7 @@ def test_checkpoint_contents(uninterrupted: Path) -> None:
     from safetensors import safe_open
 
     from mmkit.modeling.persistence import load_weights, read_meta
-    from mmkit.training.drill import load_trainable
+    from drill import load_trainable
 
     root = uninterrupted / "checkpoints"
     kept = ckpt.list_checkpoints(uninterrupted)

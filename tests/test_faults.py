@@ -24,13 +24,13 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def tiny(mm_host, tmp_path_factory) -> dict[str, str]:
-    from mmkit.training.drill import write_tiny_run
+    from drill import write_tiny_run
 
     return write_tiny_run(tmp_path_factory.mktemp("tiny_faults"))
 
 
 def _train(run: dict[str, str], out: Path, *, fault: str | None = None, **options):
-    from mmkit.training import drill
+    import drill
 
     env = drill.child_env({"MMKIT_FAULT": fault} if fault else None)
     return drill.run(drill.train_command(run, out, **{"max_steps": 5, **options}), timeout=TIMEOUT, env=env)
@@ -74,7 +74,7 @@ def test_out_of_memory_advice_names_the_knobs() -> None:
 # -- end to end ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_nonfinite_loss_on_one_process_skips_the_step_everywhere(tiny, tmp_path: Path) -> None:
-    from mmkit.training.drill import load_trainable
+    from drill import load_trainable
 
     out = tmp_path / "run"
     result = _train(tiny, out, fault="nan@3:1", num_procs=2, global_batch_size=4, save_every=1, keep_last=10)

@@ -77,14 +77,14 @@ def test_batch_geometry_errors_name_the_numbers() -> None:
 # -- end to end -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(mm_host, tmp_path_factory) -> dict[str, dict[str, str]]:
-    from mmkit.training.drill import write_tiny_run
+    from drill import write_tiny_run
 
     root = tmp_path_factory.mktemp("tiny_multiproc")
     return {layout: write_tiny_run(root, layout=layout) for layout in ("alternate", "pairs")}
 
 
 def _train(run: dict[str, str], out: Path, *, fault: str | None = None, **options):
-    from mmkit.training import drill
+    import drill
 
     env = drill.child_env({"MMKIT_FAULT": fault} if fault else None)
     return drill.run(drill.train_command(run, out, **options), timeout=TIMEOUT, env=env)
@@ -107,7 +107,7 @@ def one_process(tiny, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_curve(tiny, one_process: Path, tmp_path: Path) -> None:
-    from mmkit.training.drill import logged_losses, max_weight_diff
+    from drill import logged_losses, max_weight_diff
 
     one, two, common = one_process, tmp_path / "two", COMMON
     result = _train(tiny["alternate"], two, num_procs=2, **common)
@@ -135,7 +135,7 @@ def test_zero3_with_each_process_seeing_another_modality(tiny, tmp_path: Path) -
     """Process 0 only ever gets images, process 1 only point clouds: each runs the other modality's
     encoder and projector on a blank input (contributing zero), so ZeRO-3's parameter gathers pair
     up; the run finishes and matches the 1-process run on the same global batches."""
-    from mmkit.training.drill import load_trainable, logged_losses, max_weight_diff
+    from drill import load_trainable, logged_losses, max_weight_diff
 
     common = {"global_batch_size": 4, "max_steps": 4, "shuffle": False}
     reference, zero3 = tmp_path / "reference", tmp_path / "zero3"
@@ -175,7 +175,7 @@ def test_zero2_rank_death_then_exact_resume(tiny, one_process: Path, tmp_path: P
     """Process 1 is SIGKILLed at step 3: process 0 reports a failed collective instead of hanging, the
     launcher names the dead process, and rerunning the command resumes (ZeRO-2 optimizer partitions
     included) to the weights of the uninterrupted run on the same global batches."""
-    from mmkit.training.drill import logged_losses, max_weight_diff
+    from drill import logged_losses, max_weight_diff
 
     common = {**COMMON, "num_procs": 2, "zero_stage": 2}
     reference, drilled = one_process, tmp_path / "drilled"
@@ -198,7 +198,7 @@ def test_zero3_process_whose_micro_batch_lost_every_record_still_takes_part(tiny
     stand-in batch with zero weight so that ZeRO-3's collectives still pair up."""
     import json
 
-    from mmkit.training.drill import load_trainable
+    from drill import load_trainable
 
     records = [json.loads(line) for line in Path(tiny["pairs"]["data"]).read_text().splitlines()]
     for record in records[2:4]:  # process 1's part of the first global batch (shuffle off)

@@ -477,6 +477,10 @@ def load_trainable_weights(checkpoint: Path, assembled: Any) -> None:
 
 def load_engine_state(checkpoint: Path, engine: Any) -> None:
     """DeepSpeed's optimizer, scheduler and counters (the checkpoint was verified first)."""
+    # The module part of DeepSpeed's checkpoint holds only the trainable weights (saved with
+    # exclude_frozen_parameters), so DeepSpeed's strict check would flag every frozen base weight.
+    # Those trainable weights were already loaded and checked key by key and shape by shape by
+    # load_trainable_weights against the sha256 manifest; this call restores optimizer state.
     path, _ = engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
