@@ -121,6 +121,20 @@ def make_preprocessor(load: Callable[[Path], Any], preprocess: Callable[[Any], t
     return run
 
 
+def separate_skipped(items: Sequence[dict[str, Any] | Skipped], collator: Any
+                     ) -> tuple[list[dict[str, Any]], list[Skipped], dict[str, Any] | None]:
+    """The usable items, the skipped ones, and the batch to return instead when none is usable.
+    Skipped items are kept on ``collator.skipped`` when the collator records them itself."""
+    good, bad = [], []
+    for item in items:
+        (bad if isinstance(item, Skipped) else good).append(item)
+    if collator.record_skipped:
+        collator.skipped.extend(bad)
+    if not good:
+        return good, bad, {"empty": True, "skipped": len(items), "skipped_items": bad}
+    return good, bad, None
+
+
 @attrs.define
 class Collator:
     """Pads a list of items into a batch. ``padding_side="left"`` for generation."""
@@ -132,13 +146,9 @@ class Collator:
     record_skipped: bool = True
 
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-        good, bad = [], []
-        for item in items:
-            (bad if isinstance(item, Skipped) else good).append(item)
-        if self.record_skipped:
-            self.skipped.extend(bad)
-        if not good:
-            return {"empty": True, "skipped": len(items), "skipped_items": bad}
+        good, bad, empty = separate_skipped(items, self)
+        if empty is not None:
+            return empty
         longest = max(len(item["input_ids"]) for item in good)
         ids = torch.full((len(good), longest), self.pad_id, dtype=torch.long)
         labels = torch.full((len(good), longest), IGNORE_INDEX, dtype=torch.long)

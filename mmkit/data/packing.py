@@ -237,15 +237,11 @@ class PackingCollator:
     record_skipped: bool = True
 
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-        from mmkit.data.batching import stack_modalities
+        from mmkit.data.batching import separate_skipped, stack_modalities
 
-        good, bad = [], []
-        for item in items:
-            (bad if isinstance(item, Skipped) else good).append(item)
-        if self.record_skipped:
-            self.skipped.extend(bad)
-        if not good:
-            return {"empty": True, "skipped": len(items), "skipped_items": bad}
+        good, bad, empty = separate_skipped(items, self)
+        if empty is not None:
+            return empty
         rows: dict[int, list[dict[str, Any]]] = {}
         for item in good:
             rows.setdefault(item.get("row", 0), []).append(item)
