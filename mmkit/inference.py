@@ -6,7 +6,6 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from mmkit.data.batching import Collator, make_preprocessor
 from mmkit.data.records import USER, Sample, Turn
@@ -98,5 +97,4 @@ def load(output_dir: str | Path, *, host: PluginHost | None = None) -> Multimoda
 
     host = host or get_host()
     assembled = load_model(Path(output_dir), host)
-    torch.set_grad_enabled(True)
     return MultimodalModel(assembled, host)

@@ -14,16 +14,15 @@ packing.
   path through the position ids), and no label crosses a sample boundary. ``micro_batch_size``
   then counts rows.
 
-Both samplers follow the step geometry of :class:`mmkit.training.sampler.GlobalBatchSampler` (the
+Both samplers follow the step geometry of :class:`mmkit.training.sampler.StepSampler` (the
 same global steps on any number of processes, ``set_epoch(epoch, start_step)`` for resuming).
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -32,6 +31,7 @@ import torch
 from mmkit.data.batching import Skipped
 from mmkit.data.records import Sample
 from mmkit.prompt import IGNORE_INDEX
+from mmkit.training.sampler import StepSampler
 
 BATCHING = ("pad", "grouped", "packed")
 
@@ -60,63 +60,7 @@ def _by_group(groups: Sequence[str]) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-class _StepPlan(torch.utils.data.Sampler):
-    """The step geometry shared with :class:`mmkit.training.sampler.GlobalBatchSampler`: an epoch is a
-    list of micro-batches, the same on every process; global step ``s`` is micro-batches
-    ``s*G ... (s+1)*G - 1`` (``G = grad_accum x world_size``) and process ``r`` runs micro-batches
-    ``r*grad_accum ... (r+1)*grad_accum - 1`` of it. The last step is completed with micro-batches
-    from the start of the epoch, so every process runs the same number."""
-
-    def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
-                 seed: int, shuffle: bool = True):
-        if num_samples < 1:
-            raise ValueError("no training samples")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.num_samples = num_samples
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum = grad_accum
-        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.global_batch_size = micro_batch_size * grad_accum * world_size
-        self.epoch = 0
-        self.start_step = 0
-        self._plans: dict[int, list[list[Any]]] = {}
-
-    def plan(self, epoch: int) -> list[list[Any]]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def micro_batches(self, epoch: int) -> list[list[Any]]:
-        """Every micro-batch of ``epoch``, all processes together (cached for the last two epochs)."""
-        key = epoch if self.shuffle else 0
-        if key not in self._plans:
-            self._plans = {k: v for k, v in self._plans.items() if k >= key - 1}
-            self._plans[key] = self.plan(key)
-        return self._plans[key]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(len(self.micro_batches(self.epoch)) / (self.grad_accum * self.world_size)))
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch = epoch
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        batches = self.micro_batches(self.epoch)
-        per_step = self.grad_accum * self.world_size
-        steps = self.steps_per_epoch
-        for step in range(self.start_step, steps):
-            for a in range(self.grad_accum):
-                j = step * per_step + self.rank * self.grad_accum + a
-                yield batches[j % len(batches)]
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.grad_accum
-
-
-class GroupedBatchSampler(_StepPlan):
+class GroupedBatchSampler(StepSampler):
     """Micro-batches of one modality group and similar lengths; yields lists of dataset indices."""
 
     def __init__(self, lengths: Sequence[int], groups: Sequence[str], *, micro_batch_size: int, grad_accum: int = 1,
@@ -168,7 +112,7 @@ def best_fit_decreasing(indices: Sequence[int], lengths: Sequence[int], capacity
     return bins
 
 
-class PackedBatchSampler(_StepPlan):
+class PackedBatchSampler(StepSampler):
     """Micro-batches of ``micro_batch_size`` packed rows of at most ``max_tokens`` tokens; yields
     lists of ``(dataset index, row)`` pairs (see :class:`PackedView`)."""
 

@@ -227,7 +227,7 @@ def model_dir(output_dir: Path) -> Path:
 
 
 def load_model(output_dir: Path, host: Any) -> Any:
-    from mmkit.modeling.builder import assemble, trainable_parameters
+    from mmkit.modeling.builder import assemble
 
     directory = model_dir(output_dir)
     meta = read_meta(directory)

@@ -14,7 +14,7 @@ import attrs
 from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
 from mmkit.data.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, read_mixture
-from mmkit.errors import ConfigError, DataError, InputError
+from mmkit.errors import ConfigError, DataError
 from mmkit.modeling.builder import Assembled, ModalityChoice, ModelConfig, assemble, trainable_parameters
 from mmkit.modeling.lora import LoraSettings
 from mmkit.modeling.persistence import check_fingerprint, load_into, model_dir, read_meta, save_model

@@ -38,13 +38,15 @@ def batch_geometry(*, micro_batch_size: int, grad_accum: int, global_batch_size:
     return global_batch_size // per_step, global_batch_size
 
 
-class GlobalBatchSampler:
-    """A ``batch_sampler`` for :class:`torch.utils.data.DataLoader`: yields this process's
+class StepSampler:
+    """A ``batch_sampler`` for :class:`torch.utils.data.DataLoader` that yields this process's
     micro-batches (lists of dataset indices) for the rest of the current epoch.
 
-    The last global batch of an epoch is completed with samples from the start of the epoch's
-    order (as :class:`~torch.utils.data.DistributedSampler` pads), so every process runs the same
-    number of micro-batches and every sample is seen each epoch.
+    Subclasses say how an epoch is cut into micro-batches (:meth:`plan`, the same list on every
+    process); this class owns the step geometry: global step ``s`` is micro-batches
+    ``s*G ... (s+1)*G - 1`` (``G = grad_accum x world_size``) and process ``r`` runs micro-batches
+    ``r*grad_accum ... (r+1)*grad_accum - 1`` of it. A last, incomplete step is completed with
+    micro-batches from the start of the epoch, so every process runs the same number.
     """
 
     def __init__(self, num_samples: int, *, micro_batch_size: int, grad_accum: int, rank: int, world_size: int,
@@ -56,25 +58,52 @@ class GlobalBatchSampler:
         self.num_samples = num_samples
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.global_batch_size = micro_batch_size * grad_accum * world_size
-        self.steps_per_epoch = max(1, math.ceil(num_samples / self.global_batch_size))
         self.epoch = 0
         self.start_step = 0
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def plan(self, epoch: int) -> list[list[int]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        """Every micro-batch of ``epoch``, all processes together (cached for the last two epochs)."""
+        key = epoch if self.shuffle else 0
+        if key not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k >= key - 1}
+            self._plans[key] = self.plan(key)
+        return self._plans[key]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.micro_batches(self.epoch)) / (self.grad_accum * self.world_size)))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Iterate epoch ``epoch`` from its global step ``start_step`` (resume skips what was
         consumed without loading any of it)."""
+        self.epoch = epoch
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside 0..{self.steps_per_epoch}")
-        self.epoch = epoch
         self.start_step = start_step
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """Every global batch of ``epoch``, concatenated (padded to whole global batches)."""
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.micro_batches(self.epoch)
+        per_step = self.grad_accum * self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            for a in range(self.grad_accum):
+                yield batches[(step * per_step + self.rank * self.grad_accum + a) % len(batches)]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+
+
+class GlobalBatchSampler(StepSampler):
+    """Random global batches: the epoch's order is drawn from the seed (as
+    :class:`~torch.utils.data.DistributedSampler` draws it) and padded with samples from its start
+    to whole global batches, so every sample is seen each epoch."""
+
+    def plan(self, epoch: int) -> list[list[int]]:
         import torch
 
         if self.shuffle:
@@ -82,24 +111,8 @@ class GlobalBatchSampler:
             order = torch.randperm(self.num_samples, generator=gen).tolist()
         else:
             order = list(range(self.num_samples))
-        needed = self.steps_per_epoch * self.global_batch_size
+        needed = math.ceil(self.num_samples / self.global_batch_size) * self.global_batch_size
         while len(order) < needed:
             order += order[: needed - len(order)]
-        return order
-
-    def global_batch(self, epoch: int, step: int) -> list[int]:
-        """The indices of global step ``step`` (0-based within ``epoch``), all processes together."""
-        g = self.global_batch_size
-        return self.epoch_order(epoch)[step * g:(step + 1) * g]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.epoch_order(self.epoch)
-        g, m = self.global_batch_size, self.micro_batch_size
-        for step in range(self.start_step, self.steps_per_epoch):
-            batch = order[step * g:(step + 1) * g]
-            for a in range(self.grad_accum):
-                j = self.rank * self.grad_accum + a
-                yield batch[j * m:(j + 1) * m]
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+        m = self.micro_batch_size
+        return [order[i:i + m] for i in range(0, needed, m)]
