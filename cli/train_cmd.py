@@ -69,6 +69,9 @@ def train(
     cache_features: Annotated[Optional[str], typer.Option(
         help="Directory caching frozen-encoder features: each input is encoded once, later epochs and runs "
              "read them.")] = None,
+    template: Annotated[Optional[str], typer.Option(
+        help="Prompt template: a name from mmkit's template library or a path to a Jinja chat template file; "
+             "default: the tokenizer's own.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     num_procs: Annotated[Optional[int], typer.Option(help="Data-parallel processes on this machine (gloo on CPU, "
                                                       "NCCL on GPUs). Several machines: see README.")] = None,
@@ -95,6 +98,7 @@ def train(
         "zero_stage": zero_stage, "precision": precision, "lora_mode": lora_mode, "lora_r": lora_r,
         "gradient_checkpointing": gradient_checkpointing, "skip_bad_records": skip_bad_records, "seed": seed,
         "batching": batching, "pack_max_tokens": pack_max_tokens, "cache_features": cache_features,
+        "template": template,
         "global_batch_size": global_batch_size, "num_procs": num_procs, "save_every": save_every, "resume": resume,
         **parse_assignments(set_),
     }

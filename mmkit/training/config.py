@@ -45,6 +45,8 @@ class TrainConfig:
     lora_mode: str = "per_modality"  # or "shared"
     lora_targets: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     encoder_lora: bool = False
+    #: prompt template: a name from mmkit's template library or a path to a Jinja chat template file;
+    #: default: the tokenizer's own
     template: str | None = None
     max_length: int = 2048
     # optimisation
