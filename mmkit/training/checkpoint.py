@@ -41,6 +41,7 @@ import attrs
 from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import distributed as dist_util
 from mmkit.training.atomic import _fsync_dir, atomic_write_text
+from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
 from mmkit.training.faults import TrainingError, inject_save_fault
 
 FORMAT = 1
@@ -53,17 +54,11 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)")
 
 #: Options that must match for a resumed run to continue the same training; the others may change
-#: (a longer schedule, another log interval, ...) and are reported when they do.
-RESUME_STRICT = (
-    "llm", "modalities", "data", "data_format", "data_root", "stage", "init_from", "encoders",
-    "encoder_pretrained", "encoder_options", "projectors", "projector_options", "lora_r", "lora_alpha", "lora_mode",
-    "lora_targets", "encoder_lora", "template", "max_length", "seed", "shuffle", "skip_bad_records", "precision",
-    "batching", "pack_max_tokens",
-)
+#: (a longer schedule, another log interval, ...) and are reported when they do. Each TrainConfig
+#: field declares its rule (``resume=`` in config.py); zero_stage is quiet: see the process-count note.
+RESUME_STRICT = fields_with_rule(MUST_MATCH)
 #: Never reported (they do not change what is trained).
-_RESUME_QUIET = ("output_dir", "resume", "num_procs", "log_every", "tensorboard", "eval_data", "eval_max_new_tokens",
-                 "eval_batch_size", "num_workers", "num_threads", "collective_timeout_s", "save_every", "keep_last",
-                 "on_world_size_change", "on_nonfinite_loss", "zero_stage")  # zero_stage: see the process-count note
+_RESUME_QUIET = fields_with_rule(IGNORED)
 
 
 @attrs.define
