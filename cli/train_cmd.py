@@ -1,114 +1,150 @@
-"""``mmkit train``."""
+"""``mmkit train``.
+
+Its options are derived from :class:`~mmkit.training.config.TrainConfig`: every field declared with
+``flag=`` gets an option whose help is the field's own, plus the values it accepts and its default;
+any field can be set with ``--set KEY=VALUE`` (dotted keys reach nested options). Values arrive as
+text and are parsed by the config, so every bad value is reported at once, naming the field.
+"""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any, Optional
 
 import typer
 
+#: exit status of a configuration error (as for a command-line usage error)
+CONFIG_ERROR_EXIT = 2
+
 
 def register(app: typer.Typer) -> None:
-    app.command(context_settings={"help_option_names": ["-h", "--help"]})(train)
+    app.command(name="train", context_settings={"help_option_names": ["-h", "--help"]})(_command())
 
 
-def _split(value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+def _split(values: list[str]) -> str:
+    return ",".join(values)
 
 
-def _keyed(items: list[str] | None, what: str) -> dict[str, str] | None:
+def _keyed(items: list[str], what: str) -> dict[str, str]:
     """``modality=value`` pairs."""
-    if not items:
-        return None
     from mmkit.errors import ConfigError
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"{what} {item!r}: expected MODALITY=VALUE")
         out[key.strip()] = value.strip()
     return out
 
 
-def train(
-    modalities: Annotated[Optional[str], typer.Option(help="Comma-separated modalities, e.g. image,pointcloud. "
-                                                       "Default: every installed modality with a demo.")] = None,
-    llm: Annotated[Optional[str], typer.Option(help="Hugging Face causal LM (hub id or local path). "
-                                                "Omit to train the embedded demo.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option(help="Training file (LLaVA/LAMM/generic JSON or JSONL); "
-                                                       "repeat to mix, FILE:WEIGHT to weight.")] = None,
-    eval_data: Annotated[Optional[list[str]], typer.Option(help="Held-out file(s) scored after training.")] = None,
-    data_root: Annotated[Optional[str], typer.Option(help="Root for relative input paths.")] = None,
-    data_format: Annotated[Optional[str], typer.Option(help="Reader name (default: detect).")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Run directory (default runs/demo or runs/mmkit).")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="align (projectors only) or instruct (+ LoRA).")] = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Align run to start the instruct stage from.")] = None,
-    encoder: Annotated[Optional[list[str]], typer.Option(help="MODALITY=ENCODER_NAME")] = None,
-    encoder_pretrained: Annotated[Optional[list[str]], typer.Option(help="MODALITY=HUB_ID_OR_PATH")] = None,
-    projector: Annotated[Optional[list[str]], typer.Option(help="MODALITY=PROJECTOR_NAME")] = None,
-    epochs: Annotated[Optional[float], typer.Option()] = None,
-    max_steps: Annotated[Optional[int], typer.Option()] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option()] = None,
-    grad_accum: Annotated[Optional[int], typer.Option()] = None,
-    global_batch_size: Annotated[Optional[int], typer.Option(
-        help="Samples per optimizer step over all processes (grad_accum is then derived).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (LoRA).")] = None,
-    projector_lr: Annotated[Optional[float], typer.Option(help="Learning rate of projectors and markers.")] = None,
-    zero_stage: Annotated[Optional[int], typer.Option(help="DeepSpeed ZeRO stage 0-3.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16.")] = None,
-    lora_mode: Annotated[Optional[str], typer.Option(help="per_modality or shared.")] = None,
-    lora_r: Annotated[Optional[int], typer.Option()] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option()] = None,
-    skip_bad_records: Annotated[Optional[bool], typer.Option(help="Skip and count records that fail to load.")] = None,
-    batching: Annotated[Optional[str], typer.Option(
-        help="pad (random batches, padded), grouped (by modality and length) or packed (several samples per "
-             "sequence, attention kept inside each).")] = None,
-    pack_max_tokens: Annotated[Optional[int], typer.Option(
-        help="Tokens per packed sequence with --batching packed (default: max_length).")] = None,
-    cache_features: Annotated[Optional[str], typer.Option(
-        help="Directory caching frozen-encoder features: each input is encoded once, later epochs and runs "
-             "read them.")] = None,
-    template: Annotated[Optional[str], typer.Option(
-        help="Prompt template: a name from mmkit's template library or a path to a Jinja chat template file; "
-             "default: the tokenizer's own.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    num_procs: Annotated[Optional[int], typer.Option(help="Data-parallel processes on this machine (gloo on CPU, "
-                                                      "NCCL on GPUs). Several machines: see README.")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (and always at the end).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="auto (default: continue from the newest checkpoint in the "
-                                                   "output dir), never (start over), or a checkpoint/run directory."
-                                                   )] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of options; flags override it.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any option as KEY=VALUE.")] = None,
-) -> None:
-    """Assemble an LLM with the chosen modalities and train it with DeepSpeed.
+def _metavar(tp: Any) -> str:
+    return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
 
-    With no --llm/--data it trains the embedded demo on this machine and evaluates it.
-    """
-    from mmkit.training.config import parse_assignments, resolve_config
-    from mmkit.training.recipe import train as run
 
-    overrides = {
-        "modalities": _split(modalities), "llm": llm, "data": data, "eval_data": eval_data, "data_root": data_root,
-        "data_format": data_format, "output_dir": output_dir, "stage": stage, "init_from": init_from,
-        "encoders": _keyed(encoder, "--encoder"), "encoder_pretrained": _keyed(encoder_pretrained, "--encoder-pretrained"),
-        "projectors": _keyed(projector, "--projector"), "epochs": epochs, "max_steps": max_steps,
-        "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "lr": lr, "projector_lr": projector_lr,
-        "zero_stage": zero_stage, "precision": precision, "lora_mode": lora_mode, "lora_r": lora_r,
-        "gradient_checkpointing": gradient_checkpointing, "skip_bad_records": skip_bad_records, "seed": seed,
-        "batching": batching, "pack_max_tokens": pack_max_tokens, "cache_features": cache_features,
-        "template": template,
-        "global_batch_size": global_batch_size, "num_procs": num_procs, "save_every": save_every, "resume": resume,
-        **parse_assignments(set_),
-    }
-    cfg = resolve_config(config, overrides)
-    if cfg.num_procs > 1:
-        from mmkit.training.launch import launch, launched_externally
+def _option(field: Any) -> tuple[Any, Any]:
+    """``(annotation, typer.Option)`` of a TrainConfig field with a flag."""
+    from mmkit.training.config import DEMO_DEFAULTS, base_type, accepted
 
-        if not launched_externally():  # else: deepspeed / torchrun / our launcher already started the group
-            code = launch(cfg)
-            if code:
-                raise typer.Exit(code)
-            return
-    run(cfg)
+    flag = field.metadata["flag"]
+    name = "--" + (flag if isinstance(flag, str) else field.name.replace("_", "-"))
+    tp, _ = base_type(field.type)
+    help_text = field.metadata["help"]
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return Optional[bool], typer.Option(None, f"{name}/--no-{name[2:]}", help=help_text, show_default=False)
+    if origin in (tuple, dict):
+        metavar = "MODALITY=VALUE" if origin is dict else "TEXT"
+        return Optional[list[str]], typer.Option(None, name, help=help_text, metavar=metavar, show_default=False)
+    check = field.metadata.get("check")
+    if check is not None and not check.choices:
+        help_text += f" Accepts {accepted(field)}."
+    default = field.default
+    if isinstance(default, (int, float, str)) and default != "":
+        shown = f"default {default}"
+        if field.name in DEMO_DEFAULTS and DEMO_DEFAULTS[field.name] != default:
+            shown += f"; demo {DEMO_DEFAULTS[field.name]}"
+        help_text += f" [{shown}]"
+    metavar = "|".join(map(str, check.choices)) if check is not None and check.choices else _metavar(tp)
+    return Optional[str], typer.Option(None, name, help=help_text, metavar=metavar, show_default=False)
+
+
+def _command() -> Any:
+    """The ``train`` callback with one keyword parameter per flagged field (typer reads the
+    signature), plus ``--config`` and ``--set``."""
+    import attrs
+
+    from mmkit.training.config import TrainConfig
+
+    params = []
+    for field in attrs.fields(TrainConfig):
+        if field.metadata.get("flag"):
+            annotation, default = _option(field)
+            params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                    default=typer.Option(None, help="YAML file of options; flags override it.")))
+    params.append(inspect.Parameter(
+        "set_", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+        default=typer.Option(None, "--set", help="Any option as KEY=VALUE (VALUE is YAML); dotted keys reach "
+                                                 "nested options, e.g. encoder_options.image.feature_layer=-2.")))
+
+    def train(**options: Any) -> None:
+        """Assemble an LLM with the chosen modalities and train it with DeepSpeed.
+
+        With no --llm/--data it trains the embedded demo on this machine and evaluates it.
+        """
+        _train(options)
+
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return train
+
+
+def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
+    """The command line's values by field name (``None``: not given)."""
+    import attrs
+
+    from mmkit.training.config import TrainConfig, base_type, parse_assignments
+
+    out: dict[str, Any] = {}
+    for field in attrs.fields(TrainConfig):
+        value = options.get(field.name)
+        if value is None:
+            continue
+        tp, _ = base_type(field.type)
+        if typing.get_origin(tp) is dict:
+            flag = field.metadata["flag"]
+            value = _keyed(value, "--" + (flag if isinstance(flag, str) else field.name.replace("_", "-")))
+        elif field.name == "modalities":
+            value = _split(value)  # --modalities a,b or --modalities a --modalities b
+        out[field.name] = value
+    out.update(parse_assignments(options.get("set_")))
+    return out
+
+
+def _train(options: dict[str, Any]) -> None:
+    from mmkit.errors import ConfigError
+
+    try:
+        from mmkit.training.config import resolve_config
+        from mmkit.training.preflight import preflight
+
+        cfg = resolve_config(options.get("config"), overrides_from(options))
+        # Every check that needs no model, before torch and the LLM load (and before anything is written).
+        preflight(cfg)
+        if cfg.num_procs > 1:
+            from mmkit.training.launch import launch, launched_externally
+
+            if not launched_externally():  # else: deepspeed / torchrun / our launcher already started the group
+                code = launch(cfg)
+                if code:
+                    raise typer.Exit(code)
+                return
+        from mmkit.training.recipe import train as run
+
+        run(cfg)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(CONFIG_ERROR_EXIT) from None

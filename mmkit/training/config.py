@@ -45,7 +45,7 @@ class ConfigProblems(ConfigError):
         if len(lines) == 1:
             text = lines[0]
         else:
-            text = f"{len(lines)} invalid options:\n" + "\n".join(f"  - {line}" for line in lines)
+            text = f"{len(lines)} problems in the configuration:\n" + "\n".join(f"  - {line}" for line in lines)
         super().__init__(text)
 
     def __reduce__(self):
@@ -322,7 +322,7 @@ _UNSET = {"none", "null", "auto", "~", ""}
 
 def accepted(field: attrs.Attribute) -> str:
     """The values a field accepts, in words (for errors and --help)."""
-    tp, optional = _unwrap(field.type)
+    tp, optional = base_type(field.type)
     check: Check | None = field.metadata.get("check")
     if check is not None and check.choices:
         return check.text
@@ -337,7 +337,7 @@ def accepted(field: attrs.Attribute) -> str:
     return words
 
 
-def _unwrap(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """``(the type, whether None is allowed)`` of an annotation such as ``int | None``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -349,7 +349,7 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
     """``value`` parsed as ``field``'s type and checked; raises :class:`_Bad` naming the field and
     the accepted values."""
     name, raw = field.name, value
-    tp, optional = _unwrap(field.type)
+    tp, optional = base_type(field.type)
     check: Check | None = field.metadata.get("check")
 
     def bad(reason: str) -> _Bad:
@@ -401,9 +401,10 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _Bad(f"{name} {value!r}: use {check.text}{hint}")
         if field.name == "data":
-            raise _Bad(f"data: weight not a finite number > 0 in {', '.join(map(repr, _bad_weights(value)))}: "
+            raise _Bad(f"data {', '.join(map(repr, _bad_weights(value)))}: the weight is not a finite number > 0; "
                        f"use {check.text}")
-        raise _Bad(f"{name} {raw!r}: out of range; use {accepted(field)}")
+        shown = value if isinstance(raw, str) else raw  # "-5" from the command line is shown as -5
+        raise _Bad(f"{name} {shown!r}: out of range; use {accepted(field)}")
     return value
 
 

@@ -25,6 +25,7 @@ from mmkit.training.config import TrainConfig, save_config
 from mmkit.training.distributed import device, init_distributed
 from mmkit.training.loop import train_loop
 from mmkit.training.metrics_log import MetricsLog
+from mmkit.training.preflight import preflight
 from mmkit.training.sampler import GlobalBatchSampler, batch_geometry
 
 
@@ -226,6 +227,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
+    preflight(cfg)  # every check that needs no model, before anything loads or is written
     import deepspeed
     import torch
     from rich.console import Console
