@@ -138,6 +138,12 @@ class TrainConfig:
     data_root: str | None = option(None, resume=MUST_MATCH, flag=True, help="Root for relative input paths.")
     allow_outside_root: bool = option(
         False, resume=MAY_CHANGE, help="Accept input paths that resolve outside data_root.")
+    allow_base_mismatch: bool = option(False, resume=IGNORED, flag="allow-different-base", help=(
+        "Accept a base LLM whose weights, tokenizer or chat template differ from the one an --init-from run or "
+        "checkpoint was trained on (same shapes; a deliberate swap)."))
+    trust_checkpoint: bool = option(False, resume=IGNORED, flag=True, help=(
+        "Resume from a checkpoint whose optimizer files need full unpickling (can run code from the file): "
+        "only for checkpoints you wrote yourself."))
     output_dir: str = option("runs/mmkit", resume=IGNORED, flag=True,
                              help="Run directory (default runs/demo for the demo, else runs/mmkit).")
     stage: str = option("instruct", resume=MUST_MATCH, flag=True, check=one_of("align", "instruct"),
