@@ -97,8 +97,9 @@ def test_first_count(answer, count):
 
 
 def test_count_mae():
-    assert count_mae(["3", "five", "no idea"], ["3", "7", "2"]) == {"mae": pytest.approx((0 + 2 + 2) / 3)}
-    assert count_mae([], []) == {"mae": 0.0}
+    assert count_mae(["3", "five", "no idea"], ["3", "7", "2"]) == {"mae": pytest.approx((0 + 2 + 2) / 3),
+                                                                  "exact": pytest.approx(1 / 3)}
+    assert count_mae([], []) == {"mae": 0.0, "exact": 0.0}
 
 
 def test_metrics_are_registered(host):
@@ -109,3 +110,187 @@ def test_metrics_are_registered(host):
     assert resolve(metrics["exact_match"].compute)(["Cube"], ["cube"]) == {"exact_match": 1.0}
     # the first key is the headline figure the evaluation reports
     assert next(iter(resolve(metrics["count_mae"].compute)(["4 of them"], ["2"]).items())) == ("mae", 2.0)
+
+
+# -- the LAMM benchmark metrics: every value below is worked out by hand in the comments -----------
+from mmkit.errors import DataError  # noqa: E402
+from mmkit.evaluation import metrics as M  # noqa: E402
+from mmkit.evaluation.parsing import boxes, first_point, iou2d, iou3d, points  # noqa: E402
+
+ALL_METRICS = ("accuracy", "mc_accuracy", "count", "bleu", "binary_loc", "det2d", "det3d", "grounding3d",
+               "pck", "ocr_word_accuracy")
+
+
+def test_every_issue_metric_is_registered_with_its_headline_first(host):
+    metrics = host.metrics()
+    headlines = {"accuracy": "accuracy", "mc_accuracy": "mc_accuracy", "count": "mae", "bleu": "bleu4",
+                 "binary_loc": "binary_loc", "det2d": "recall@0.5", "det3d": "recall@0.25",
+                 "grounding3d": "acc@0.25", "pck": "pck@0.1", "ocr_word_accuracy": "ocr_word_accuracy"}
+    refs = {"accuracy": "cat", "mc_accuracy": "A", "count": 3, "bleu": "a cat", "binary_loc": {"bbox": [0, 0, 1, 1]},
+            "det2d": [{"label": "cat", "bbox": [0, 0, 1, 1]}],
+            "det3d": [{"label": "chair", "bbox3d": [0, 0, 0, 1, 1, 1]}],
+            "grounding3d": {"bbox3d": [0, 0, 0, 1, 1, 1]},
+            "pck": {"keypoints": [[0.5, 0.5]], "bbox": [0, 0, 1, 1]}, "ocr_word_accuracy": "cat"}
+    for name in ALL_METRICS:
+        result = resolve(metrics[name].compute)(["nothing useful"], [refs[name]])
+        assert next(iter(result)) == headlines[name], name
+        assert all(isinstance(v, float) for v in result.values()), name
+
+
+def test_accuracy_synonyms_and_other_classes():
+    refs = [["cat", "kitty"], "dog", ["cat", "kitty"]]
+    # 1: synonym -> right; 2: names dog and the other class's synonym -> wrong; 3: empty answer -> wrong
+    assert M.accuracy(["a kitty", "a dog or a kitty", ""], refs)["accuracy"] == pytest.approx(1 / 3)
+    # a label inside a longer named label is not a second answer: "traffic light" is not also "light"
+    assert M.accuracy(["a traffic light", "a light"], ["traffic light", "light"])["accuracy"] == 1.0
+    assert M.accuracy(["two boxes"], ["box"])["accuracy"] == 1.0  # plural in -es
+    with pytest.raises(DataError, match="record 0"):
+        M.accuracy(["x"], [{"label": "cat"}])
+
+
+def test_mc_accuracy_lamm_references_and_choice_text():
+    ref = {"gt_choice": 1, "gt_choices": ["red", "blue", "green"]}
+    preds = ["The answer is (B).", "It is blue.", "blue or green", "(A) red", "", "B"]
+    # hits: cascade (B); text "blue" only; two texts -> none; (A) wrong; empty; lone letter B
+    assert M.multiple_choice_accuracy(preds, [ref] * 6) == {"mc_accuracy": pytest.approx(3 / 6)}
+    # "The answer is" wins over the choice text
+    assert M.multiple_choice_letter("blue, so the answer is (C)", ["red", "blue", "green"]) == "C"
+    assert M.multiple_choice_accuracy(["ANSWER: b"], [{"answer": "B", "choices": []}]) == {"mc_accuracy": 0.0}
+    with pytest.raises(DataError):
+        M.multiple_choice_accuracy(["A"], [{"gt_choice": 7, "gt_choices": ["x", "y"]}])
+
+
+def test_count_mae_and_exact():
+    preds = ["There are 4 apples.", "three", "I count 2, maybe 3", "", "12 birds"]
+    refs = [4, "5", 2, 1, 10.0]
+    # errors: 0, 2, 0, 1 (nothing parsed = 0), 2 -> mae 5/5 = 1.0; exact 2/5
+    assert M.count(preds, refs) == {"mae": pytest.approx(1.0), "exact": pytest.approx(0.4)}
+    assert M.first_count("3-4 birds") == 3.0
+    with pytest.raises(DataError, match="a count must be a number"):
+        M.count(["1"], ["many"])
+
+
+def test_bleu_is_sacrebleus_corpus_bleu():
+    import sacrebleu
+
+    preds = ["a dog runs on the grass", "two men are talking"]
+    refs = [["a dog is running on the grass", "the dog runs on grass"], "two men talk"]
+    expected = sacrebleu.corpus_bleu(preds, [["a dog is running on the grass", "two men talk"],
+                                             ["the dog runs on grass", None]]).score
+    assert M.bleu(preds, refs) == {"bleu4": pytest.approx(expected)}
+    assert 0 < expected < 100
+    assert M.bleu(["a cat sat on the mat ."], ["a cat sat on the mat ."]) == {"bleu4": pytest.approx(100.0)}
+    assert M.bleu([""], ["a cat sat on the mat"]) == {"bleu4": 0.0}
+
+
+def test_binary_loc():
+    ref = {"bbox": [0.2, 0.2, 0.6, 0.6]}
+    preds = [
+        "The cat is at (0.4, 0.5).",            # inside
+        "It is at [0.5, 0.5, 0.3, 0.3].",       # swapped corners: centre (0.4, 0.4) inside
+        "(0.7, 0.5) or (0.4, 0.4)",             # only the first point counts: outside
+        "at (0.2, 0.4)",                        # on the edge: not strictly inside
+        "no idea",                              # nothing parsed
+        "",                                     # empty
+    ]
+    assert M.binary_loc(preds, [ref] * 6) == {"binary_loc": pytest.approx(2 / 6)}
+    # a labelled reference also needs its class named
+    labelled = {"bbox": [0, 0, 1, 1], "label": "dog"}
+    assert M.binary_loc(["the dog (0.5, 0.5)", "the cat (0.5, 0.5)"], [labelled] * 2)["binary_loc"] == 0.5
+    with pytest.raises(DataError, match="bbox must be a list of 4"):
+        M.binary_loc(["(0.5, 0.5)"], [{"bbox": [0, 0, 1]}])
+
+
+def test_iou2d_by_hand():
+    assert iou2d([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # 1 / (4 + 4 - 1)
+    assert iou2d([2, 2, 0, 0], [0, 0, 2, 2]) == 1.0  # swapped corners
+    assert iou2d([0, 0, 0, 2], [0, 0, 0, 2]) == 0.0  # degenerate: never matches, even itself
+
+
+def test_det2d_one_to_one_same_label_micro_averaged():
+    refs = [
+        [{"label": "dog", "bbox": [0.0, 0.0, 0.4, 0.4]}, {"label": "cat", "bbox": [0.5, 0.5, 1.0, 1.0]}],
+        [{"label": "person", "bbox": [0.1, 0.1, 0.5, 0.5]}],
+    ]
+    preds = [
+        # dog exact; cat box shifted: IoU = 0.3x0.5 / (0.25+0.25-0.15) = 0.15/0.35 = 0.4286 (>=0.25, <0.5);
+        # a duplicate dog box cannot match the same dog twice
+        "a dog [0.0, 0.0, 0.4, 0.4], a cat [0.7, 0.5, 1.2, 1.0] and a dog [0.0, 0.0, 0.4, 0.4]",
+        # right box, wrong class; then a degenerate person box
+        "a cat [0.1, 0.1, 0.5, 0.5] and a person [0.1, 0.1, 0.1, 0.5]",
+    ]
+    # @0.5: tp 1 (dog) of 3 refs, 5 predicted boxes; @0.25: tp 2 (dog, cat)
+    assert M.det2d(preds, refs) == {"recall@0.5": pytest.approx(1 / 3), "precision@0.5": pytest.approx(1 / 5),
+                                    "recall@0.25": pytest.approx(2 / 3), "precision@0.25": pytest.approx(2 / 5)}
+
+
+def test_det2d_edge_cases():
+    ref = [{"label": ["person", "man"], "bbox": [0.1, 0.1, 0.5, 0.5]}]
+    # synonym, swapped corners
+    assert M.det2d(["a man [0.5, 0.5, 0.1, 0.1]"], [ref])["recall@0.5"] == 1.0
+    # nothing parsed / empty: no predictions, precision 0 rather than a division by zero
+    assert M.det2d(["I see a person", ""], [ref, ref]) == {
+        "recall@0.5": 0.0, "precision@0.5": 0.0, "recall@0.25": 0.0, "precision@0.25": 0.0}
+    # no class named before the box: it matches nothing
+    assert M.det2d(["[0.1, 0.1, 0.5, 0.5]"], [ref])["recall@0.25"] == 0.0
+    assert M.det2d([], []) == {"recall@0.5": 0.0, "precision@0.5": 0.0, "recall@0.25": 0.0, "precision@0.25": 0.0}
+    with pytest.raises(DataError, match="'label'"):
+        M.det2d(["x"], [[{"bbox": [0, 0, 1, 1]}]])
+
+
+def test_iou3d_by_hand():
+    # unit cubes offset by 0.5 on x: overlap 0.5 -> 0.5 / (1 + 1 - 0.5) = 1/3
+    assert iou3d([0, 0, 0, 1, 1, 1], [0.5, 0, 0, 1, 1, 1]) == pytest.approx(1 / 3)
+    # a 2x2x2 box holding a unit cube: 1 / 8
+    assert iou3d([0, 0, 0, 2, 2, 2], [0, 0, 0, 1, 1, 1]) == pytest.approx(1 / 8)
+    assert iou3d([0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]) == 0.0  # flat: degenerate
+
+
+def test_det3d():
+    refs = [[{"label": "chair", "bbox3d": [0, 0, 0, 1, 1, 1]}, {"label": "table", "bbox3d": [3, 3, 0, 2, 2, 1]}]]
+    # chair offset 0.5 on x: IoU 1/3 (>=0.25, <0.5); table exact; duplicate table box unmatched
+    preds = ["chair [0.5, 0, 0, 1, 1, 1]; table [3, 3, 0, 2, 2, 1], table [3, 3, 0, 2, 2, 1]"]
+    assert M.det3d(preds, refs) == {"recall@0.25": 1.0, "recall@0.5": 0.5}
+    assert M.det3d(["a chair somewhere"], refs[:1]) == {"recall@0.25": 0.0, "recall@0.5": 0.0}
+
+
+def test_grounding3d_uses_the_first_box():
+    ref = {"bbox3d": [0, 0, 0, 1, 1, 1]}
+    preds = ["[0, 0, 0, 1, 1, 1]", "it is at [0.5, 0, 0, 1, 1, 1]", "[9, 9, 9, 1, 1, 1] [0, 0, 0, 1, 1, 1]",
+             "", "[-0.1, 0, 0, 1, 1, 1]"]
+    # IoUs: 1, 1/3, 0 (first box only), 0 (empty), 0.9/1.1 = 0.818 (negative coordinates parse)
+    assert M.grounding3d(preds, [ref] * 5) == {"acc@0.25": pytest.approx(3 / 5), "acc@0.5": pytest.approx(2 / 5)}
+
+
+def test_pck_is_within_a_tenth_of_the_larger_box_side():
+    # box 0.5 wide, 1.0 tall -> radius 0.1
+    ref = {"keypoints": [[0.2, 0.2], [0.4, 0.4], [0.3, 0.9], None], "bbox": [0.5, 1.0, 0.0, 0.0]}
+    # joint 0: distance 0.06 -> right; joint 1: 0.1 exactly -> right; joint 2: missing; joint 3: not counted
+    pred = "head (0.26, 0.2), neck [0.4, 0.5]"
+    assert M.pck([pred], [ref]) == {"pck@0.1": pytest.approx(2 / 3)}
+    # not always 0 (LAMM's bug): perfect answers score 1
+    assert M.pck(["(0.2, 0.2) (0.4, 0.4) (0.3, 0.9) (0, 0)"], [ref]) == {"pck@0.1": 1.0}
+    assert M.pck(["", "no joints"], [ref, ref]) == {"pck@0.1": 0.0}
+    # 4-number groups are boxes, not two points
+    assert points("box [0.1, 0.1, 0.2, 0.2] then (0.3, 0.4)") == [(0.3, 0.4)]
+    assert points("0.1 0.2 0.3 0.4") == [(0.1, 0.2), (0.3, 0.4)]
+
+
+def test_ocr_word_accuracy():
+    preds = ["The sign says HOTEL.", "hotels nearby", "", "motel"]
+    assert M.ocr_word_accuracy(preds, ["hotel"] * 4) == {"ocr_word_accuracy": 0.25}
+    assert M.ocr_word_accuracy(["it reads 24/7"], ["24/7"]) == {"ocr_word_accuracy": 1.0}
+
+
+def test_parsing_helpers():
+    assert first_point("[0.1, 0.2, 0.3, 0.4] and (0.9, 0.9)") == pytest.approx((0.2, 0.3))
+    assert first_point("nothing") is None
+    found = boxes("dog [1, 2, 3, 4, 5, 6, 7, 8] cat [9, 9, 9]", 4)
+    assert [b for b, _ in found] == [(1, 2, 3, 4), (5, 6, 7, 8)]  # an 8-number group is two boxes
+    assert found[0][1] == "dog "
+
+
+def test_metrics_reject_unpaired_inputs():
+    for name in ALL_METRICS:
+        with pytest.raises(ValueError):
+            getattr(M, {"mc_accuracy": "multiple_choice_accuracy"}.get(name, name))(["a"], [])
