@@ -359,7 +359,7 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
     check: Check | None = field.metadata.get("check")
 
     def bad(reason: str) -> _Bad:
-        return _Bad(f"{name} {value!r}: {reason}use {accepted(field)}")
+        return _Bad(f"{name} {raw!r}: {reason}use {accepted(field)}")
 
     if value is None or (optional and tp is not str and isinstance(value, str) and value.strip().lower() in _UNSET):
         if optional:
@@ -409,8 +409,8 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
         if field.name == "data":
             raise _Bad(f"data {', '.join(map(repr, _bad_weights(value)))}: the weight is not a finite number > 0; "
                        f"use {check.text}")
-        shown = value if isinstance(raw, str) else raw  # "-5" from the command line is shown as -5
-        raise _Bad(f"{name} {shown!r}: out of range; use {accepted(field)}")
+        shown = raw.strip() if isinstance(raw, str) else repr(raw)  # "-5" from the command line: -5
+        raise _Bad(f"{name} {shown}: out of range; use {accepted(field)}")
     return value
 
 

@@ -186,9 +186,28 @@ _TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
 
 
 def _template(cfg: TrainConfig, problems: Problems) -> None:
+    library = _template_library()
+    check_early = getattr(library, "check_early", None)
+    if check_early is not None:
+        # the library's own rule: a name, a Jinja file or text; unset: the local tokenizer must have one
+        try:
+            check_early(cfg.llm, cfg.template)
+        except ConfigError as exc:
+            problems.append(("template", str(exc)))
+        return
     problem = template_problem(cfg.template)
     if problem:
         problems.append(("template", f"template {cfg.template!r}: {problem}"))
+
+
+def _template_library() -> Any:
+    """mmkit's template library module, or ``None`` in an install without one."""
+    try:
+        return importlib.import_module("mmkit.templates")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("mmkit.templates", "mmkit"):
+            return None
+        raise
 
 
 def template_problem(template: str | None) -> str | None:
@@ -222,22 +241,9 @@ def template_problem(template: str | None) -> str | None:
 
 def library_template_names() -> list[str] | None:
     """The names in mmkit's template library, or ``None`` when this install has none."""
-    for module_name in ("mmkit.templates", "mmkit.prompt_templates"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module_name.startswith(exc.name):
-                continue
-            raise
-        for attr in ("template_names", "names", "available", "list_templates"):
-            fn = getattr(module, attr, None)
-            if callable(fn):
-                return sorted(fn())
-        for attr in ("TEMPLATES", "LIBRARY", "REGISTRY"):
-            table = getattr(module, attr, None)
-            if table is not None:
-                return sorted(table)
-    return None
+    library = _template_library()
+    names = getattr(library, "names", None)
+    return sorted(names()) if callable(names) else None
 
 
 def _geometry(cfg: TrainConfig, world_size: int, problems: Problems) -> None:
