@@ -1,8 +1,8 @@
-"""``mmkit bench``: encoder and projector throughput per modality."""
+"""``mmkit bench``: how fast, against what (``mmkit.bench.suite`` measures, ``report`` prints)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,36 +12,44 @@ def register(app: typer.Typer) -> None:
 
 
 def bench(
-    modalities: Annotated[str | None, typer.Option(help="Comma-separated (default: all installed).")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    hidden: Annotated[int, typer.Option(help="LLM hidden size the projector maps to.")] = 4096,
-    seconds: Annotated[float, typer.Option(help="Minimum time per measurement.")] = 1.0,
-    pretrained: Annotated[list[str] | None, typer.Option(help="MODALITY=HUB_ID_OR_PATH (default: tiny random init).")] = None,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    modalities: Annotated[Optional[str], typer.Option(help="Comma-separated (default: every installed modality).")] = None,
+    preset: Annotated[str, typer.Option(help="tiny: the demo's encoders and training step with every ratio "
+                                        "(mmkit vs a plain LLaVA-style loop, cached, packed, grouped); small: the step "
+                                        "with a ~110M LLM; real: the plugins' realistic encoder presets + the small "
+                                        "step.")] = "tiny",
+    quick: Annotated[bool, typer.Option(help="Every figure once at tiny sizes (a smoke run, not a measurement).")] = False,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the figures to this JSON file.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="An earlier --json report: print each figure's change and "
+                                                   "exit 1 when one is worse beyond --threshold.")] = None,
+    threshold: Annotated[float, typer.Option(help="Tolerated slow-down for --compare (0.2: 20%).")] = 0.2,
 ) -> None:
-    """Measure encoder and projector throughput (items/s) on this machine, in one run so the
-    figures compare. For the full suite with statistics: pytest benchmarks/."""
+    """Measure encoders, projectors and the training step on this machine, each figure repeated
+    (median [min-max], items/s), with ratios measured in the same run. For the pytest-benchmark
+    suite: pytest benchmarks/ --benchmark-json out.json."""
     import json
+    from pathlib import Path
 
-    import torch
     from rich.console import Console
-    from rich.table import Table
 
-    from mmkit.bench import bench_modality
-    from mmkit.plugins import get_host
+    from mmkit.bench import suite
+    from mmkit.bench.compare import compare as compare_reports
+    from mmkit.bench.compare import load_report, regressions
+    from mmkit.bench.report import print_comparison, print_report
 
-    host = get_host()
-    chosen = [m.strip() for m in modalities.split(",")] if modalities else list(host.modalities())
-    sources = dict(item.split("=", 1) for item in pretrained or [])
-    rows = [bench_modality(host, m, batch_size=batch_size, hidden=hidden, min_seconds=seconds, pretrained=sources.get(m))
-            for m in chosen]
+    console = Console()
+    base = load_report(compare) if compare else None  # a bad --compare file fails before measuring
+    chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
+    with console.status("measuring") as status:
+        report = suite.run(preset, modalities=chosen, quick=quick, progress=lambda msg: status.update(msg))
+    print_report(report, console)
     if json_out:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title=f"throughput, batch {batch_size}, {torch.get_num_threads()} threads")
-    for col in ("modality", "encoder", "projector", "tokens/input", "encoder items/s", "projector items/s"):
-        table.add_column(col, justify="left" if col in ("modality", "encoder", "projector") else "right")
-    for r in rows:
-        table.add_row(r["modality"], r["encoder"], r["projector"], str(r["tokens_per_input"]),
-                      f"{r['encoder_items_per_s']:,.0f}", f"{r['projector_items_per_s']:,.0f}")
-    Console().print(table)
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        console.print(f"figures written to {json_out}")
+    if base is not None:
+        changes, only_base, only_new = compare_reports(base, report)
+        flagged = regressions(changes, threshold)
+        print_comparison(changes, flagged, only_base, only_new, threshold, console)
+        if flagged:
+            console.print(f"[red]{len(flagged)} figure(s) worse than {compare} by more than {threshold:.0%}:[/] "
+                          + ", ".join(c.name for c in flagged))
+            raise typer.Exit(1)

@@ -17,6 +17,8 @@ import attrs
 LazyRef = Union[str, Callable[..., Any]]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: export format names are what users type after ``--to``: hyphens allowed (``llava-hf``)
+_FORMAT_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -154,6 +156,10 @@ class EncoderSpec:
     build: LazyRef = attrs.field(validator=_check_ref)
     tiny: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     description: str = ""
+    #: named random-init configurations at realistic sizes (``{"vit_l14_336": {...options}}``), full
+    #: ``build`` options (not merged over ``tiny``); ``mmkit bench --preset real`` measures each
+    presets: Mapping[str, Mapping[str, Any]] = attrs.field(
+        factory=dict, converter=lambda v: {str(k): _frozen_mapping(o) for k, o in (v or {}).items()})
 
 
 @attrs.frozen
@@ -195,4 +201,47 @@ class MetricSpec:
 
     name: str = attrs.field(validator=_check_name)
     compute: LazyRef = attrs.field(validator=_check_ref)
+    description: str = ""
+
+
+def _check_format_name(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not _FORMAT_NAME.match(value):
+        raise ValueError(f"{attribute.name}={value!r}: use lower-case letters, digits, '-' and '_', "
+                         "starting with a letter")
+
+
+@attrs.frozen
+class ExporterSpec:
+    """An export format for trained runs (``mmkit export RUN --to NAME OUT``).
+
+    ``export(model: mmkit.inference.MultimodalModel, out: pathlib.Path, *, adapter: str | None,
+    **options) -> None`` writes the format into ``out`` (a fresh, empty directory; mmkit swaps it into
+    place when ``export`` returns). A run the format cannot express exactly is refused by raising
+    :class:`mmkit.export.ExportRefused` with the reason, never exported approximately.
+
+    ``check(meta: dict) -> str | None`` (optional) looks at the run's ``mmkit.json`` before any
+    model is loaded and returns the reason the format cannot hold the run, or ``None``.
+    """
+
+    name: str = attrs.field(validator=_check_format_name)
+    export: LazyRef = attrs.field(validator=_check_ref)
+    check: LazyRef | None = attrs.field(default=None, validator=_check_ref)
+    description: str = ""
+
+
+def _check_package_file(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    package, sep, path = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not re.match(r"^[A-Za-z_][\w.]*$", package) or not path.endswith((".yaml", ".yml")):
+        raise ValueError(f"{attribute.name}={value!r}: expected 'package:path/in/package.yaml'")
+
+
+@attrs.frozen
+class BenchmarkSpec:
+    """A benchmark task: a YAML recipe shipped inside a package (``"package:path/in/package.yaml"``,
+    read with ``importlib.resources``; format in :mod:`mmkit.evaluation.recipe`). ``suites`` are
+    the groups it belongs to (``mmkit eval RUN --benchmark SUITE`` runs a whole group)."""
+
+    name: str = attrs.field(validator=_check_name)
+    recipe: str = attrs.field(validator=_check_package_file)
+    suites: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     description: str = ""

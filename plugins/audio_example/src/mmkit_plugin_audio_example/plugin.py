@@ -49,6 +49,10 @@ def mmkit_encoders() -> list[EncoderSpec]:
             # Small enough for a CPU test: 1 s window, 16 mel bins, one 32-wide layer.
             tiny={"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                   "num_mel_bins": 16, "chunk_length": 1, "num_tokens": 8},
+            # Whisper-base's encoder shape (30 s window, 80 mel bins) for `mmkit bench --preset real`.
+            presets={"whisper_base": {"d_model": 512, "encoder_layers": 6, "encoder_attention_heads": 8,
+                                      "encoder_ffn_dim": 2048, "num_mel_bins": 80, "chunk_length": 30,
+                                      "num_tokens": 32}},
             description="Whisper's audio encoder (pretrained: a hub id such as openai/whisper-tiny or a "
                         "local folder), average-pooled to num_tokens tokens",
         )

@@ -6,7 +6,7 @@ and imported when first used, so discovering this plugin costs almost nothing.
 
 from __future__ import annotations
 
-from mmkit import DemoSpec, EncoderSpec, MarkerSpec, ModalitySpec, hookimpl
+from mmkit import DemoSpec, EncoderSpec, ExporterSpec, MarkerSpec, ModalitySpec, hookimpl
 
 #: Random-init CLIP for CPU tests: 16 px, 4 px patches -> 16 patch tokens of width 32.
 TINY_CLIP = {
@@ -67,8 +67,44 @@ def mmkit_encoders() -> list[EncoderSpec]:
             modality="image",
             build="mmkit_plugin_image.encoder:build_encoder",
             tiny=TINY_CLIP,
+            # Realistic sizes for `mmkit bench --preset real` (random init, LLaVA's penultimate layer).
+            presets={"clip_vit_b16": {"image_size": 224, "patch_size": 16, "hidden_size": 768,
+                                      "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+                     "clip_vit_l14_336": {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
+                                          "intermediate_size": 4096, "num_hidden_layers": 24,
+                                          "num_attention_heads": 16}},
             description="CLIP vision tower (patch tokens); options pretrained (hub id or path), "
                         "feature_layer (LLaVA -2, LAMM -1), drop_cls, and for random init the "
                         "CLIPVisionConfig sizes, seed, resample",
+        )
+    ]
+
+
+@hookimpl
+def mmkit_benchmarks():
+    # Recipes (YAML in this package's benchmarks/); "demo" runs on a demo run's output directory.
+    from mmkit.specs import BenchmarkSpec
+
+    return [
+        BenchmarkSpec(name="digits", recipe="mmkit_plugin_image:benchmarks/digits.yaml", suites=("demo",),
+                      description="the demo's held-out digits, as mmkit train scores them"),
+        BenchmarkSpec(name="digits_choice", recipe="mmkit_plugin_image:benchmarks/digits_choice.yaml",
+                      suites=("demo",), description="the held-out digits answered by likelihood over 0-9"),
+        BenchmarkSpec(name="count_squares", recipe="mmkit_plugin_image:benchmarks/count_squares.yaml",
+                      suites=("demo",), description="counting squares in generated images (LAMM counting)"),
+        BenchmarkSpec(name="locate_square", recipe="mmkit_plugin_image:benchmarks/locate_square.yaml",
+                      suites=("demo",), description="locating a square in generated images (LAMM Binary-Loc)"),
+    ]
+
+
+@hookimpl
+def mmkit_exporters() -> list[ExporterSpec]:
+    return [
+        ExporterSpec(
+            name="llava-hf",
+            export="mmkit_plugin_image.export_llava:export_llava",
+            check="mmkit_plugin_image.export_llava:why_not",
+            description="Hugging Face LLaVA (LlavaForConditionalGeneration + AutoProcessor): CLIP + mlp/linear "
+                        "projector runs, LoRA merged, markers in the vocabulary",
         )
     ]

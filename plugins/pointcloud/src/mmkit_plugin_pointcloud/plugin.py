@@ -6,7 +6,7 @@ Only cheap imports here (no torch, no torch_geometric): everything heavy is a la
 from __future__ import annotations
 
 from mmkit import DemoSpec, EncoderSpec, MarkerSpec, ModalitySpec, hookimpl
-from mmkit_plugin_pointcloud.config import DEMO, TINY
+from mmkit_plugin_pointcloud.config import DEMO, REAL, TINY
 
 # Literal rather than imported from io.py, which would pull in numpy at plugin-listing time.
 FILE_TYPES = (".npy", ".ply", ".pcd", ".xyz", ".txt")
@@ -39,7 +39,20 @@ def mmkit_encoders() -> list[EncoderSpec]:
         modality="pointcloud",
         build="mmkit_plugin_pointcloud.encoder:build_encoder",
         tiny=TINY,
+        # Realistic sizes for `mmkit bench --preset real`: PointNet++ SSG at 1,024 points, LAMM/EPCL scale at 8,192.
+        presets={"pointnet2_1k": {"num_points": 1024, "in_channels": 6, "centres": [512, 128], "neighbours": [32, 64],
+                                  "widths": [128, 256], "output_dim": 512},
+                 "pointnet2_8k": REAL},
         description="PointNet++ set abstraction (torch-geometric PointNetConv, FPS + kNN in plain torch): "
                     "num_points -> centres[-1] tokens; options num_points, in_channels, centres, neighbours, "
                     "widths, output_dim, transformer_layers, num_heads, seed",
     )]
+
+
+@hookimpl
+def mmkit_benchmarks():
+    # Recipes (YAML in this package's benchmarks/); "demo" runs on a demo run's output directory.
+    from mmkit.specs import BenchmarkSpec
+
+    return [BenchmarkSpec(name="shapes", recipe="mmkit_plugin_pointcloud:benchmarks/shapes.yaml", suites=("demo",),
+                          description="the demo's held-out shapes, as mmkit train scores them")]

@@ -1,0 +1,430 @@
+"""The training step, measured: mmkit's own loop (``mmkit.training.loop.train_loop``, unchanged)
+driven with timing wrappers around its loader, engine and log, and module hooks on the encoders
+and projectors; and the plain LLaVA-style loop (``plain_loop.py``) under the same timers.
+
+Each variant (padded, cached, packed, grouped, plain) runs ``steps`` optimizer steps per round and
+the rounds interleave the variants, so a change in the machine's load hits all of them alike. The
+first step of every round is left out of the figures (it starts the loader's worker).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+PHASES = ("data", "encoders", "projectors", "llm_forward", "backward", "optimizer", "logging", "other")
+
+
+class Recorder:
+    """Per-step wall time split into phases, plus the batch sizes each step consumed."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps: list[dict[str, float]] = []
+        self.in_forward = False
+        self._open: dict[str, float] = {}
+        self._reset()
+        self.mark = time.perf_counter()
+
+    def _reset(self) -> None:
+        self.current = {"data": 0.0, "encoders": 0.0, "projectors": 0.0, "forward": 0.0, "backward": 0.0,
+                        "optimizer": 0.0, "logging": 0.0, "samples": 0, "tokens": 0, "slots": 0}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.current[phase] += seconds
+
+    def batch(self, batch: dict[str, Any]) -> None:
+        if batch.get("empty"):
+            return
+        self.current["samples"] += len(batch["ids"])
+        # the plain loop's batches say what the spliced sequences hold (its ids have one slot per input)
+        self.current["tokens"] += int(batch.get("num_tokens", batch["attention_mask"].sum()))
+        self.current["slots"] += int(batch.get("num_slots", batch["attention_mask"].numel()))
+
+    def start_round(self) -> None:
+        self._reset()
+        self.mark = time.perf_counter()
+
+    def end_step(self) -> None:
+        self.sync()
+        now = time.perf_counter()
+        step = dict(self.current)
+        step["seconds"] = now - self.mark
+        self.steps.append(step)
+        self.mark = now
+        self._reset()
+
+    def timed(self, phase: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.sync()
+            self.add(phase, time.perf_counter() - start)
+
+    def hook(self, module: torch.nn.Module, phase: str) -> list[Any]:
+        """Time ``module``'s forward calls made inside a timed forward pass (not cache fills)."""
+        key = f"{phase}:{id(module)}"
+
+        def pre(_module: Any, _args: Any) -> None:
+            if self.in_forward:
+                self.sync()
+                self._open[key] = time.perf_counter()
+
+        def post(_module: Any, _args: Any, _out: Any) -> None:
+            start = self._open.pop(key, None)
+            if start is not None:
+                self.sync()
+                self.add(phase, time.perf_counter() - start)
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+class TimedLoader:
+    """The loop's loader, with the wait for each batch timed; everything else is the loader's."""
+
+    def __init__(self, batches: Any, rec: Recorder):
+        self._batches, self._rec = batches, rec
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._batches, name)
+
+    def __iter__(self):
+        source = iter(self._batches)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    return
+                self._rec.add("data", time.perf_counter() - start)
+                self._rec.batch(batch)
+                yield batch
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+
+class TimedEngine:
+    """The DeepSpeed engine with ``backward`` and ``step`` timed; a step boundary closes a step record."""
+
+    def __init__(self, engine: Any, rec: Recorder):
+        self._engine, self._rec = engine, rec
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine(*args, **kwargs)
+
+    def backward(self, loss: Any) -> Any:
+        return self._rec.timed("backward", lambda: self._engine.backward(loss))
+
+    def step(self) -> Any:
+        boundary = self._engine.is_gradient_accumulation_boundary()
+        out = self._rec.timed("optimizer", self._engine.step)
+        if boundary:
+            self._rec.end_step()
+        return out
+
+
+class TimedLog:
+    def __init__(self, log: Any, rec: Recorder):
+        self._log, self._rec = log, rec
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self._rec.timed("logging", lambda: self._log.log(step, values))
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def timed_forward(rec: Recorder) -> Callable[[Any, dict[str, Any], Any], Any]:
+    from mmkit.training.loop import forward_batch
+
+    def forward(engine: Any, batch: dict[str, Any], dev: Any) -> Any:
+        rec.in_forward = True
+        try:
+            return rec.timed("forward", lambda: forward_batch(getattr(engine, "_engine", engine), batch, dev))
+        finally:
+            rec.in_forward = False
+
+    return forward
+
+
+# -- the rig: one model and engine, several loaders ---------------------------------------------------
+@attrs.define
+class Variant:
+    name: str
+    cfg: Any
+    loader: Any
+    sampler: Any
+    state: Any
+    rec: Recorder
+
+
+@attrs.define
+class Rig:
+    cfg: Any
+    host: Any
+    assembled: Any
+    samples: list[Any]
+    modalities: tuple[str, ...]
+    engine: Any
+    scheduler: Any
+    dev: torch.device
+    param_groups: list[dict[str, Any]]
+    log: Any
+    root: Path
+    hooks: list[Any] = attrs.field(factory=list)
+    variants: dict[str, Variant] = attrs.field(factory=dict)
+    plain: Any = None
+    plain_rec: Recorder | None = None
+    plain_state: dict[str, int] = attrs.field(factory=lambda: {"epoch": 0, "step": 0})
+
+
+def small_llm(out_dir: Path, tokenizer_dir: Path, *, vocab_size: int = 32000, hidden_size: int = 768,
+              num_layers: int = 12, num_heads: int = 12, seed: int = 0) -> Path:
+    """A ~110M-parameter LLaMA-architecture LM (LLaMA's 32,000-token vocabulary, tied embeddings,
+    random init) with the demo's tokenizer, saved for ``from_pretrained``: the sizes where compute,
+    not Python overhead, decides the step time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=max(vocab_size, len(tokenizer)), hidden_size=hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_heads, intermediate_size=hidden_size * 8 // 3,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def step_config(preset: str, root: Path, modalities: Sequence[str], host: Any) -> tuple[Any, Any]:
+    """The training configuration the step is measured under, and its run plan: the demo's
+    defaults (its thread count, batch, LoRA, workers) on the demo's data, with the demo LLM
+    (``demo``) or a ~110M LLM (``small``, torch's default thread count: the compute-bound case)."""
+    from mmkit.data.sources import DataSource
+    from mmkit.demo.task import prepare_demo
+    from mmkit.training.config import DEMO_DEFAULTS, resolve_config
+    from mmkit.training.recipe import RunPlan
+
+    data = prepare_demo(host, modalities, root / "demo_data")
+    base = {"modalities": list(modalities), "output_dir": str(root / preset), "tensorboard": False,
+            "resume": "never", "log_every": DEMO_DEFAULTS["log_every"]}
+    if preset == "demo":
+        cfg, llm = resolve_config(None, base), data.llm_dir
+    else:
+        llm = small_llm(root / "small_llm", data.llm_dir)
+        values = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("output_dir", "num_threads", "micro_batch_size")}
+        cfg = resolve_config(None, {**values, **base, "llm": str(llm), "data": [str(data.train_file)],
+                                    "micro_batch_size": 8})
+    plan = RunPlan(llm=str(llm), modalities=tuple(modalities), train_sources=(DataSource(data.train_file),),
+                   eval_sources={}, chance={})
+    return cfg, plan
+
+
+def build_rig(preset: str, root: Path, *, modalities: Sequence[str] | None = None, host: Any = None,
+              max_samples: int | None = None) -> Rig:
+    """Everything ``mmkit.training.recipe.train`` builds before its loop: data, model, DeepSpeed engine."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mmkit.modeling.builder import assemble, trainable_parameters
+    from mmkit.plugins import get_host
+    from mmkit.training import recipe
+    from mmkit.training.distributed import device, init_distributed
+    from mmkit.training.metrics_log import MetricsLog
+
+    host = host or get_host()
+    modalities = tuple(modalities or recipe.default_modalities(host))
+    cfg, plan = step_config(preset, root, modalities, host)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    init_distributed(cfg.collective_timeout_s)
+    torch.manual_seed(cfg.seed)
+    assembled = assemble(recipe.model_config(cfg, plan), host)
+    model = assembled.model
+    groups = trainable_parameters(model, cfg.stage)
+    samples, _ = recipe.read_training_samples(cfg, plan, host, assembled)
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    param_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []),
+                     "lr": cfg.projector_lr or cfg.lr}]
+    if "lora" in groups:
+        param_groups.append({"params": groups["lora"], "lr": cfg.lr})
+    horizon = 10**6  # the schedule's length does not change the step's cost
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=recipe.deepspeed_config(cfg, 1),
+        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, 0, horizon))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out, tensorboard=False)
+    return Rig(cfg, host, assembled, samples, modalities, engine, scheduler, device(), param_groups, log, root)
+
+
+def add_variant(rig: Rig, name: str, **overrides: Any) -> Variant:
+    """A loader over the rig's samples with other batching / cache settings (same model and engine)."""
+    from mmkit.training import recipe
+    from mmkit.training.checkpoint import TrainState
+
+    cfg = attrs.evolve(rig.cfg, **overrides)
+    loader, sampler, _ = recipe.build_loader(cfg, rig.host, rig.assembled, rig.samples, rig.modalities, rank=0,
+                                             world=1)
+    rec = Recorder(rig.dev)
+    variant = Variant(name, cfg, loader, sampler, TrainState(), rec)
+    rig.variants[name] = variant
+    return variant
+
+
+def add_plain(rig: Rig) -> None:
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mmkit.bench.plain_loop import PlainLlavaLoop
+
+    rig.plain = PlainLlavaLoop(rig.assembled.model, pad_id=rig.assembled.tokenizer.pad_token_id,
+                               param_groups=rig.param_groups, weight_decay=rig.cfg.weight_decay,
+                               max_grad_norm=rig.cfg.max_grad_norm, device=rig.dev, num_workers=rig.cfg.num_workers,
+                               schedule=lambda opt: get_cosine_schedule_with_warmup(opt, 0, 10**6))
+    rig.plain_rec = Recorder(rig.dev)
+
+
+def run_variant(rig: Rig, name: str, steps: int) -> None:
+    """``steps`` more optimizer steps of mmkit's loop on variant ``name``."""
+    from rich.console import Console
+
+    from mmkit.training.loop import train_loop
+
+    v = rig.variants[name]
+    rec = v.rec
+    hooks = [h for m in rig.modalities for h in rec.hook(rig.assembled.model.encoders[m], "encoders")]
+    hooks += [h for m in rig.modalities for h in rec.hook(rig.assembled.model.projectors[m], "projectors")]
+    quiet = Console(file=io.StringIO(), width=120)
+    try:
+        rec.start_round()
+        train_loop(v.cfg, TimedEngine(rig.engine, rec), TimedLoader(v.loader, rec), v.sampler, rig.scheduler,
+                   TimedLog(rig.log, rec), total_steps=v.state.step + steps, state=v.state, console=quiet,
+                   is_main=True, dev=rig.dev, rank=0, world=1, save=lambda _s: "", forward=timed_forward(rec))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def run_plain(rig: Rig, steps: int) -> None:
+    """``steps`` steps of the plain loop on the micro-batches the padded variant draws next."""
+    rec, plain = rig.plain_rec, rig.plain
+    assert rec is not None and plain is not None
+    sampler = rig.variants["padded"].sampler
+    batches = _next_batches(sampler, rig.plain_state, steps)
+    model = rig.assembled.model
+    hooks = [h for m in rig.modalities for h in rec.hook(model.encoders[m], "encoders")]
+    hooks += [h for m in rig.modalities for h in rec.hook(model.projectors[m], "projectors")]
+    dataset = rig.variants["padded"].loader.dataset
+    try:
+        rec.start_round()
+        source = iter(plain.loader(dataset, batches))
+        for _ in range(len(batches)):
+            batch = rec.timed("data", lambda: next(source))
+            rec.batch(batch)
+            rec.in_forward = True
+            try:
+                loss = rec.timed("forward", lambda: plain.loss(batch))
+            finally:
+                rec.in_forward = False
+            rec.timed("backward", loss.backward)
+            rec.timed("optimizer", plain._update)
+            rec.end_step()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _next_batches(sampler: Any, position: dict[str, int], count: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    while len(out) < count:
+        sampler.set_epoch(position["epoch"], position["step"])
+        for indices in sampler:
+            out.append(list(indices))
+            position["step"] += 1
+            if len(out) == count:
+                break
+        if position["step"] >= sampler.steps_per_epoch:
+            position["epoch"] += 1
+            position["step"] = 0
+    return out
+
+
+# -- figures -------------------------------------------------------------------------------------
+def round_figures(rec: Recorder, steps_per_round: int, *, skip_first: int = 1) -> list[dict[str, float]]:
+    """Per round: samples/s, real tokens/s, padded slots/s, padding fraction, and summed phases."""
+    rounds = []
+    for start in range(0, len(rec.steps), steps_per_round):
+        chunk = rec.steps[start + skip_first:start + steps_per_round]
+        if not chunk:
+            continue
+        total = {k: sum(s[k] for s in chunk) for k in chunk[0]}
+        seconds = total["seconds"]
+        rounds.append({
+            "samples_per_s": total["samples"] / seconds, "tokens_per_s": total["tokens"] / seconds,
+            "slots_per_s": total["slots"] / seconds, "padding": 1.0 - total["tokens"] / max(total["slots"], 1),
+            "step_s": seconds / len(chunk), **{f"t_{k}": total[k] for k in total},
+        })
+    return rounds
+
+
+def phase_shares(rec: Recorder, steps_per_round: int, *, skip_first: int = 1) -> dict[str, float]:
+    """Share of the measured wall time per phase (LLM forward = forward - encoders - projectors;
+    other = what no timer covers: the loop's own bookkeeping, progress display)."""
+    steps = [s for start in range(0, len(rec.steps), steps_per_round)
+             for s in rec.steps[start + skip_first:start + steps_per_round]]
+    total = sum(s["seconds"] for s in steps) or math.nan
+    sums = {k: sum(s[k] for s in steps) for k in ("data", "encoders", "projectors", "forward", "backward",
+                                                  "optimizer", "logging")}
+    shares = {"data": sums["data"], "encoders": sums["encoders"], "projectors": sums["projectors"],
+              "llm_forward": sums["forward"] - sums["encoders"] - sums["projectors"], "backward": sums["backward"],
+              "optimizer": sums["optimizer"], "logging": sums["logging"]}
+    shares["other"] = total - sum(shares.values())
+    return {k: v / total for k, v in shares.items()}
+
+
+def step_flops(rig: Rig, variant: str = "padded") -> tuple[float, int]:
+    """FLOPs of one forward + backward on one batch (torch's FLOP counter: matmuls and attention),
+    and that batch's padded token slots."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmkit.data.batching import model_inputs
+
+    v = rig.variants[variant]
+    v.sampler.set_epoch(0, 0)
+    batch = next(iter(v.loader))
+    model = rig.assembled.model
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(**model_inputs(batch, rig.dev))
+        out.loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    return float(counter.get_total_flops()), batch["attention_mask"].numel()
