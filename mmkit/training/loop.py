@@ -26,6 +26,7 @@ from mmkit.training.faults import (
     is_out_of_memory,
     out_of_memory_error,
 )
+from mmkit.training.metrics_log import batch_slots, window_rates
 
 
 def forward_batch(engine: Any, batch: dict[str, Any], dev: Any) -> Any:
@@ -62,7 +63,7 @@ def train_loop(cfg: Any, engine: Any, loader: Any, sampler: Any, scheduler: Any,
                         console=console, disable=not is_main, transient=False)
     gate = StepGate(engine)
     start_step = state.step
-    tokens_window, loss_window, loss_count = 0, 0.0, 0
+    tokens_window, slots_window, loss_window, loss_count = 0, 0, 0.0, 0
     run_tokens, last_loss = 0, float("nan")
     window_nonfinite: list[str] = []  # "value (records)" of this step's non-finite micro-batches
     consecutive_nonfinite = 0
@@ -111,6 +112,7 @@ def train_loop(cfg: Any, engine: Any, loader: Any, sampler: Any, scheduler: Any,
                     gate.skip = False
                     if finite and weight > 0:
                         tokens_window += batch["num_tokens"]
+                        slots_window += batch_slots(batch)
                         run_tokens += batch["num_tokens"]
                         loss_window += value
                         loss_count += 1
@@ -142,16 +144,18 @@ def train_loop(cfg: Any, engine: Any, loader: Any, sampler: Any, scheduler: Any,
                     window_nonfinite = []
                     if state.step % cfg.log_every == 0 or state.step == total_steps:
                         elapsed = time.perf_counter() - window_start
-                        loss_sum, count, tokens = dist_util.all_reduce_sum([loss_window, loss_count, tokens_window])
+                        loss_sum, count, tokens, slots = dist_util.all_reduce_sum(
+                            [loss_window, loss_count, tokens_window, slots_window])
                         state.tokens += int(tokens)
                         last_loss = loss_sum / count if count else float("nan")
-                        tps = tokens / max(elapsed, 1e-9)
-                        log.log(state.step, {"loss": last_loss, "lr": scheduler.get_last_lr()[-1], "tokens_per_s": tps,
-                                             "padding_fraction": batch["padding_fraction"], "epoch": state.epoch,
+                        rates = window_rates(tokens, slots, elapsed)  # sums over the window, all processes
+                        tps = rates["tokens_per_s"]
+                        log.log(state.step, {"loss": last_loss, "lr": scheduler.get_last_lr()[-1], **rates,
+                                             "epoch": state.epoch,
                                              "nonfinite_steps": state.nonfinite_steps,
                                              "elapsed_s": time.perf_counter() - start})
                         progress.update(task, loss=last_loss, tps=tps)
-                        tokens_window, loss_window, loss_count = 0, 0.0, 0
+                        tokens_window, slots_window, loss_window, loss_count = 0, 0, 0.0, 0
                         window_start = time.perf_counter()
                     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                         last_checkpoint = save(state)

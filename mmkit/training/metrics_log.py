@@ -7,6 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
+def batch_slots(batch: dict[str, Any]) -> int:
+    """Token positions a micro-batch computes on, padding included (its real tokens are ``num_tokens``)."""
+    return int(batch["attention_mask"].numel())
+
+
+def window_rates(tokens: float, slots: float, seconds: float) -> dict[str, float]:
+    """A log window's figures from its sums: tokens/s is the window's tokens over its wall time
+    (not a mean of per-step rates, which over-weights fast steps) and the padding fraction is over
+    every micro-batch of the window (not the last one)."""
+    return {"tokens_per_s": tokens / max(seconds, 1e-9),
+            "padding_fraction": 1.0 - tokens / slots if slots else float("nan")}
+
+
 class MetricsLog:
     def __init__(self, output_dir: Path, *, tensorboard: bool, enabled: bool = True):
         self.enabled = enabled
