@@ -11,12 +11,12 @@ from torch import nn
 from mmkit.errors import ConfigError
 from mmkit.modeling.assembly import MultimodalLM
 from mmkit.modeling.factory import build_encoder, build_projector, encoder_options
+from mmkit.modeling.loading import (attention_candidates, check_quantize, full_shape, quantization_config,
+                                    torch_dtype, zero3_loading)
 from mmkit.modeling.lora import LoraSettings, RoutedLora, adapter_names_for
 from mmkit.modeling.tokens import ExtendedEmbedding, add_marker_tokens
 from mmkit.plugins import PluginHost
 from mmkit.prompt import PromptBuilder
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @attrs.frozen
@@ -43,6 +43,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     #: the tokenizer size before mmkit's markers; set when reloading a saved tokenizer
     first_new_token_id: int | None = None
+    #: dtype the LLM and the frozen encoders are loaded and kept in (fp32, bf16, fp16)
+    precision: str = "fp32"
+    #: eager, sdpa or flash_attention_2; None: the best available (see loading.py)
+    attn_implementation: str | None = None
+    #: 4bit / 8bit bitsandbytes weights for the LLM (QLoRA); None: unquantized
+    quantize: str | None = None
+    #: recompute the encoders' activations in the backward pass (only when they are trained)
+    encoder_gradient_checkpointing: bool = False
 
 
 @attrs.define
@@ -55,15 +63,33 @@ class Assembled:
     components: dict[str, dict[str, Any]]  # per modality: encoder name/identity, projector name/options
 
 
-def load_llm(path_or_id: str) -> tuple[nn.Module, Any]:
-    """The shared LLM and its tokenizer, through ``from_pretrained`` (a hub id or a local path)."""
+def load_llm(path_or_id: str, *, precision: str = "fp32", attn_implementation: str | None = None,
+             quantize: str | None = None) -> tuple[nn.Module, Any]:
+    """The shared LLM and its tokenizer, through ``from_pretrained`` (a hub id or a local path), with
+    weights in ``precision``'s dtype and the attention kernel chosen (see :mod:`mmkit.modeling.loading`).
+    Under an open :func:`~mmkit.modeling.loading.zero3_loading` the weights load partitioned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mmkit shows its own progress; per-shard bars are noise here
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(precision)}
+    if quantize is not None:
+        from mmkit.training.distributed import device
+
+        kwargs["quantization_config"] = quantization_config(quantize, precision)
+        kwargs["device_map"] = {"": device()}  # k-bit weights are quantized on the GPU as they load
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        llm = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
+        candidates = attention_candidates(attn_implementation, precision)
+        for i, attention in enumerate(candidates):
+            try:
+                llm = AutoModelForCausalLM.from_pretrained(path_or_id, attn_implementation=attention, **kwargs)
+                break
+            except (ValueError, ImportError) as exc:
+                # transformers refuses an implementation the architecture does not support
+                if attn_implementation is not None or i == len(candidates) - 1:
+                    raise ConfigError(f"cannot load the LLM {path_or_id!r} with attn_implementation "
+                                      f"{attention!r}: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot load the LLM {path_or_id!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
@@ -75,15 +101,35 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None = None) -> Assembled:
+def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None = None,
+             deepspeed_config: dict[str, Any] | None = None) -> Assembled:
+    """Build the model. ``deepspeed_config``: the run's DeepSpeed configuration; under ZeRO-3 the LLM
+    is created partitioned (``zero.Init``), so no process holds all of its weights."""
+    stage = (deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)
+    check_quantize(config.quantize, zero_stage=stage)  # before anything loads
+    if config.encoder_gradient_checkpointing and not config.encoder_lora:
+        raise ConfigError("encoder_gradient_checkpointing: the encoders are frozen (no backward pass through "
+                          "them); it applies with encoder_lora only")
+    with zero3_loading(deepspeed_config):
+        return _assemble(config, host, tokenizer_path=tokenizer_path)
+
+
+def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None) -> Assembled:
     from transformers import AutoTokenizer
 
-    llm, tokenizer = load_llm(config.llm)
+    llm, tokenizer = load_llm(config.llm, precision=config.precision, attn_implementation=config.attn_implementation,
+                              quantize=config.quantize)
     if tokenizer_path is not None:  # reload: the saved tokenizer already holds the markers
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     llm.requires_grad_(False)
+    if config.quantize is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # casts norms to fp32, makes inputs require grads for checkpointing through frozen k-bit layers
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=config.gradient_checkpointing,
+                                              gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(llm)
         llm.config.use_cache = False
     first_new = config.first_new_token_id if config.first_new_token_id is not None else len(tokenizer)
 
@@ -94,7 +140,7 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
     add_marker_tokens(tokenizer, marker_tokens)
     num_new = len(tokenizer) - first_new
     embeddings = ExtendedEmbedding(llm.get_input_embeddings(), first_new, max(num_new, 0))
-    hidden = llm.get_input_embeddings().weight.shape[1]
+    hidden = full_shape(llm.get_input_embeddings().weight)[1]
 
     encoders, projectors, components = {}, {}, {}
     for choice in config.modalities:
@@ -102,6 +148,7 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
         encoder_name = choice.encoder or spec.encoder
         encoder = build_encoder(host, spec, encoder_name=encoder_name, pretrained=choice.encoder_pretrained,
                                 options=choice.encoder_options)
+        _prepare_encoder(encoder, encoder_name, config)
         projector_name = choice.projector or spec.projector
         projector = build_projector(host, projector_name, in_dim=encoder.output_dim, out_dim=hidden,
                                     num_tokens=encoder.num_tokens, options=choice.projector_options)
@@ -138,6 +185,27 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
                             template=config.template, max_length=config.max_length)
     config = attrs.evolve(config, first_new_token_id=first_new)
     return Assembled(model, tokenizer, prompts, config, first_new, components)
+
+
+def _prepare_encoder(encoder: nn.Module, name: str, config: ModelConfig) -> None:
+    """Frozen encoders are kept in the compute dtype (half the memory of fp32 under bf16); their
+    identity (weights hash) was taken as built, so it does not depend on the run's precision."""
+    dtype = torch_dtype(config.precision)
+    if any(p.is_floating_point() and p.dtype != dtype for p in encoder.parameters()):
+        encoder.to(dtype)
+    if config.encoder_gradient_checkpointing:
+        models = [m for m in encoder.modules() if getattr(m, "supports_gradient_checkpointing", False)]
+        if not models:
+            raise ConfigError(f"encoder {name!r} has no Hugging Face model that supports gradient checkpointing")
+        _enable_checkpointing(models[0])  # the outermost; it covers its submodules
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _add_encoder_lora(encoders: dict[str, nn.Module], specs: dict[str, Any], settings: LoraSettings) -> None:

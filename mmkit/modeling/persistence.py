@@ -38,8 +38,9 @@ def llm_fingerprint(llm: torch.nn.Module) -> dict[str, Any]:
     config = llm.config
     return {
         "model_type": config.model_type,
-        "hidden_size": int(llm.get_input_embeddings().weight.shape[1]),
-        "vocab_size": int(llm.get_input_embeddings().weight.shape[0]),
+        # ds_shape: the full shape of a ZeRO-3 partitioned weight (its data is then empty)
+        "hidden_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[1]),
+        "vocab_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[0]),
         "num_hidden_layers": int(getattr(config, "num_hidden_layers", -1)),
     }
 

@@ -34,11 +34,15 @@ class ExtendedEmbedding(nn.Module):
         # registering it twice would confuse ZeRO-3's parameter bookkeeping and the state dict.
         self._base = lambda: base
         self.first_new_id = first_new_id
-        weight = base.weight.detach()
-        # New rows start at the mean of the existing embeddings plus a little noise: a known-good
-        # init (HF's mean resizing) that keeps the first forward passes in distribution.
-        init = weight.float().mean(0, keepdim=True) + weight.float().std() * 0.02 * torch.randn(num_new, weight.shape[1])
-        self.new_tokens = nn.Parameter(init.to(weight.dtype))
+        from mmkit.modeling.loading import gathered
+
+        with gathered([base.weight]):  # ZeRO-3 loads the LLM partitioned: read the whole table
+            weight = base.weight.detach()
+            # New rows start at the mean of the existing embeddings plus a little noise: a known-good
+            # init (HF's mean resizing) that keeps the first forward passes in distribution.
+            init = (weight.float().mean(0, keepdim=True)
+                    + weight.float().std() * 0.02 * torch.randn(num_new, weight.shape[1]))
+            self.new_tokens = nn.Parameter(init.to(weight.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_new = input_ids >= self.first_new_id

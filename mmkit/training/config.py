@@ -207,6 +207,15 @@ class TrainConfig:
                             help="fp32, bf16 or fp16.")
     gradient_checkpointing: bool = option(False, resume=MAY_CHANGE, flag=True,
                                           help="Recompute activations in the backward pass to save memory.")
+    attn_implementation: str | None = option(
+        None, resume=MAY_CHANGE, flag=True, check=one_of("eager", "sdpa", "flash_attention_2"),
+        help="LLM attention kernel: eager, sdpa or flash_attention_2 (default: the best available; flash-attention "
+             "only when installed and on a CUDA GPU in bf16/fp16).")
+    quantize: str | None = option(
+        None, resume=MUST_MATCH, flag=True, check=one_of("4bit", "8bit"),
+        help="Load the LLM in 4bit (QLoRA, NF4) or 8bit through bitsandbytes (CUDA GPUs only; not with ZeRO-3).")
+    encoder_gradient_checkpointing: bool = option(
+        False, resume=MAY_CHANGE, help="Recompute the encoders' activations in the backward pass (with encoder_lora).")
     seed: int = option(0, resume=MUST_MATCH, flag=True, check=within(0, 2**32 - 1),
                        help="Seed of the initialisation, the data order and dropout.")
     shuffle: bool = option(True, resume=MUST_MATCH,

@@ -92,7 +92,9 @@ def model_config(cfg: TrainConfig, plan: RunPlan) -> ModelConfig:
                             mode=cfg.lora_mode)
     return ModelConfig(llm=plan.llm, modalities=choices, lora=lora, encoder_lora=cfg.encoder_lora,
                        max_length=cfg.max_length, template=cfg.template,
-                       gradient_checkpointing=cfg.gradient_checkpointing)
+                       gradient_checkpointing=cfg.gradient_checkpointing, precision=cfg.precision,
+                       attn_implementation=cfg.attn_implementation, quantize=cfg.quantize,
+                       encoder_gradient_checkpointing=cfg.encoder_gradient_checkpointing)
 
 
 def start_from(assembled: Assembled, init_from: str) -> None:
@@ -247,7 +249,8 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     if is_main:
         save_config(attrs.evolve(cfg, modalities=plan.modalities), out / "config.yaml")
     torch.manual_seed(cfg.seed)
-    assembled = assemble(model_config(cfg, plan), host)
+    # under ZeRO-3 the LLM loads straight into its partitions (zero.Init): no process holds it whole
+    assembled = assemble(model_config(cfg, plan), host, deepspeed_config=deepspeed_config(cfg, world))
     if cfg.init_from:
         start_from(assembled, cfg.init_from)
     model = assembled.model
