@@ -218,3 +218,16 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     assert figs["step/demo/plain/padding"]["median"] == pytest.approx(figs["step/demo/padded/padding"]["median"])
     for word in ("training step", "where a step's time goes", "MFU", "mmkit_vs_plain", "matmul peak"):
         assert word in result.output
+
+
+def test_pytest_benchmark_suite_runs_once_in_smoke_mode():
+    # the suite outside tests/ must not rot: every benchmark once, untimed
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "--benchmark-disable",
+                           "-p", "no:cacheprovider", str(root / "benchmarks" / "test_throughput.py")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
