@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from mmkit.data.batching import Collator, make_preprocessor
 from mmkit.data.records import USER, Sample, Turn
-from mmkit.errors import InputError
+from mmkit.errors import InputError, MmkitError
+from mmkit.generation import GenerationOptions
 from mmkit.modeling.builder import Assembled
 from mmkit.modeling.lora import route_for_sample
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
 
+#: What one modality input may be: a file path, the file's bytes, or the decoded value itself (what
+#: the modality's loader returns: a PIL image, an array, a tensor, ...).
+Input = Any
+_PATHS = (str, os.PathLike)
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def as_input_list(value: Input | Sequence[Input]) -> list[Input]:
+    """One input or a list of them -> a list. A path string, bytes or an array is one input (a
+    string is never iterated character by character); lists and tuples hold several."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None) or getattr(value, "size", None)
+    return f"<in-memory {type(value).__name__}{' ' + str(tuple(shape)) if shape else ''}>"
+
 
 class MultimodalModel:
-    """A model ready to answer: ``generate("What digit is shown?", {"image": ["a.png"]})``."""
+    """A model ready to answer: ``generate("What digit is shown?", {"image": "a.png"})``."""
 
     def __init__(self, assembled: Assembled, host: PluginHost | None = None):
         host = host or get_host()
@@ -25,10 +48,11 @@ class MultimodalModel:
         self.model = assembled.model
         self.prompts = assembled.prompts
         self.tokenizer = assembled.tokenizer
-        self.markers = {m: host.modality(m).markers for m in self.model.modalities}
+        self.specs = {m: host.modality(m) for m in self.model.modalities}
+        self.markers = {m: spec.markers for m, spec in self.specs.items()}
+        self.loaders = {m: resolve(spec.load) for m, spec in self.specs.items()}
         self.preprocess = {
-            m: make_preprocessor(resolve(host.modality(m).load), self.model.encoders[m].preprocess)
-            for m in self.model.modalities
+            m: make_preprocessor(self.loaders[m], self.model.encoders[m].preprocess) for m in self.model.modalities
         }
         self.adapters = self.model.lora.adapters if self.model.lora is not None else []
 
@@ -41,60 +65,149 @@ class MultimodalModel:
         chat does), so ``generate("What is this?", {"image": [...]})`` just works."""
         prefix = ""
         for modality, items in inputs.items():
-            if modality not in self.markers:
-                raise InputError(str(items[0]) if items else modality,
-                                 f"the model has no {modality!r} modality (it has: {', '.join(self.modalities)})")
+            self._check_modality(modality, items)
             missing = len(items) - text.count(self.markers[modality].placeholder)
             prefix += (self.markers[modality].placeholder + "\n") * max(missing, 0)
         return prefix + text
 
-    def generate(self, question: str | Sequence[Turn], inputs: Mapping[str, Sequence[str | Path]] | None = None, *,
-                 system: str | None = None, max_new_tokens: int = 32) -> str:
-        inputs = {m: list(v) for m, v in (inputs or {}).items() if v}
-        if isinstance(question, str):
-            turns: Sequence[Turn] = (Turn(USER, self._with_placeholders(question, inputs)),)
-        else:
-            turns = question
-        sample = Sample(id="prompt", turns=tuple(turns), inputs={m: tuple(map(str, v)) for m, v in inputs.items()},
-                        system=system)
-        return self.generate_batch([sample], max_new_tokens=max_new_tokens)[0]
+    def _check_modality(self, modality: str, items: Sequence[Any]) -> None:
+        if modality not in self.markers:
+            where = str(items[0]) if items and isinstance(items[0], _PATHS) else modality
+            raise InputError(where, f"the model has no {modality!r} modality (it has: {', '.join(self.modalities)})")
 
-    def generate_batch(self, samples: Sequence[Sample], *, max_new_tokens: int = 32,
-                       ablate: Collection[str] = ()) -> list[str]:
-        """Answer each sample's conversation (all turns up to the last user turn). Modalities in
-        ``ablate`` get blank (all-zero) inputs instead of their files."""
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare(self, modality: str, value: Input) -> torch.Tensor:
+        """One input -> the encoder's input tensor: a path is loaded by the modality's loader; bytes
+        are the content of a file (written to a temporary file for the loader); anything else is
+        taken as the loaded value and goes to the encoder's ``preprocess`` directly."""
+        self._check_modality(modality, [value])
+        if isinstance(value, _PATHS):
+            return self.preprocess[modality](Path(value))
+        if isinstance(value, _BYTES):
+            return self._from_bytes(modality, bytes(value))
+        where = _describe(value)
+        try:
+            tensor = self.model.encoders[modality].preprocess(value)
+        except MmkitError:
+            raise
+        except Exception as exc:  # the encoder's own complaint, with what was passed
+            raise InputError(where, f"the {modality} encoder cannot use it: {type(exc).__name__}: {exc}") from None
+        if not isinstance(tensor, torch.Tensor) or not bool(torch.isfinite(tensor).all()):
+            raise InputError(where, "preprocessing produced NaN or inf values (or no tensor)")
+        return tensor
+
+    def _from_bytes(self, modality: str, data: bytes) -> torch.Tensor:
+        if not data:
+            raise InputError(f"<{modality} bytes>", "empty (0 bytes)")
+        # Loaders read files; some pick the format by suffix, so try the modality's file types in turn.
+        suffixes = list(self.specs[modality].file_types) or [""]
+        errors = []
+        with tempfile.TemporaryDirectory(prefix="mmkit-input-") as tmp:
+            for suffix in suffixes:
+                path = Path(tmp) / f"input{suffix}"
+                path.write_bytes(data)
+                try:
+                    return self.preprocess[modality](path)
+                except InputError as exc:
+                    errors.append(f"as {suffix or 'a file'}: {exc.reason}")
+        raise InputError(f"<{modality} bytes, {len(data)}>", "not readable " + "; ".join(errors[:3]))
+
+    # -- answering -------------------------------------------------------------------------------
+    def generate(self, question: str | Sequence[Turn], inputs: Mapping[str, Input | Sequence[Input]] | None = None,
+                 *, system: str | None = None, max_new_tokens: int | None = None,
+                 options: GenerationOptions | None = None, streamer: Any = None, **decoding: Any) -> str:
+        """Answer ``question`` about ``inputs``.
+
+        - ``question``: the user's text, or a whole conversation (``Turn`` list ending with a user
+          turn). Inputs the text does not mark with their placeholder get one prepended.
+        - ``inputs``: ``{modality: input or [inputs]}``; an input is a file path (``str`` or
+          ``Path``, never iterated), the bytes of a file, or an in-memory value the modality's
+          encoder takes (a PIL image, a numpy array, a torch tensor, ...).
+        - Decoding (see :class:`mmkit.generation.GenerationOptions`): greedy by default;
+          ``sample=True`` with ``temperature``, ``top_p``, ``top_k``; ``num_beams``;
+          ``repetition_penalty``; ``stop`` strings; ``max_new_tokens``; ``seed``. Pass them as
+          keywords or as ``options``.
+        - ``streamer``: a transformers streamer (e.g. ``TextIteratorStreamer``) fed tokens as they
+          come.
+
+        Example: ``mmkit.load("runs/demo").generate("What digit is shown?", {"image": "4.png"},
+        sample=True, temperature=0.7)``.
+        """
+        options = options or GenerationOptions(**decoding)
+        if max_new_tokens is not None:
+            import attrs
+
+            options = attrs.evolve(options, max_new_tokens=max_new_tokens)
+        given = {m: as_input_list(v) for m, v in (inputs or {}).items()}
+        given = {m: v for m, v in given.items() if v}
+        if isinstance(question, str):
+            turns: Sequence[Turn] = (Turn(USER, self._with_placeholders(question, given)),)
+        else:
+            turns = list(question)
+            for modality, items in given.items():
+                self._check_modality(modality, items)
+        tensors = {m: [self.prepare(m, v) for v in items] for m, items in given.items()}
+        item = self._item("prompt", turns, system, tensors, tuple(given))
+        return self._answer([item], options, streamer=streamer)[0]
+
+    def generate_batch(self, samples: Sequence[Sample], *, max_new_tokens: int | None = None,
+                       ablate: Collection[str] = (), options: GenerationOptions | None = None) -> list[str]:
+        """Answer each sample's conversation (all turns up to the last user turn), in one batch.
+        Modalities in ``ablate`` get blank (all-zero) inputs instead of their files. Greedy unless
+        ``options`` says otherwise."""
+        options = options or GenerationOptions()
+        if max_new_tokens is not None:
+            import attrs
+
+            options = attrs.evolve(options, max_new_tokens=max_new_tokens)
         items = []
         for sample in samples:
-            turns = list(sample.turns)
-            while turns and turns[-1].role != USER:
-                turns.pop()
-            encoded = self.prompts.encode_prompt(turns, sample.system)
             tensors = {}
             for m, paths in sample.inputs.items():
                 if m in ablate:
                     tensors[m] = [self.model.encoders[m].blank_input(1)[0] for _ in paths]
                 else:
                     tensors[m] = [self.preprocess[m](Path(p)) for p in paths]
-            items.append({"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                          "inputs": tensors, "adapter": route_for_sample(sample.modalities, self.adapters or ["-"])})
+            items.append(self._item(sample.id, sample.turns, sample.system, tensors, sample.modalities))
+        return self._answer(items, options)
+
+    def _item(self, item_id: str, turns: Sequence[Turn], system: str | None, tensors: dict[str, list[torch.Tensor]],
+              modalities: Sequence[str]) -> dict[str, Any]:
+        turns = list(turns)
+        while turns and turns[-1].role != USER:
+            turns.pop()
+        encoded = self.prompts.encode_prompt(turns, system)
+        return {"id": item_id, "input_ids": encoded.input_ids, "labels": encoded.labels, "inputs": tensors,
+                "adapter": route_for_sample(modalities, self.adapters or ["-"])}
+
+    def _answer(self, items: list[dict[str, Any]], options: GenerationOptions, *, streamer: Any = None) -> list[str]:
         batch = Collator(pad_id=self.tokenizer.pad_token_id, padding_side="left")(items)
         was_training = self.model.training
         self.model.eval()
         try:
             sequences = self.model.generate(
                 batch["input_ids"], batch["attention_mask"], batch["inputs"],
-                batch["adapters"] if self.adapters else None, max_new_tokens=max_new_tokens,
+                batch["adapters"] if self.adapters else None, options=options,
                 stop_ids=set(self.prompts.stop_token_ids), allowed_vocab=self.assembled.first_new_token_id,
-                pad_id=self.tokenizer.pad_token_id)
+                pad_id=self.tokenizer.pad_token_id, tokenizer=self.tokenizer, streamer=streamer)
         finally:
             self.model.train(was_training)
-        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in sequences]
+        answers = [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
+        return [_cut_at_stop(a, options.stop).strip() for a in answers]
 
 
-def load(output_dir: str | Path, *, host: PluginHost | None = None) -> MultimodalModel:
-    """Rebuild a trained model from its output directory on top of its base models."""
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def load(output_dir: str | Path, *, host: PluginHost | None = None, allow_different_base: bool = False
+         ) -> MultimodalModel:
+    """Rebuild a trained model from its output directory on top of its base models.
+    ``allow_different_base``: accept a base LLM of the same shapes whose weights, tokenizer or chat
+    template differ from the one it was trained on (a deliberate swap; refused otherwise)."""
     from mmkit.modeling.persistence import load_model
 
     host = host or get_host()
-    assembled = load_model(Path(output_dir), host)
+    assembled = load_model(Path(output_dir), host, allow_base_mismatch=allow_different_base)
     return MultimodalModel(assembled, host)

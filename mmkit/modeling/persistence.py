@@ -8,8 +8,10 @@ and shapes of the weights. Loading checks every one of them and refuses a mismat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +36,141 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def llm_fingerprint(llm: torch.nn.Module) -> dict[str, Any]:
+#: Base-model files whose contents identify its tokenizer (``tokenizer_config.json`` without its
+#: chat template, which is fingerprinted on its own).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Fingerprint fields that identify the base model's contents; checkpoints written before they
+#: existed are loaded with a note (their shapes are still checked).
+CONTENT_KEYS = ("weights", "tokenizer", "chat_template")
+_SAMPLE = 1 << 18  # bytes per sampled slice of a large weight file
+_WHOLE = 8 << 20  # weight files up to this size are hashed whole
+
+
+def llm_fingerprint(llm: torch.nn.Module, path: str | Path | None = None) -> dict[str, Any]:
+    """Shapes of the base LLM and, when its directory is known (``path``: a local directory or a
+    hub id in the local cache), digests of its weights, tokenizer and chat template."""
     config = llm.config
-    return {
+    fingerprint: dict[str, Any] = {
         "model_type": config.model_type,
         # ds_shape: the full shape of a ZeRO-3 partitioned weight (its data is then empty)
         "hidden_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[1]),
         "vocab_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[0]),
         "num_hidden_layers": int(getattr(config, "num_hidden_layers", -1)),
     }
+    if path is not None:
+        fingerprint.update(base_files_fingerprint(path))
+    return fingerprint
+
+
+def _base_dir(path: str | Path) -> Path | None:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    try:  # a hub id: the snapshot transformers loaded it from (never downloads)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached / not a hub id: no content fingerprint
+        return None
+
+
+def base_files_fingerprint(path: str | Path) -> dict[str, Any]:
+    """``{"weights", "tokenizer", "chat_template"}`` digests of a base model directory's files
+    (empty when the directory cannot be found). Large weight files are sampled (their size, the
+    safetensors header and slices spread over the file): two different trainings of one
+    architecture differ in nearly every byte, and reading a few MiB keeps loading fast."""
+    directory = _base_dir(path)
+    if directory is None:
+        return {}
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    key = tuple((p.name, *(lambda st: (st.st_size, st.st_mtime_ns))(p.stat())) for p in files)
+    return dict(_files_fingerprint(str(directory), key))
+
+
+@functools.lru_cache(maxsize=16)
+def _files_fingerprint(directory: str, key: tuple) -> tuple[tuple[str, Any], ...]:
+    root = Path(directory)
+    names = [name for name, *_ in key]
+    weights = hashlib.sha256()
+    found = False
+    for name in names:
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            found = True
+            weights.update(f"{name}\0".encode())
+            weights.update(_sampled_digest(root / name).encode())
+    tokenizer = hashlib.sha256()
+    template_parts: list[str] = []
+    for name in TOKENIZER_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if name == "tokenizer_config.json":
+            try:
+                config = json.loads(data)
+            except ValueError:
+                config = None
+            if isinstance(config, dict):
+                template = config.pop("chat_template", None)
+                if template is not None:
+                    template_parts.append(json.dumps(template, sort_keys=True))
+                data = json.dumps(config, sort_keys=True).encode()
+        tokenizer.update(f"{name}\0".encode() + hashlib.sha256(data).hexdigest().encode())
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (root / name).is_file():
+            template_parts.append((root / name).read_text(encoding="utf-8", errors="replace"))
+    extra = root / "additional_chat_templates"
+    if extra.is_dir():
+        template_parts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(extra.glob("*.jinja"))]
+    chat = hashlib.sha256("\0".join(template_parts).encode()).hexdigest() if template_parts else None
+    return (("weights", weights.hexdigest() if found else None), ("tokenizer", tokenizer.hexdigest()),
+            ("chat_template", chat))
+
+
+def _sampled_digest(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= _WHOLE:
+            digest.update(fh.read())
+        else:
+            for offset in [0, *(size * k // 8 for k in range(1, 8)), size - _SAMPLE]:
+                fh.seek(offset)
+                digest.update(fh.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+def compare_base(saved: dict[str, Any], now: dict[str, Any], *, allow_mismatch: bool = False,
+                 what: str = "the checkpoint") -> list[str]:
+    """Refuse a base LLM other than ``saved`` (a fingerprint); returns notes for the user.
+
+    Shapes must always match (the weights would not fit). Weights, tokenizer and chat template
+    must match unless ``allow_mismatch`` (a deliberate swap), which turns them into notes."""
+    shapes = [f"{k}: checkpoint {saved.get(k)!r}, base model {v!r}" for k, v in now.items()
+              if k not in CONTENT_KEYS and k in saved and saved.get(k) != v]
+    if shapes:
+        raise CheckpointMismatchError(f"{what} was trained on a different base LLM (" + "; ".join(shapes) + ")")
+    notes = []
+    missing = [k for k in CONTENT_KEYS if k not in saved]
+    if missing:
+        notes.append(f"{what} predates base-model content fingerprints ({', '.join(missing)}): only the base "
+                     "model's shapes were checked")
+    elif not any(k in now for k in CONTENT_KEYS):
+        notes.append("the base model's files were not found locally: only its shapes were checked")
+    differ = [k for k in CONTENT_KEYS if k in saved and k in now and saved[k] != now[k]]
+    if differ:
+        names = {"weights": "weights", "tokenizer": "tokenizer", "chat_template": "chat template"}
+        what_differs = ", ".join(names[k] for k in differ)
+        if not allow_mismatch:
+            raise CheckpointMismatchError(
+                f"{what} was trained on a different base LLM: same shapes, but its {what_differs} differ. "
+                "Use the base model it was trained on, or pass --allow-different-base "
+                "(mmkit.load(..., allow_different_base=True)) to use this one deliberately")
+        notes.append(f"the base LLM's {what_differs} differ from the one {what} was trained on "
+                     "(allowed by --allow-different-base)")
+    return notes
 
 
 def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
@@ -95,9 +223,33 @@ def read_meta(directory: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointMismatchError(f"{path}: unreadable metadata: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointMismatchError(f"{path}: expected a JSON object of model metadata, found a "
+                                      f"{type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path}: format {meta.get('format')!r}, this mmkit reads format {FORMAT}")
+    problems = [f"{key!r} ({what})" for key, kind, what in _META_FIELDS if not isinstance(meta.get(key), kind)]
+    if not problems:
+        llm, weights = meta["llm"], meta["weights"]
+        if not isinstance(llm.get("fingerprint"), dict) or not isinstance(llm.get("name_or_path"), str):
+            problems.append("'llm' (name_or_path and fingerprint of the base model)")
+        if TRAINABLE not in weights or not all(isinstance(w, dict) and isinstance(w.get("sha256"), str)
+                                               for w in weights.values()):
+            problems.append(f"'weights' (the sha256 of {TRAINABLE} and of every weights file)")
+        if not all(isinstance(c, dict) and "encoder_identity" in c for c in meta["modalities"].values()):
+            problems.append("'modalities' (each modality's components and encoder identity)")
+    if problems:
+        raise CheckpointMismatchError(f"{path}: incomplete metadata, missing or malformed: {', '.join(problems)} "
+                                      "(not written by mmkit, or edited)")
     return meta
+
+
+#: (key, type, what it holds) of every field loading reads from ``mmkit.json``.
+_META_FIELDS = (
+    ("stage", str, "align or instruct"), ("llm", dict, "the base model"), ("weights", dict, "weights files"),
+    ("modalities", dict, "the modalities' components"), ("first_new_token_id", int, "the first marker token id"),
+    ("max_length", int, "the context length"),
+)
 
 
 def load_weights(directory: Path, name: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -115,17 +267,21 @@ def load_weights(directory: Path, name: str, meta: dict[str, Any]) -> dict[str, 
         raise CheckpointMismatchError(f"{path}: unreadable safetensors file: {exc}") from None
 
 
-def check_fingerprint(meta: dict[str, Any], model: MultimodalLM, components: dict[str, dict[str, Any]]) -> None:
-    saved, now = meta["llm"]["fingerprint"], llm_fingerprint(model.llm)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, base model {v!r}" for k, v in now.items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointMismatchError("the checkpoint was trained on a different base LLM (" + "; ".join(diffs) + ")")
+def check_fingerprint(meta: dict[str, Any], model: MultimodalLM, components: dict[str, dict[str, Any]], *,
+                      llm_path: str | Path | None = None, allow_base_mismatch: bool = False) -> list[str]:
+    """Refuse a model that is not the one the checkpoint was trained on (base LLM, modalities,
+    encoders); returns notes (also issued as warnings) for what could not be checked or was allowed."""
+    notes = compare_base(meta["llm"]["fingerprint"], llm_fingerprint(model.llm, llm_path),
+                         allow_mismatch=allow_base_mismatch)
     saved_mods, now_mods = set(meta["modalities"]), set(components)
     if saved_mods != now_mods:
         raise CheckpointMismatchError(f"modalities differ: checkpoint {sorted(saved_mods)}, model {sorted(now_mods)}")
     for m in now_mods:
         if meta["modalities"][m]["encoder_identity"] != components[m]["encoder_identity"]:
             raise CheckpointMismatchError(f"the {m} encoder differs from the one the checkpoint was trained with")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return notes
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str,
@@ -173,7 +329,7 @@ def build_meta(assembled: Any, directory: Path, *, stage: str) -> dict[str, Any]
         "mmkit_version": __version__,
         "stage": stage,
         "llm": {"name_or_path": _portable_path(config.llm, directory),
-                "fingerprint": llm_fingerprint(assembled.model.llm)},
+                "fingerprint": llm_fingerprint(assembled.model.llm, config.llm)},
         "first_new_token_id": assembled.first_new_token_id,
         "modalities": assembled.components,
         "lora": attrs.asdict(config.lora) if config.lora is not None else None,
@@ -227,7 +383,7 @@ def model_dir(output_dir: Path) -> Path:
     return output_dir
 
 
-def load_model(output_dir: Path, host: Any) -> Any:
+def load_model(output_dir: Path, host: Any, *, allow_base_mismatch: bool = False) -> Any:
     from mmkit.modeling.builder import assemble
 
     directory = model_dir(output_dir)
@@ -237,7 +393,8 @@ def load_model(output_dir: Path, host: Any) -> Any:
     config = model_config_from_meta(meta, directory.parent)
     _check_architecture(meta, config.llm)
     assembled = assemble(config, host, tokenizer_path=str(directory / "tokenizer"))
-    check_fingerprint(meta, assembled.model, assembled.components)
+    check_fingerprint(meta, assembled.model, assembled.components, llm_path=config.llm,
+                      allow_base_mismatch=allow_base_mismatch)
     load_into(assembled, directory, meta, stage=meta["stage"])
     assembled.model.eval()
     return assembled

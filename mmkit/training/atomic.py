@@ -17,6 +17,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` would give (mkstemp/mkdtemp make private 0600/0700 files,
+    which other users of a shared run directory could not read)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() changes it process-wide for a moment (other threads create files)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` then rename ``tmp`` over ``path`` (same directory, so the rename is atomic)."""
     path = Path(path)
@@ -28,6 +47,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -45,6 +65,7 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, default_mode(directory=True))
         for child in tmp.rglob("*"):
             if child.is_file():
                 with open(child, "rb") as fh:

@@ -20,15 +20,23 @@ or does not exist. A kill or a full disk during a save leaves the previous check
 (failures inside DeepSpeed's writers are held back until every process has finished its part, so
 nobody is left waiting in a collective). Only the newest ``keep_last`` checkpoints are kept.
 
-Loading verifies the manifest (hashes of every file a process reads) before anything is unpickled:
-DeepSpeed stores optimizer state with ``torch.save``, so only a checkpoint this code wrote and the
-manifest vouches for is handed to it.
+Loading verifies the manifest (hashes of every file a process reads, and no file it does not list)
+before anything is read. A manifest detects corruption, not tampering: anyone who can replace a file
+can recompute its hash. So DeepSpeed's ``torch.save`` files are loaded with ``weights_only=True``
+(tensors, containers and an allow-list of the few plain DeepSpeed types it stores): a file that
+needs full unpickling, which could run code, is refused unless ``--trust-checkpoint``. With
+``MMKIT_CHECKPOINT_KEY`` set, manifests are signed (HMAC-SHA256) when written and must carry a valid
+signature to be loaded, so checkpoints on a shared filesystem can be trusted as a whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,7 +50,7 @@ from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import distributed as dist_util
 from mmkit.training.atomic import _fsync_dir, atomic_write_text
 from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
-from mmkit.training.faults import TrainingError, inject_save_fault
+from mmkit.training.faults import TrainingError, describe_storage_error, inject_save_fault, is_storage_error
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -153,7 +161,9 @@ class _DeferredWrites:
                 if inject:
                     inject_save_fault(step, rank)
                 return original(*args, **kwargs)
-            except OSError as exc:
+            except Exception as exc:  # a storage error from any writer (torch.save raises RuntimeError)
+                if not is_storage_error(exc):
+                    raise
                 failures.append(_describe_os_error(exc, args))
                 return None
 
@@ -177,17 +187,20 @@ class _DeferredWrites:
 _MISSING = object()
 
 
-def _describe_os_error(exc: OSError, args: tuple = ()) -> str:
-    target = exc.filename or next((a for a in args if isinstance(a, (str, Path))), None)
-    return f"{exc.strerror or exc}" + (f" ({target})" if target else "")
+def _describe_os_error(exc: BaseException, args: tuple = ()) -> str:
+    return describe_storage_error(exc, next((a for a in args if isinstance(a, (str, Path))), None))
 
 
 def _attempt(failures: list[str], fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run one writer; a storage error (OSError, safetensors' SafetensorError, torch's write
+    failures) is recorded for :func:`_agree` instead of raised, so no process skips a collective."""
     if failures:
         return
     try:
         fn(*args, **kwargs)
-    except OSError as exc:
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
         failures.append(_describe_os_error(exc, args))
 
 
@@ -210,8 +223,39 @@ def _write_manifest(directory: Path, step: int) -> None:
             os.fsync(fh.fileno())
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"sha256": sha256(path), "size": path.stat().st_size}
-    manifest = {"format": FORMAT, "step": step, "files": files}
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": files}
+    key = signing_key()
+    if key is not None:
+        manifest["signature"] = {"algorithm": "hmac-sha256", "value": _sign(manifest, key)}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+
+
+#: Environment variable holding the key that signs and verifies checkpoint manifests.
+KEY_ENV = "MMKIT_CHECKPOINT_KEY"
+
+
+def signing_key() -> bytes | None:
+    key = os.environ.get(KEY_ENV)
+    return key.encode("utf-8") if key else None
+
+
+def _sign(manifest: dict[str, Any], key: bytes) -> str:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+
+
+def _signature_problem(manifest: dict[str, Any]) -> str | None:
+    key = signing_key()
+    if key is None:
+        return None  # nothing to check against (a signed manifest is still hash-checked)
+    signature = manifest.get("signature")
+    if not isinstance(signature, dict) or "value" not in signature:
+        return f"{MANIFEST} is not signed, and {KEY_ENV} is set: only signed checkpoints are trusted"
+    if signature.get("algorithm") != "hmac-sha256" or not hmac.compare_digest(str(signature["value"]),
+                                                                                _sign(manifest, key)):
+        return f"{MANIFEST} has a bad signature for the key in {KEY_ENV} (tampered, or signed with another key)"
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -335,12 +379,27 @@ def verify(checkpoint: Path, rank: int) -> str | None:
 
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         return f"unreadable {MANIFEST}: {exc}"
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} is a JSON {type(manifest).__name__}, not the object mmkit writes"
     if manifest.get("format") != FORMAT:
         return f"{MANIFEST} format {manifest.get('format')!r}, this mmkit reads {FORMAT}"
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("size"), int)
+            for e in files.values()):
+        return f"{MANIFEST} has no valid 'files' table (name -> sha256 and size)"
+    problem = _signature_problem(manifest)
+    if problem:
+        return problem
+    unlisted = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
+                      if p.is_file() and p.name != MANIFEST and p.relative_to(checkpoint).as_posix() not in files)
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {MANIFEST} (added after the checkpoint was written)"
     for rel, expected in files.items():  # cheap checks first
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{MANIFEST} names a file outside the checkpoint: {rel}"
         path = checkpoint / rel
         if not path.is_file():
             return f"missing {rel} (multi-node runs need the output directory on a filesystem every node sees)"
@@ -379,7 +438,21 @@ def choose_checkpoint(candidates: list[Path], explicit: bool, *, rank: int, cons
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"{checkpoint / STATE}: expected a JSON object, found a {type(state).__name__}")
+    return state
+
+
+def check_same_run(saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Raise when the checkpoint's options that must match (``RESUME_STRICT``) differ from ``config``."""
+    saved_config = saved.get("config", {})
+    now = _json_safe(config)
+    diffs = [k for k in RESUME_STRICT if saved_config.get(k) != now.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {saved_config.get(k)!r}, now {now.get(k)!r}" for k in diffs)
+        raise CheckpointMismatchError(f"the checkpoint belongs to a different training run ({detail}). Resume with the "
+                                      "same options, or start over with --resume never (or another --output-dir)")
 
 
 def check_resumable(saved: dict[str, Any], *, config: dict[str, Any], world_size: int, geometry: dict[str, int],
@@ -395,13 +468,9 @@ def check_resumable(saved: dict[str, Any], *, config: dict[str, Any], world_size
       refuses, unless ``on_world_size_change: reset_optimizer``, which restores the trainable
       weights, schedule, RNG and data position and starts the optimizer moments from zero.
     """
+    check_same_run(saved, config)
     saved_config = saved.get("config", {})
     now = _json_safe(config)
-    diffs = [k for k in RESUME_STRICT if saved_config.get(k) != now.get(k)]
-    if diffs:
-        detail = "; ".join(f"{k}: checkpoint {saved_config.get(k)!r}, now {now.get(k)!r}" for k in diffs)
-        raise CheckpointMismatchError(f"the checkpoint belongs to a different training run ({detail}). Resume with the "
-                                      "same options, or start over with --resume never (or another --output-dir)")
     if saved.get("global_batch_size") != geometry["global_batch_size"]:
         raise CheckpointMismatchError(
             f"global batch differs: checkpoint {saved.get('global_batch_size')} "
@@ -470,14 +539,74 @@ def load_trainable_weights(checkpoint: Path, assembled: Any) -> None:
                       what=str(directory / "trainable.safetensors"))
 
 
-def load_engine_state(checkpoint: Path, engine: Any) -> None:
-    """DeepSpeed's optimizer, scheduler and counters (the checkpoint was verified first)."""
+#: The plain DeepSpeed types its checkpoints hold besides tensors and containers (an enum, a named
+#: tuple and the loss scalers' attribute bags): allowed when loading with ``weights_only=True``.
+SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+)
+
+
+def _safe_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for spec in SAFE_GLOBALS:
+        module, _, name = spec.partition(":")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: that type cannot be in its checkpoints
+    return found
+
+
+@contextlib.contextmanager
+def safe_torch_load(*, trust: bool = False):
+    """While active, every ``torch.load`` (DeepSpeed asks for ``weights_only=False``) loads with
+    ``weights_only=True`` and the :data:`SAFE_GLOBALS` allow-list; a file that needs anything else
+    raises :class:`CheckpointMismatchError` before any of its code can run. ``trust``: load fully
+    (``--trust-checkpoint``)."""
+    import torch
+
+    original = torch.load
+    allowed = _safe_globals()
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        if trust:
+            kwargs["weights_only"] = False
+            return original(f, *args, **kwargs)
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            match = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand|Unsupported class) ?([^\s]+)?",
+                              str(exc))
+            holds = f" (it holds {match.group(1)})" if match and match.group(1) else ""
+            raise CheckpointMismatchError(
+                f"{f}: loading it needs full unpickling, which can run code stored in the file{holds}; mmkit loads "
+                "optimizer state only as tensors and known DeepSpeed types. If you wrote this checkpoint yourself "
+                "and trust it, pass --trust-checkpoint") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def load_engine_state(checkpoint: Path, engine: Any, *, trust: bool = False) -> None:
+    """DeepSpeed's optimizer, scheduler and counters (the checkpoint was verified first, and its
+    files are loaded without unpickling code: :func:`safe_torch_load`)."""
     # The module part of DeepSpeed's checkpoint holds only the trainable weights (saved with
     # exclude_frozen_parameters), so DeepSpeed's strict check would flag every frozen base weight.
     # Those trainable weights were already loaded and checked key by key and shape by shape by
     # load_trainable_weights against the sha256 manifest; this call restores optimizer state.
-    path, _ = engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
-                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    with safe_torch_load(trust=trust):
+        path, _ = engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_module_strict=False,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointMismatchError(f"{checkpoint / DS_TAG}: DeepSpeed found no checkpoint to load")
 
@@ -515,6 +644,7 @@ class Resume:
     mode: str  # "exact" or "reset_optimizer"
     saved: dict[str, Any]
     notes: list[str]
+    trust: bool = False  # --trust-checkpoint: DeepSpeed's files may be fully unpickled
 
     @property
     def step(self) -> int:
@@ -528,7 +658,7 @@ class Resume:
     def after_engine(self, engine: Any, scheduler: Any, *, rank: int, seed: int) -> TrainState:
         """Restore DeepSpeed's state (or the schedule alone), this process's RNG and the data position."""
         if self.mode == "exact":
-            load_engine_state(self.checkpoint, engine)
+            load_engine_state(self.checkpoint, engine, trust=self.trust)
         else:
             scheduler.load_state_dict(self.saved["scheduler"])
             optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
@@ -549,14 +679,13 @@ class Resume:
 
 def plan_resume(*, resume: str, output_dir: Path, config: dict[str, Any], world_size: int, geometry: dict[str, int],
                 trainable: dict[str, list[int]], on_world_size_change: str, rank: int,
-                console: Any = None) -> Resume | None:
+                console: Any = None, trust: bool = False) -> Resume | None:
     """Pick the checkpoint to resume from (every process must call this), or ``None`` to start over."""
     if resume == "never":
         if rank == 0:
-            dropped = discard_checkpoints(output_dir)
+            dropped = start_over(output_dir)
             if dropped and console is not None:
-                console.print(f"resume: never: removed {dropped} checkpoint(s) of an earlier run in "
-                              f"{checkpoint_root(output_dir)}")
+                console.print(f"resume: never: removed {' and '.join(dropped)} of an earlier run in {output_dir}")
         dist_util.barrier()
         return None
     candidates, explicit = resume_candidates(resume, output_dir)
@@ -566,4 +695,17 @@ def plan_resume(*, resume: str, output_dir: Path, config: dict[str, Any], world_
     saved = read_state(chosen)
     mode, notes = check_resumable(saved, config=config, world_size=world_size, geometry=geometry, trainable=trainable,
                                   on_world_size_change=on_world_size_change)
-    return Resume(chosen, mode, saved, notes)
+    return Resume(chosen, mode, saved, notes, trust)
+
+
+def start_over(output_dir: Path) -> list[str]:
+    """``resume: never``: remove an earlier run's checkpoints and model (a model left beside a new
+    run's config and data would be silently wrong); returns what was removed, in words."""
+    dropped = discard_checkpoints(output_dir)
+    removed = [f"{dropped} checkpoint(s)"] if dropped else []
+    model = Path(output_dir) / "model"
+    if model.exists():
+        _remove(model)
+        removed.append("the model")
+    (Path(output_dir) / "eval.json").unlink(missing_ok=True)
+    return removed

@@ -15,6 +15,9 @@ being computed (1-based) or, for the ``*_in_save`` kinds, the step of the checkp
 - ``die``: the process kills itself (SIGKILL);  ``hang``: the process sleeps for an hour;
 - ``kill_in_save``: SIGKILL in the middle of writing a checkpoint;
 - ``enospc_in_save``: an ``OSError(ENOSPC)`` in the middle of writing a checkpoint.
+
+Real full disks are drilled with a file-size limit (``RLIMIT_FSIZE``) on the training process, so
+every library's own writer fails in its own way (``benchmarks/drill.py``, ``tests/test_faults.py``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,52 @@ def inject_save_fault(step: int, rank: int) -> None:
 
 
 # -- recognising faults -----------------------------------------------------------------------------
+#: How libraries word a failed write when they do not raise ``OSError``: torch.save (DeepSpeed's
+#: checkpoints) raises ``RuntimeError("[enforce fail at inline_container.cc] ... PytorchStreamWriter
+#: failed writing file ...: file write failed")``; safetensors raises ``SafetensorError("Error while
+#: serializing: IoError(Os { code: 28, kind: StorageFull, ... })")``.
+_STORAGE_WORDS = ("pytorchstreamwriter", "file write failed", "ioerror", "no space left", "storagefull",
+                  "disk quota", "file too large", "filetoolarge", "read-only file system", "unexpected pos")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised while writing files) is the storage failing: a full disk, a quota, a
+    file-size limit, a read-only or vanished filesystem, whichever library did the writing."""
+    if isinstance(exc, OSError):
+        return True
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        SafetensorError = ()  # noqa: N806
+    text = str(exc).lower()
+    if SafetensorError and isinstance(exc, SafetensorError):
+        return "serializ" in text or any(word in text for word in _STORAGE_WORDS)
+    return isinstance(exc, RuntimeError) and any(word in text for word in _STORAGE_WORDS)
+
+
+def describe_storage_error(exc: BaseException, target: Any = None) -> str:
+    """``No space left on device (PATH)``: the operating system's words when there are some."""
+    if isinstance(exc, OSError):
+        target = exc.filename or target
+        text = exc.strerror or str(exc)
+    else:
+        text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+            if f"code: {code}," in text or os.strerror(code).lower() in text.lower():
+                text = f"{os.strerror(code)} ({type(exc).__name__}: {text[:200]})"
+                break
+        else:
+            text = f"{type(exc).__name__}: {text[:300]}"
+    return text + (f" ({target})" if target else "")
+
+
+def storage_error(exc: BaseException, *, what: str, last_checkpoint: str | None) -> TrainingError:
+    """A failed write outside a checkpoint save (the model, metrics, TensorBoard), as a clear error."""
+    kept = (f"the last checkpoint {last_checkpoint} is intact: free space and rerun the same command to resume "
+            "from it" if last_checkpoint else "no checkpoint was written yet")
+    return TrainingError(f"could not write {what}: {describe_storage_error(exc)} (a storage error); {kept}.")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 

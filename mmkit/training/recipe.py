@@ -14,7 +14,7 @@ import attrs
 from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
 from mmkit.data.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, read_mixture
-from mmkit.errors import ConfigError, DataError
+from mmkit.errors import ConfigError, DataError, MmkitError
 from mmkit.modeling.builder import Assembled, ModalityChoice, ModelConfig, assemble, trainable_parameters
 from mmkit.modeling.lora import LoraSettings
 from mmkit.modeling.persistence import check_fingerprint, load_into, model_dir, read_meta, save_model
@@ -22,10 +22,12 @@ from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
 from mmkit.training.checkpoint import TrainState, plan_resume, save_checkpoint, trim_metrics
 from mmkit.training.config import TrainConfig, save_config
+from mmkit.training.faults import TrainingError, is_storage_error, storage_error
 from mmkit.training.distributed import device, init_distributed
 from mmkit.training.loop import train_loop
 from mmkit.training.metrics_log import MetricsLog
 from mmkit.training.preflight import preflight
+from mmkit.training.rundir import DEMO, Admission, RunLock, admit
 from mmkit.training.sampler import GlobalBatchSampler, batch_geometry
 
 
@@ -44,17 +46,18 @@ def default_modalities(host: PluginHost) -> tuple[str, ...]:
     return tuple(name for name, spec in host.modalities().items() if spec.demo is not None)
 
 
-def plan_run(cfg: TrainConfig, host: PluginHost, *, is_main: bool) -> RunPlan:
+def run_modalities(cfg: TrainConfig, host: PluginHost) -> tuple[str, ...]:
     modalities = cfg.modalities or default_modalities(host)
     for name in modalities:
         host.modality(name)  # a clear error naming the installed modalities
-    if cfg.is_demo:
-        from mmkit.demo.task import prepare_demo
+    return tuple(modalities)
 
-        root = Path(cfg.output_dir) / "demo_data"
-        if is_main:
-            prepare_demo(host, modalities, root, seed=cfg.seed)
-        _barrier()
+
+def plan_run(cfg: TrainConfig, host: PluginHost) -> RunPlan:
+    """What the run trains on; the demo's data is already in place (:func:`admit_run` put it there)."""
+    modalities = run_modalities(cfg, host)
+    if cfg.is_demo:
+        root = Path(cfg.output_dir) / DEMO
         return RunPlan(llm=str(root / "base_llm"), modalities=tuple(modalities),
                        train_sources=(DataSource(root / "train.jsonl"),),
                        eval_sources={m: root / f"test_{m}.jsonl" for m in modalities},
@@ -97,14 +100,16 @@ def model_config(cfg: TrainConfig, plan: RunPlan) -> ModelConfig:
                        encoder_gradient_checkpointing=cfg.encoder_gradient_checkpointing)
 
 
-def start_from(assembled: Assembled, init_from: str) -> None:
+def start_from(assembled: Assembled, init_from: str, *, allow_base_mismatch: bool = False) -> list[str]:
     """Instruct stage: start from an align run's projectors, marker embeddings and encoders."""
     directory = model_dir(Path(init_from))
     meta = read_meta(directory)
     if meta["stage"] != "align":
         raise ConfigError(f"--init-from {init_from}: that run is a {meta['stage']!r} run; give an align run")
-    check_fingerprint(meta, assembled.model, assembled.components)
+    notes = check_fingerprint(meta, assembled.model, assembled.components, llm_path=assembled.config.llm,
+                              allow_base_mismatch=allow_base_mismatch)
     load_into(assembled, directory, meta, stage="align")
+    return notes
 
 
 def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, assembled: Assembled
@@ -230,29 +235,74 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     preflight(cfg)  # every check that needs no model, before anything loads or is written
-    import deepspeed
     import torch
     from rich.console import Console
-    from transformers import get_cosine_schedule_with_warmup
 
     console = console or Console()
     rank, world = init_distributed(cfg.collective_timeout_s)
-    is_main = rank == 0
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     host = get_host()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
+    # The run directory is a transaction: the lock and every check that can refuse the run come
+    # before anything in it changes (rundir.py); a refused run leaves it as it was.
+    lock = RunLock(Path(cfg.output_dir))
+    admission = admit_run(cfg, host, lock, rank=rank, console=console)
+    try:
+        return _train(cfg, host, admission, rank=rank, world=world, console=console)
+    except BaseException:
+        lock.release(refused=True)  # removes the output directory only if this run created it and it is empty
+        raise
+    finally:
+        lock.release()
 
-    plan = plan_run(cfg, host, is_main=is_main)
+
+def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int, console: Any) -> Admission:
+    """Process 0 takes the output directory's lock, runs every check that can refuse the run and
+    makes its first writes (the demo data); the others learn the outcome (every process calls this)."""
+    from mmkit.training.distributed import broadcast_object
+
+    admission = Admission(Path(cfg.output_dir))
+    problem: BaseException | None = None
+    if rank == 0:
+        try:
+            lock.acquire()
+            from mmkit.demo.task import prepare_demo
+
+            admission = admit(cfg, host, run_modalities(cfg, host), prepare_demo=prepare_demo)
+            admission.commit(console)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+            admission.abandon()
+            lock.release(refused=True)
+            problem = exc
+    shared = broadcast_object(problem if isinstance(problem, MmkitError) or problem is None
+                              else TrainingError(f"process 0 could not start the run: {problem}"))
+    if problem is not None:
+        raise problem
+    if shared is not None:
+        raise shared
+    return admission
+
+
+def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: int, world: int, console: Any
+           ) -> dict[str, Any]:
+    import deepspeed
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    is_main = rank == 0
+    out = Path(cfg.output_dir)
     if is_main:
-        save_config(attrs.evolve(cfg, modalities=plan.modalities), out / "config.yaml")
+        for note in admission.notes:
+            console.print(f"note: {note}")
+    torch.manual_seed(cfg.seed)
+    plan = plan_run(cfg, host)
     torch.manual_seed(cfg.seed)
     # under ZeRO-3 the LLM loads straight into its partitions (zero.Init): no process holds it whole
     assembled = assemble(model_config(cfg, plan), host, deepspeed_config=deepspeed_config(cfg, world))
     if cfg.init_from:
-        start_from(assembled, cfg.init_from)
+        for note in start_from(assembled, cfg.init_from, allow_base_mismatch=cfg.allow_base_mismatch):
+            if is_main:
+                console.print(f"note: {note}")
     model = assembled.model
     groups = trainable_parameters(model, cfg.stage)
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
@@ -269,9 +319,12 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     resume = plan_resume(resume=cfg.resume, output_dir=out, config=resolved, world_size=world, geometry=geometry,
                          trainable=trainable, on_world_size_change=cfg.on_world_size_change, rank=rank,
-                         console=console if is_main else None)
+                         console=console if is_main else None, trust=cfg.trust_checkpoint)
     if resume is not None:
         resume.before_engine(assembled)
+    if is_main:  # the run is accepted: its configuration replaces an earlier one
+        _storage_guard(lambda: save_config(attrs.evolve(cfg, modalities=plan.modalities), out / "config.yaml"),
+                       f"{out / 'config.yaml'}", resume)
 
     projector_lr = cfg.projector_lr or cfg.lr
     param_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []), "lr": projector_lr}]
@@ -286,10 +339,11 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
     state = TrainState()
     if resume is not None:
         state = resume.after_engine(engine, scheduler, rank=rank, seed=cfg.seed)
-    if is_main:
-        trim_metrics(out, state.step)  # a resumed run logs the steps after its checkpoint again
+    if is_main:  # a resumed run logs the steps after its checkpoint again
+        _storage_guard(lambda: trim_metrics(out, state.step), f"{out / 'metrics.jsonl'}", resume)
     _barrier()
-    log = MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main)
+    log = _storage_guard(lambda: MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main),
+                         f"the metrics log in {out}", resume)
     if is_main:
         console.print(f"[bold]mmkit train[/] stage={cfg.stage} modalities={','.join(plan.modalities)} "
                       f"llm={cfg.llm or 'embedded demo (tiny LLaMA)'} samples={len(samples)} steps={total_steps} "
@@ -315,18 +369,27 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
         saved_at.append(at.step)
         return str(path)
 
+    last: list[str | None] = [str(resume.checkpoint) if resume is not None else None]
+
+    def save_tracked(at: TrainState) -> str:
+        last[0] = save(at)
+        return last[0]
+
     summary = train_loop(cfg, engine, loader, sampler, scheduler, log, total_steps=total_steps, state=state,
-                         console=console, is_main=is_main, dev=device(), rank=rank, world=world, save=save,
-                         last_checkpoint=str(resume.checkpoint) if resume is not None else None)
+                         console=console, is_main=is_main, dev=device(), rank=rank, world=world, save=save_tracked,
+                         last_checkpoint=last[0])
     if not saved_at or saved_at[-1] != state.step:
-        save(state)  # the final checkpoint
+        save_tracked(state)  # the final checkpoint
     summary["skipped_records"] = len(skipped) + _skipped_in_training(collator, world)
     summary["resumed_from_step"] = resume.step if resume is not None else None
-    log.log(summary["steps"], {"skipped_records": summary["skipped_records"],
-                               "nonfinite_steps": summary["nonfinite_steps"]})
-    log.close()
 
-    save_model(out, assembled, stage=cfg.stage, write=is_main)
+    def finish_log() -> None:
+        log.log(summary["steps"], {"skipped_records": summary["skipped_records"],
+                                   "nonfinite_steps": summary["nonfinite_steps"]})
+        log.close()
+
+    _storage_guard(finish_log, f"the metrics log in {out}", last[0])
+    _storage_guard(lambda: save_model(out, assembled, stage=cfg.stage, write=is_main), f"{out / 'model'}", last[0])
     _barrier()
     if is_main:
         console.print(f"saved {out / 'model'} ({summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
@@ -339,6 +402,20 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
         print_eval(results, console)
         summary["eval"] = results
     return summary
+
+
+def _storage_guard(write: Any, what: str, last_checkpoint: Any) -> Any:
+    """Run a write outside the checkpoint saver; a full disk or any other storage error, whichever
+    library raised it, becomes a clear :class:`TrainingError` naming what and the checkpoint kept."""
+    try:
+        return write()
+    except MmkitError:
+        raise
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        last = getattr(last_checkpoint, "checkpoint", last_checkpoint)
+        raise storage_error(exc, what=what, last_checkpoint=str(last) if last is not None else None) from None
 
 
 def _cuda() -> bool:
