@@ -1,4 +1,4 @@
-"""``mmkit data validate``: check instruction data before training."""
+"""``mmkit data validate`` and ``mmkit data inspect``: check instruction data before training."""
 
 from __future__ import annotations
 
@@ -44,20 +44,22 @@ def validate(
     tokens_per_input: Annotated[list[str] | None, typer.Option(
         help="MODALITY=N tokens one input becomes (default: the modality's default encoder and projector "
              "in their tiny configuration).")] = None,
-    template: Annotated[str | None, typer.Option(help="Chat template (default: the tokenizer's).")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="Prompt template: a library name or a Jinja file (default: the tokenizer's own).")] = None,
     decode: Annotated[bool, typer.Option(help="Decode every input file (--no-decode: only check they exist).")] = True,
     workers: Annotated[int | None, typer.Option(help="Processes decoding files (default: CPU count).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full per-record report as JSON.")] = False,
     show: Annotated[int, typer.Option(help="Issues listed after the summary.")] = 20,
 ) -> None:
     """Check every record before training: schema, turn order, one placeholder per input, paths
-    inside the data root, input files present and decodable (in parallel), tokenised length with
-    modality tokens (with --llm), unknown keys. Exits 1 when any record has an error."""
+    inside the data root, input files present and decodable (in parallel), unknown keys, and with
+    --llm the encode check training runs (template, answers located, length with modality tokens).
+    Exits 1 when any record has an error."""
     import json
 
     from rich.console import Console
 
-    from mmkit.data.validate import default_tokens_per_input, prompt_lengths_for
+    from mmkit.data.validate import prompt_lengths_for
     from mmkit.data.validate import validate as run_validation
     from mmkit.plugins import get_host
 
@@ -65,11 +67,8 @@ def validate(
     chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
     lengths = None
     if llm is not None:
-        given = _keyed_ints(tokens_per_input)
-        missing = [m for m in chosen if m not in given]
-        counts = {**default_tokens_per_input(host, missing), **given} if missing else given
-        lengths = prompt_lengths_for(llm, {m: host.modality(m).markers for m in chosen}, counts,
-                                     template=template, max_length=max_length)
+        lengths = prompt_lengths_for(llm, {m: host.modality(m).markers for m in chosen},
+                                     _counts(host, chosen, tokens_per_input), template=template, max_length=max_length)
     err = Console(stderr=True)
     with err.status("validating", spinner="dots") as status:
         report = run_validation([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
@@ -80,6 +79,83 @@ def validate(
     else:
         print_report(report, Console(), show=show)
     if not report.ok:
+        raise typer.Exit(1)
+
+
+def _counts(host, chosen: list[str], tokens_per_input: list[str] | None) -> dict[str, int]:
+    from mmkit.data.validate import default_tokens_per_input
+
+    given = _keyed_ints(tokens_per_input)
+    missing = [m for m in chosen if m not in given]
+    return {**default_tokens_per_input(host, missing), **given} if missing else given
+
+
+@data_app.command()
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help="Data files (any format a reader recognises).")],
+    llm: Annotated[str, typer.Option(help="LLM whose tokenizer encodes the records (hub id or local path).")],
+    template: Annotated[str | None, typer.Option(
+        help="Prompt template: a library name or a Jinja file (default: the tokenizer's own).")] = None,
+    limit: Annotated[int, typer.Option(help="Records shown (from the start of the first file).")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per record, one per line.")] = False,
+    modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities (default: all installed).")] = None,
+    tokens_per_input: Annotated[list[str] | None, typer.Option(
+        help="MODALITY=N slots one input becomes (default: the modality's default encoder and projector in their "
+             "tiny configuration; LLaVA-1.5's CLIP ViT-L/14-336 gives 576).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Maximum tokens per sample (default: no limit).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Root for relative input paths.")] = None,
+    data_format: Annotated[str | None, typer.Option(help="Reader name (default: detect per file).")] = None,
+) -> None:
+    """Show what training feeds the model: per record the rendered sequence with the supervised
+    spans marked (between \u00ab and \u00bb) and slot runs collapsed, token counts, and the
+    inference prompt. --json: id, input_ids, labels, supervised_text, slots per record."""
+    import json
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from mmkit.data.inspect import inspect_record, iter_records, segments
+    from mmkit.data.validate import prompt_builder_for
+    from mmkit.plugins import get_host
+    from mmkit.templates import check_early
+
+    check_early(llm, template)  # before any plugin or tokenizer loads
+    host = get_host()
+    chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
+    prompts = prompt_builder_for(llm, {m: host.modality(m).markers for m in chosen},
+                                 _counts(host, chosen, tokens_per_input), template=template, max_length=max_length)
+    console = Console(highlight=False, soft_wrap=True)
+    if not json_out:
+        console.print(f"template: {prompts.describe_template()}; stop tokens: "
+                      + ", ".join(repr(prompts.tokenizer.convert_ids_to_tokens(i)) for i in sorted(prompts.stop_token_ids)))
+    failed = 0
+    for sample in iter_records(host, [str(f) for f in files], chosen, data_root=str(data_root) if data_root else None,
+                               data_format=data_format, limit=limit):
+        entry = inspect_record(prompts, sample)
+        encoded = entry.pop("_encoded", None)
+        failed += "error" in entry
+        if json_out:
+            typer.echo(json.dumps(entry, ensure_ascii=False))
+            continue
+        console.rule(f"{sample.source} record {sample.index} (id {sample.id})")
+        if encoded is None:
+            console.print(f"[red]error[/] ({entry['kind']}): {entry['error']}")
+            continue
+        text = Text()
+        for seg in segments(prompts, encoded):
+            if seg.kind == "slots":
+                text.append(f"[{seg.text} x{seg.count}]", style="cyan")
+            elif seg.kind == "supervised":
+                text.append("\u00ab" + seg.text + "\u00bb", style="bold green")
+            else:
+                text.append(seg.text)
+        console.print(text)
+        slots = ", ".join(f"{m}: {runs}" for m, runs in entry["slots"].items()) or "none"
+        console.print(f"[dim]{entry['tokens']} tokens, {entry['supervised_tokens']} supervised in "
+                      f"{len(entry['supervised_text'])} span(s); slots per input: {slots}[/]")
+        console.print("[dim]inference prompt:[/]")
+        console.print(Text(entry["prompt"]))
+    if failed:
         raise typer.Exit(1)
 
 

@@ -1,9 +1,22 @@
 """The one prompt builder: training and inference render conversations through the same code.
 
-A conversation is rendered with the LLM's chat template (or :data:`DEFAULT_TEMPLATE` when the
-tokenizer has none), tokenised once with character offsets, and each modality placeholder token is
-expanded to ``begin + N slots + end`` where the N slots later receive the projected features.
-Labels keep only the assistant turns' tokens (their text and the template's end-of-turn marker).
+A conversation is rendered with the run's chat template (see :mod:`mmkit.templates`: the
+tokenizer's own, a named one, or a file), tokenised once with character offsets, and each modality
+placeholder token is expanded to ``begin + N slots + end`` where the N slots later receive the
+projected features.
+
+Labels come from token positions in that one tokenisation. The character spans that carry loss are
+
+- the template's ``{% generation %}`` blocks when it has them (every library template does), or
+- for a template without them (most tokenizers' own), each assistant message's text located in the
+  rendering exactly (each message is rendered once more as a unique marker and substituted back,
+  which must give the same text), extended through the first special token after it: the
+  template's end-of-turn token.
+
+A token is learned when it overlaps such a span, so an answer's first token is learned even when it
+carries the space before it (``▁Yes``); separators outside the spans never are. BOS appears exactly
+once when the tokenizer uses one. Tokens after the last learned token are dropped in training (a
+causal LM's loss cannot depend on them).
 """
 
 from __future__ import annotations
@@ -17,19 +30,10 @@ import attrs
 from mmkit.data.records import ASSISTANT, Sample, Turn
 from mmkit.errors import ConfigError, DataError
 from mmkit.specs import MarkerSpec
+from mmkit.templates import ChatTemplate, resolve
 
 IGNORE_INDEX = -100
-
-#: Used when the tokenizer has no chat template (and by the embedded demo's tokenizer).
-DEFAULT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|> {{ m['content'] }} <|end|>\n"
-    "{% elif m['role'] == 'user' %}<|user|> {{ m['content'] }} <|end|>\n"
-    "{% else %}<|assistant|> {{ m['content'] }} <|end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
-DEFAULT_TEMPLATE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never merged by a tokenizer rule
 
 
 @attrs.frozen
@@ -44,7 +48,8 @@ class PromptBuilder:
     """Renders and tokenises conversations; expands modality placeholders.
 
     ``tokens_per_input[m]`` is how many feature tokens one input of modality ``m`` becomes (the
-    projector's output count), so lengths here already include modality tokens.
+    projector's output count), so lengths here already include modality tokens. ``template``: see
+    :func:`mmkit.templates.resolve`; a tokenizer with no chat template needs one.
     """
 
     def __init__(self, tokenizer: Any, markers: Mapping[str, MarkerSpec], tokens_per_input: Mapping[str, int],
@@ -52,7 +57,13 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.markers = dict(markers)
         self.tokens_per_input = dict(tokens_per_input)
-        self.template = template or getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
+        own = getattr(tokenizer, "chat_template", None)
+        # the vocabulary only names the likely template in the error (get_vocab is slow on big vocabularies)
+        self.chat: ChatTemplate = resolve(template, own, llm=getattr(tokenizer, "name_or_path", None),
+                                          vocab=None if (template or own) else tokenizer.get_vocab())
+        self.template = self.chat.source
+        #: what a run saves so chat / eval / load render with the same template
+        self.template_ref = self.chat.ref
         self.max_length = max_length
         self._placeholder_ids: dict[int, str] = {}
         self._expansion: dict[int, list[int]] = {}
@@ -62,6 +73,7 @@ class PromptBuilder:
             end = [self._token_id(spec.end)] if spec.end else []
             self._placeholder_ids[ph] = modality
             self._expansion[ph] = begin + [ph] * self.tokens_per_input[modality] + end
+        self._check_template_tokens()
 
     def _token_id(self, token: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -69,31 +81,159 @@ class PromptBuilder:
             raise ConfigError(f"marker {token!r} is not a token of the tokenizer; add the markers first")
         return ids[0]
 
+    def _check_template_tokens(self) -> None:
+        """A library template's end-of-turn marker must be one token of this vocabulary: a marker
+        spelled out in pieces is a format the model was never trained on."""
+        eot = self.chat.end_of_turn
+        if self.chat.name is None or not eot.startswith("<") or eot in ("</s>",):
+            return
+        ids = self.tokenizer.convert_tokens_to_ids([eot])
+        if not ids or ids[0] is None or ids[0] == self.tokenizer.unk_token_id:
+            raise ConfigError(f"template {self.chat.name!r} ends turns with {eot!r}, which is not a token of this "
+                              "tokenizer; choose the template of this model family (mmkit data inspect shows it)")
+
     # -- rendering ---------------------------------------------------------------------------
     @staticmethod
     def messages(turns: Sequence[Turn], system: str | None) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs += [{"role": t.role, "content": t.text} for t in turns]
+        # Outer whitespace is no part of a message (templates differ in trimming it; removing it
+        # here makes every template see the same text).
+        msgs = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+        msgs += [{"role": t.role, "content": t.text.strip()} for t in turns]
         return msgs
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool, *, spans: bool = False
+                ) -> tuple[str, list[tuple[int, int]]]:
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-    def _assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """The full text and the character spans of each assistant turn (text + end-of-turn)."""
-        full = self.render(messages, add_generation_prompt=False)
+        kwargs = {**self.tokenizer.special_tokens_map,
+                  # for the plain template (placeholders only); Qwen3's template: no thinking block to
+                  # generate, the same empty one its training rendering holds
+                  "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False}
+        try:
+            rendered, indices = render_jinja_template(
+                conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+                return_assistant_tokens_mask=spans, **kwargs)
+        except TemplateError as exc:
+            raise ConfigError(f"the chat template ({self.describe_template()}) failed to render: {exc}") from None
+        return rendered[0], [tuple(s) for s in (indices[0] if indices else [])]
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self._render(messages, add_generation_prompt)[0]
+
+    def describe_template(self) -> str:
+        return f"template {self.chat.name!r}" if self.chat.name else "the tokenizer's own template"
+
+    def _assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]], bool]:
+        """The full text, the character spans that carry loss, and whether those spans already
+        include the end-of-turn marker (generation tags) or must be extended to it."""
+        n_assistant = sum(m["role"] == ASSISTANT for m in messages)
+        if self.chat.has_generation_tags:
+            text, spans = self._render(messages, False, spans=True)
+            if len(spans) != n_assistant:
+                raise ConfigError(f"the {self.describe_template()} marks {len(spans)} generation block(s) for "
+                                  f"{n_assistant} assistant turn(s)")
+            return text, spans, True
+        text = self.render(messages, False)
+        marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+        skeleton = self.render(marked, False)
         spans = []
-        for i, msg in enumerate(messages):
-            if msg["role"] != ASSISTANT:
+        rebuilt, cursor = [], 0
+        for i, message in enumerate(messages):
+            mark = _MARK.format(i)
+            at = skeleton.find(mark, cursor)
+            if at < 0:
+                if message["role"] == ASSISTANT:
+                    raise ConfigError(f"the {self.describe_template()} does not render assistant turn {i}'s text; "
+                                      "choose a library template with --template")
                 continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1], add_generation_prompt=False)
-            if not through.startswith(prefix) or not full.startswith(through):
-                raise ConfigError("the chat template renders a conversation differently from its prefixes, "
-                                  "so assistant turns cannot be located; declare a template with --prompt-template")
-            spans.append((len(prefix), len(through)))
-        return full, spans
+            rebuilt.append(skeleton[cursor:at])
+            start = sum(len(part) for part in rebuilt)
+            rebuilt.append(message["content"])
+            if message["role"] == ASSISTANT:
+                spans.append((start, start + len(message["content"])))
+            cursor = at + len(mark)
+        rebuilt.append(skeleton[cursor:])
+        if "".join(rebuilt) != text:
+            raise ConfigError(f"the {self.describe_template()} changes message text as it renders it, so the answers "
+                              "cannot be located; choose a library template with --template NAME")
+        return text, spans, False
+
+    # -- tokenisation ------------------------------------------------------------------------
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        """Tokens that can end a turn: the tokenizer's special tokens, not mmkit's markers, BOS or <unk>."""
+        tok = self.tokenizer
+        ids = set(tok.all_special_ids)
+        ids |= {i for i, added in getattr(tok, "added_tokens_decoder", {}).items() if getattr(added, "special", False)}
+        markers = {t for spec in self.markers.values() for t in spec.special_tokens()}
+        ids -= {tok.convert_tokens_to_ids(t) for t in markers}
+        ids -= {tok.bos_token_id, tok.unk_token_id}
+        return frozenset(i for i in ids if i is not None)
+
+    @cached_property
+    def _adds_bos(self) -> bool:
+        """Whether this tokenizer's model expects a BOS token (its tokenizer adds one by default)."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return False
+        return self.tokenizer("a")["input_ids"][:1] == [bos]
+
+    def _labels(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                closed: bool, text_len: int) -> tuple[list[int], bool]:
+        """Labels by token position; ``closed``: the spans include the end-of-turn marker. Returns the
+        labels and whether every turn ended with a special end-of-turn token."""
+        labels = [IGNORE_INDEX] * len(ids)
+        all_closed = True
+        t = 0
+        for k, (start, end) in enumerate(spans):
+            while t < len(ids) and offsets[t][1] <= start:
+                t += 1
+            while t < len(ids) and offsets[t][0] < end:
+                if offsets[t][1] > start:  # overlaps the span
+                    labels[t] = ids[t]
+                t += 1
+            if closed:
+                continue
+            # extend through the end-of-turn token: the first special token before the next span
+            limit = spans[k + 1][0] if k + 1 < len(spans) else text_len
+            j = t
+            while j < len(ids) and offsets[j][0] < limit and ids[j] not in self._special_ids:
+                j += 1
+            if j < len(ids) and offsets[j][0] < limit:
+                for u in range(t, j + 1):
+                    labels[u] = ids[u]
+                t = j + 1
+            else:
+                all_closed = False
+        return labels, all_closed
+
+    def _encode(self, sample: Sample, text: str, spans: list[tuple[int, int]], closed: bool,
+                ids: list[int], offsets: list[tuple[int, int]]) -> EncodedSample:
+        labels, all_closed = self._labels(ids, [tuple(o) for o in offsets], spans, closed, len(text))
+        if not closed and not all_closed and self.tokenizer.eos_token_id is not None:
+            # A template without an end-of-turn token: teach the model to stop with EOS.
+            ids.append(self.tokenizer.eos_token_id)
+            labels.append(self.tokenizer.eos_token_id)
+        ids, labels = self._bos_once(ids, labels)
+        last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=-1)
+        if last < 0:
+            raise DataError(sample.source, sample.index, "no assistant tokens to learn from", record_id=sample.id,
+                            kind="schema")
+        ids, labels = ids[: last + 1], labels[: last + 1]
+        input_ids, labels, counts = self._expand(ids, labels)
+        self._check(sample, counts, len(input_ids))
+        return EncodedSample(input_ids, labels, counts)
+
+    def _bos_once(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return ids, labels
+        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids, labels = ids[1:], labels[1:]
+        if self._adds_bos and (not ids or ids[0] != bos):
+            ids, labels = [bos, *ids], [IGNORE_INDEX, *labels]
+        return ids, labels
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -115,49 +255,64 @@ class PromptBuilder:
             counts[modality] = counts.get(modality, 0) + 1
         return out_ids, out_labels, counts
 
-    # -- the two entry points ----------------------------------------------------------------
+    # -- the entry points --------------------------------------------------------------------
     def encode_sample(self, sample: Sample) -> EncodedSample:
-        """Training: the whole conversation; loss on assistant turns only."""
-        messages = self.messages(sample.turns, sample.system)
-        text, spans = self._assistant_spans(messages)
-        ids, offsets = self._tokenize(text)
-        labels = []
-        for tok, (start, end) in zip(ids, offsets, strict=True):
-            inside = any(s <= start and end <= e and end > start for s, e in spans)
-            labels.append(tok if inside else IGNORE_INDEX)
-        if self.tokenizer.eos_token_id is not None and not self._ends_with_eos(ids):
-            # Templates without an end-of-turn token: teach the model to stop with EOS.
-            ids.append(self.tokenizer.eos_token_id)
-            labels.append(self.tokenizer.eos_token_id)
-        input_ids, labels, counts = self._expand(ids, labels)
-        self._check(sample, counts, len(input_ids))
-        if all(lab == IGNORE_INDEX for lab in labels):
-            raise DataError(sample.source, sample.index, "no assistant tokens to learn from")
-        return EncodedSample(input_ids, labels, counts)
+        """Training: the whole conversation; loss on each answer and its end-of-turn token only."""
+        out = self.encode_samples([sample])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
+
+    def encode_samples(self, samples: Sequence[Sample]) -> list[EncodedSample | DataError]:
+        """:meth:`encode_sample` for many samples with one batched tokenizer call; a sample's
+        problem is returned in its place (validation reports all of them)."""
+        rendered = []
+        for sample in samples:
+            rendered.append(self._assistant_spans(self.messages(sample.turns, sample.system)))
+        texts = [text for text, _, _ in rendered]
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out: list[EncodedSample | DataError] = []
+        for k, (sample, (text, spans, closed)) in enumerate(zip(samples, rendered, strict=True)):
+            try:
+                out.append(self._encode(sample, text, spans, closed, list(enc["input_ids"][k]),
+                                        list(enc["offset_mapping"][k])))
+            except DataError as exc:
+                out.append(exc)
+        return out
 
     def encode_prompt(self, turns: Sequence[Turn], system: str | None = None) -> EncodedSample:
         """Inference: the conversation so far, ending with the generation prompt."""
         text = self.render(self.messages(turns, system), add_generation_prompt=True)
         ids, _ = self._tokenize(text)
-        input_ids, labels, counts = self._expand(ids, [IGNORE_INDEX] * len(ids))
+        ids, labels = self._bos_once(ids, [IGNORE_INDEX] * len(ids))
+        input_ids, labels, counts = self._expand(ids, labels)
         return EncodedSample(input_ids, labels, counts)
 
-    def _ends_with_eos(self, ids: Sequence[int]) -> bool:
-        # The template's end-of-turn token counts as a stop token when the template has one.
-        return bool(ids) and ids[-1] in self.stop_token_ids
+    def prompt_text(self, turns: Sequence[Turn], system: str | None = None) -> str:
+        """The inference prompt as text (what ``mmkit data inspect`` shows)."""
+        return self.render(self.messages(turns, system), add_generation_prompt=True)
 
     @cached_property
     def stop_token_ids(self) -> frozenset[int]:
-        stops = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        probe = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False)
-        ids, _ = self._tokenize(probe)
-        # The last non-whitespace token of a rendered assistant turn is its end-of-turn marker.
-        for tok in reversed(ids):
-            if self.tokenizer.decode([tok]).strip():
-                # (a word-level tokenizer may not know the probe's text: <unk> is no end-of-turn)
-                if tok in self.tokenizer.all_special_ids and tok != self.tokenizer.unk_token_id:
-                    stops.add(tok)
-                break
+        """EOS and the template's end-of-turn token: the last learned token of a probe answer when
+        it is a special token."""
+        tok = self.tokenizer
+        stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        eot = self.chat.end_of_turn
+        if eot:
+            ids = tok.convert_tokens_to_ids([eot])
+            if ids and ids[0] is not None and ids[0] != tok.unk_token_id:
+                stops.add(ids[0])
+        probe = Sample(id="probe", turns=(Turn("user", "x"), Turn(ASSISTANT, "y")))
+        try:
+            enc = self.encode_sample(probe)
+        except (DataError, ConfigError):
+            return frozenset(stops)
+        learned = [lab for lab in enc.labels if lab != IGNORE_INDEX]
+        if learned and learned[-1] in self._special_ids:
+            stops.add(learned[-1])
         return frozenset(stops)
 
     def _check(self, sample: Sample, counts: Mapping[str, int], length: int) -> None:
@@ -165,7 +320,10 @@ class PromptBuilder:
             if counts.get(modality, 0) != len(paths):
                 raise DataError(sample.source, sample.index,
                                 f"{len(paths)} {modality} input(s) but {counts.get(modality, 0)} placeholder token(s) "
-                                "after tokenisation")
+                                "after tokenisation", record_id=sample.id, kind="placeholder")
         if self.max_length is not None and length > self.max_length:
+            detail = ", ".join(f"{n} {m} x {self.tokens_per_input[m]}" for m, n in counts.items())
             raise DataError(sample.source, sample.index,
-                            f"{length} tokens including modality tokens, over the maximum {self.max_length}")
+                            f"{length} tokens including modality tokens{f' ({detail})' if detail else ''}, "
+                            f"over the maximum {self.max_length}",
+                            record_id=sample.id, kind="too_long")

@@ -8,7 +8,8 @@ from mmkit.data.records import Sample, Turn
 from mmkit.demo.llm import build_tokenizer
 from mmkit.errors import ConfigError, DataError
 from mmkit.modeling.tokens import add_marker_tokens
-from mmkit.prompt import DEFAULT_TEMPLATE, IGNORE_INDEX, PromptBuilder
+from mmkit.prompt import IGNORE_INDEX, PromptBuilder
+from mmkit.templates import TEMPLATES
 from mmkit.specs import MarkerSpec
 
 MARKERS = {
@@ -125,7 +126,7 @@ def test_several_inputs_and_modalities_expand_in_placeholder_order():
 
 def test_input_count_must_match_placeholders():
     pb = builder()
-    with pytest.raises(DataError, match=r"data/train.jsonl record 4: 2 image input\(s\) but 1 placeholder"):
+    with pytest.raises(DataError, match=r"data/train.jsonl record 4 \(id s4\): 2 image input\(s\) but 1 placeholder"):
         pb.encode_sample(sample("<image> What is shown here ?", "a cube", index=4, image=["a.png", "b.png"]))
 
 
@@ -177,10 +178,16 @@ def test_tokenizers_own_chat_template_is_used():
     assert enc.input_ids[-1] == im_end and pb.tokenizer.eos_token_id not in enc.input_ids
 
 
-def test_default_template_when_the_tokenizer_has_none():
-    pb = builder(None)
-    assert pb.tokenizer.chat_template is None
-    assert pb.template == DEFAULT_TEMPLATE
+def test_a_tokenizer_without_a_template_is_an_error_naming_the_likely_one():
+    tok = make_tokenizer(None)
+    assert tok.chat_template is None
+    with pytest.raises(ConfigError, match=r"no chat template.*--template (phi3|vicuna_v1)"):
+        PromptBuilder(tok, MARKERS, TOKENS_PER_INPUT)
+
+
+def test_the_demo_tokenizer_speaks_phi3():
+    pb = builder()
+    assert pb.template == TEMPLATES["phi3"].source
     enc = pb.encode_sample(sample("What is shown here ?", "a cube"))
     assert toks(pb, enc.input_ids)[0] == "<|user|>"
     assert [toks(pb, r) for r in labelled_runs(enc.labels)] == [["a", "cube", "<|end|>"]]
@@ -188,10 +195,25 @@ def test_default_template_when_the_tokenizer_has_none():
 
 
 def test_explicit_template_overrides_the_tokenizers():
-    pb = PromptBuilder(make_tokenizer("chatml"), MARKERS, TOKENS_PER_INPUT, template=DEFAULT_TEMPLATE)
+    pb = PromptBuilder(make_tokenizer("chatml"), MARKERS, TOKENS_PER_INPUT, template="phi3")
+    assert pb.template_ref == "phi3"
     enc = pb.encode_sample(sample("What is shown here ?", "a cube"))
     assert "<|im_start|>" not in toks(pb, enc.input_ids)
     assert toks(pb, enc.input_ids)[0] == "<|user|>"
+
+
+def test_unknown_template_name_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"did you mean 'vicuna_v1'"):
+        PromptBuilder(make_tokenizer(), MARKERS, TOKENS_PER_INPUT, template="vicuna-v1")
+
+
+def test_a_template_file_is_read_and_saved_as_its_text(tmp_path):
+    path = tmp_path / "mine.jinja"
+    path.write_text(CHATML)
+    tok = make_tokenizer("chatml")
+    pb = PromptBuilder(tok, MARKERS, TOKENS_PER_INPUT, template=str(path))
+    assert pb.template == CHATML and pb.template_ref == CHATML  # the run keeps working if the file moves
+    assert PromptBuilder(tok, MARKERS, TOKENS_PER_INPUT, template=pb.template_ref).template == CHATML
 
 
 def test_template_without_end_of_turn_learns_to_stop_with_eos():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +104,20 @@ def _whole_file_hint(path: Path, lineno: int) -> str:
     return ""
 
 
-def _read(path: Path, ctx: ReadContext, *, system_for: Any = None, allowed_keys: set[str] | None = None
-          ) -> Iterator[Sample]:
-    base = path.parent
-    for index, obj in iter_raw_records(path, ctx.on_bad_record):
+def _read(path: Path, ctx: ReadContext, *, system_for: Any = None, allowed_keys: set[str] | None = None,
+          **rules: bool) -> Iterator[Sample]:
+    yield from parse_all(iter_raw_records(path, ctx.on_bad_record), ctx, source=str(path), base=path.parent,
+                         system_for=system_for, allowed_keys=allowed_keys, **rules)
+
+
+def parse_all(records: Iterable[tuple[int, Any]], ctx: ReadContext, *, source: str, base: Path,
+              system_for: Any = None, allowed_keys: set[str] | None = None, **rules: bool) -> Iterator[Sample]:
+    """Normalise ``(index, raw record)`` pairs; a bad record raises, or goes to ``ctx.on_bad_record``."""
+    for index, obj in records:
         system = system_for(obj) if system_for else None
         try:
-            sample = parse_record(obj, ctx=ctx, base=base, source=str(path), index=index, system=system,
-                                  allowed_keys=allowed_keys)
+            sample = parse_record(obj, ctx=ctx, base=base, source=source, index=index, system=system,
+                                  allowed_keys=allowed_keys, **rules)
         except DataError as exc:
             if ctx.on_bad_record is None:
                 raise
@@ -126,19 +132,23 @@ def read_generic(path: Path, *, context: ReadContext) -> Iterator[Sample]:
 
 
 def read_llava(path: Path, *, context: ReadContext) -> Iterator[Sample]:
-    """LLaVA instruction data: an optional ``image`` key and human/gpt ``conversations``."""
+    """LLaVA instruction data (LLaVA-1.5's mix665k included): an optional ``image`` key, human/gpt
+    ``conversations``, ShareGPT text-only records with ``model``."""
     return _read(Path(path), context, allowed_keys={"image"})
 
 
 def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
-    """LAMM 2D (``image``) and 3D (``pcl``) data; ``task_type`` selects the system message."""
+    """LAMM 2D (``image``) and 3D (``pcl``) instruction files as LAMM publishes them; ``task_type``
+    selects the system message. LAMM's text carries no placeholder: the inputs' placeholders go at
+    the start of the first human turn, where LAMM's loader puts the vision tokens (a placeholder
+    already in the text, as LAMM's newer framework writes, is used as it stands)."""
 
     def system_for(obj: Any) -> str | None:
         if isinstance(obj, dict):
             return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal")), LAMM_SYSTEM_MESSAGES["normal"])
         return None
 
-    return _read(Path(path), context, system_for=system_for)
+    return _read(Path(path), context, system_for=system_for, implicit_placeholders=True)
 
 
 def head_records(path: Path, n: int) -> list[Any]:

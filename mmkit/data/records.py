@@ -7,7 +7,12 @@ Generic record format (JSON list or JSONL; LLaVA and LAMM records are special ca
      "conversations": [{"from": "human", "value": "<image>\\nWhat digit is shown?"},
                        {"from": "gpt", "value": "7"}]}
 
-Turn roles may be written ``human``/``gpt`` (LLaVA) or ``user``/``assistant`` with ``content``.
+Turn roles may be written ``human``/``gpt`` (LLaVA, ShareGPT) or ``user``/``assistant`` with
+``content`` (``messages``: TRL, Hugging Face chat, ms-swift). A leading ``system`` turn becomes the
+system message. ``content`` may be a list of parts (``{"type": "text", "text": ...}`` and one part per
+modality input, ``{"type": KEY}`` with KEY a data key of an installed modality, optionally holding
+the path itself); each modality part puts that modality's placeholder where it stands. A data key
+may also be written in the plural (``images``: a list of paths, ms-swift and TRL style).
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from mmkit.errors import DataError
 from mmkit.specs import ModalitySpec
 
 USER, ASSISTANT = "user", "assistant"
-_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "model": ASSISTANT}
+SYSTEM = "system"
+_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "model": ASSISTANT,
+          "bot": ASSISTANT, "chatgpt": ASSISTANT, "system": SYSTEM}
+#: Fields of the formats mmkit reads that carry nothing for training: LLaVA-1.5's ShareGPT records
+#: (``model``), LAMM's provenance fields, TRL's ``tools`` and ms-swift's ``objects``.
 KNOWN_KEYS = {"id", "conversations", "messages", "system", "task_type", "src_image", "src_dataset",
-              "src_id", "label", "answers", "meta"}
+              "src_id", "label", "answers", "meta", "model", "tools", "objects"}
 
 
 @attrs.frozen
@@ -70,8 +79,13 @@ class ReadContext:
     on_bad_record: Callable[[DataError], None] | None = None
 
     def modality_for_key(self, key: str) -> ModalitySpec | None:
+        """The modality a record key (or a content part's ``type``) names: one of its data keys, or
+        a data key's plural (``images`` for ``image``)."""
         for spec in self.modalities.values():
             if key in spec.data_keys:
+                return spec
+        for spec in self.modalities.values():
+            if key.endswith("s") and key[:-1] in spec.data_keys:
                 return spec
         return None
 
@@ -100,12 +114,19 @@ def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 
 def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int,
-                 system: str | None = None, allowed_keys: set[str] | None = None) -> Sample:
+                 system: str | None = None, allowed_keys: set[str] | None = None,
+                 implicit_placeholders: bool = False, drop_leading_assistant: bool = False) -> Sample:
     """Validate one raw record and normalise it. Raises :class:`DataError` naming the record (file,
-    index and, when the record has one, its id) with a ``kind`` for reports."""
+    index and, when the record has one, its id) with a ``kind`` for reports.
+
+    ``implicit_placeholders``: a modality whose inputs have no placeholder anywhere in the text gets
+    them at the start of the first user turn (where LAMM's loader puts the vision tokens).
+    ``drop_leading_assistant``: a conversation opening with an assistant turn loses that turn (as
+    LLaVA's preprocessing does for such ShareGPT records)."""
     try:
         return _parse_record(obj, ctx=ctx, base=base, source=source, index=index, system=system,
-                             allowed_keys=allowed_keys)
+                             allowed_keys=allowed_keys, implicit_placeholders=implicit_placeholders,
+                             drop_leading_assistant=drop_leading_assistant)
     except DataError as exc:
         if exc.record_id is None and isinstance(obj, dict) and "id" in obj:
             raise DataError(exc.source, exc.record, exc.reason, record_id=str(obj["id"]), kind=exc.kind) from None
@@ -113,30 +134,46 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 
 def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int, system: str | None,
-                  allowed_keys: set[str] | None) -> Sample:
+                  allowed_keys: set[str] | None, implicit_placeholders: bool = False,
+                  drop_leading_assistant: bool = False) -> Sample:
     if not isinstance(obj, dict):
         raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}", kind="schema")
     conv = obj.get("conversations", obj.get("messages"))
     if conv is None:
-        raise DataError(source, index, "no 'conversations'", kind="schema")
+        raise DataError(source, index, "no 'conversations' (or 'messages')", kind="schema")
     if not isinstance(conv, list) or not conv:
         raise DataError(source, index, "'conversations' must be a non-empty list", kind="schema")
     turns = []
+    part_inputs: dict[str, list[str]] = {}  # paths given inside content parts
+    turn_system = None
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict):
             raise DataError(source, index, f"turn {t} is not an object", kind="schema")
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        speaker = turn.get("from", turn.get("role", ""))
+        role = _ROLES.get(str(speaker).lower())
         if role is None:
-            raise DataError(source, index, f"turn {t} has unknown speaker {turn.get('from', turn.get('role'))!r}",
-                            kind="schema")
+            raise DataError(source, index, f"turn {t} has unknown speaker {speaker!r}", kind="schema")
         text = turn.get("value", turn.get("content"))
+        if isinstance(text, list):
+            text = _join_parts(text, ctx=ctx, t=t, source=source, index=index, inputs=part_inputs)
+        if role == SYSTEM:
+            if turns or turn_system is not None:
+                raise DataError(source, index, f"turn {t}: a system turn must come first", kind="turn_order")
+            if not isinstance(text, str):
+                raise DataError(source, index, f"turn {t}: the system message must be text", kind="schema")
+            turn_system = text
+            continue
         if not isinstance(text, str) or not text.strip():
             raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
-        expected = USER if t % 2 == 0 else ASSISTANT
+        if drop_leading_assistant and not turns and role == ASSISTANT:
+            continue
+        expected = USER if len(turns) % 2 == 0 else ASSISTANT
         if role != expected:
             raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
                                            "(turns alternate, starting with the user)", kind="turn_order")
         turns.append(Turn(role, text))
+    if not turns:
+        raise DataError(source, index, "no user or assistant turns", kind="turn_order")
     if turns[-1].role != ASSISTANT:
         raise DataError(source, index, "the last turn must be the assistant's answer", kind="turn_order")
 
@@ -153,13 +190,25 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
         paths = tuple(resolve_path(v, ctx=ctx, base=base, source=source, index=index) for v in values)
         if spec.name in inputs:
             raise DataError(source, index, f"modality {spec.name!r} given under two keys", kind="schema")
-        inputs[spec.name] = paths
+        if paths:
+            inputs[spec.name] = paths
+    for name, raw_paths in part_inputs.items():
+        if name in inputs:
+            raise DataError(source, index, f"{name} paths given both in content parts and as a record key",
+                            kind="schema")
+        inputs[name] = tuple(resolve_path(v, ctx=ctx, base=base, source=source, index=index) for v in raw_paths)
 
     # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
     for spec in ctx.modalities.values():
         for alias in spec.markers.aliases:
             turns = [Turn(t.role, t.text.replace(alias, spec.markers.placeholder)) for t in turns]
         count = sum(t.text.count(spec.markers.placeholder) for t in turns)
+        given = len(inputs.get(spec.name, ()))
+        if implicit_placeholders and given and not count:
+            # LAMM's layout: no placeholder in the text; the inputs go before the first user turn's text
+            first = turns[0]
+            turns[0] = Turn(first.role, "".join(spec.markers.placeholder + "\n" for _ in range(given)) + first.text)
+            count = given
         for t in turns:
             if t.role == ASSISTANT and spec.markers.placeholder in t.text:
                 raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn",
@@ -177,7 +226,7 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
     # Order inputs by where their first placeholder appears (cosmetic but deterministic).
     text = "\n".join(t.text for t in turns)
     order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
-    record_system = obj.get("system", system)
+    record_system = obj.get("system", turn_system if turn_system is not None else system)
     if record_system is not None and not isinstance(record_system, str):
         raise DataError(source, index, "'system' must be a string", kind="schema")
     meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
@@ -192,3 +241,31 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
         index=index,
         meta=meta,
     )
+
+
+def _join_parts(parts: list[Any], *, ctx: ReadContext, t: int, source: str, index: int,
+                inputs: dict[str, list[str]]) -> str:
+    """Content parts to text: text parts joined, each modality part replaced by its placeholder
+    (and its path, when the part holds one, collected in ``inputs``)."""
+    out = []
+    for p, part in enumerate(parts):
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise DataError(source, index, f"turn {t} part {p}: expected an object with a 'type'", kind="schema")
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise DataError(source, index, f"turn {t} part {p}: a text part needs 'text'", kind="schema")
+            out.append(part["text"])
+            continue
+        spec = ctx.modality_for_key(kind)
+        if spec is None:
+            raise DataError(source, index, f"turn {t} part {p}: part type {kind!r} is not text nor a data key of an "
+                                           f"installed modality", kind="schema")
+        path = next((part[k] for k in (kind, "path", "url") if isinstance(part.get(k), str)), None)
+        if path is not None:
+            inputs.setdefault(spec.name, []).append(path)
+        out.append(spec.markers.placeholder)
+    return "".join(out)

@@ -42,13 +42,21 @@ def pick_reader(host: PluginHost, path: Path, name: str | None) -> str:
     if name is not None:
         host.reader(name)
         return name
-    # Several leading records, not just the first: a mixed file that opens with an image record is
-    # not a LLaVA file when a point-cloud record follows.
-    head = head_records(path, DETECT_RECORDS)
     # The generic reader accepts any record with conversations, so it is asked last: the readers
     # that recognise a specific format (LAMM's task_type, LLaVA's keys) get their files first.
     ordered = [(name, resolve(spec.detect)) for name, spec in
                sorted(host.readers().items(), key=lambda item: item[0] == GENERIC_READER) if spec.detect is not None]
+    # The path first (record None): readers of non-JSON data (parquet, dataset directories) know
+    # their files by path, and the JSON sniffing below cannot read those.
+    for reader_name, detect in ordered:
+        try:
+            if detect(path, None):
+                return reader_name
+        except Exception:  # a detect written for records only
+            continue
+    # Several leading records, not just the first: a mixed file that opens with an image record is
+    # not a LLaVA file when a point-cloud record follows.
+    head = head_records(path, DETECT_RECORDS)
     # Records no reader accepts (malformed ones) are left to the reader to report.
     votes = [[detect(path, record) for _, detect in ordered] for record in head]
     usable = [v for v in votes if any(v)]

@@ -8,7 +8,8 @@ a tokenizer is given), and unknown keys (warnings). The result is a :class:`Repo
 file, every issue with its file, record index, record id, severity and reason, and a per-record
 status list for ``--json``.
 
-Nothing here imports torch; the length check needs a tokenizer (transformers) only when asked for.
+Nothing here imports torch; the encode check (the one training runs: template, answers located,
+placeholders, length with modality tokens) needs a tokenizer (transformers) only when asked for.
 """
 
 from __future__ import annotations
@@ -154,41 +155,36 @@ def _short(issue: Issue) -> dict[str, Any]:
 
 # -- the length check ------------------------------------------------------------------------------
 class PromptLengths:
-    """Tokenised lengths including modality tokens, exactly as :meth:`PromptBuilder.encode_sample`
-    counts them, but for many samples at once (one render and one batched tokenizer call each)."""
+    """The encode check training runs (:meth:`PromptBuilder.encode_samples`: the template renders,
+    the answers are located, placeholders match inputs, the length with modality tokens fits), for
+    many samples at once. Validation and packing use it, so a file that validates trains."""
 
     def __init__(self, prompts: Any):
         self.prompts = prompts
-        tok = prompts.tokenizer
-        self.placeholder_ids = {tok.convert_tokens_to_ids(spec.placeholder): m for m, spec in prompts.markers.items()}
-        self.extra = {m: prompts.tokens_per_input[m] + bool(spec.begin) + bool(spec.end) - 1
-                      for m, spec in prompts.markers.items()}
         self.max_length = prompts.max_length
 
+    def check(self, samples: Sequence[Sample]) -> list[Any]:
+        """Per sample: its :class:`~mmkit.prompt.EncodedSample`, or the :class:`DataError` training
+        would raise for it."""
+        return self.prompts.encode_samples(samples)
+
     def __call__(self, samples: Sequence[Sample]) -> list[tuple[int, dict[str, int]]]:
-        """``(length, placeholder tokens per modality)`` per sample."""
-        p = self.prompts
-        texts = [p.render(p.messages(s.turns, s.system), add_generation_prompt=False) for s in samples]
-        encoded = p.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        eos = p.tokenizer.eos_token_id
-        stops = p.stop_token_ids
+        """``(length, inputs per modality)`` per sample; a sample that does not encode raises."""
         out = []
-        for ids in encoded:
-            counts: dict[str, int] = {}
-            for tok in ids:
-                m = self.placeholder_ids.get(tok)
-                if m is not None:
-                    counts[m] = counts.get(m, 0) + 1
-            length = len(ids) + sum(self.extra[m] * n for m, n in counts.items())
-            if eos is not None and not (ids and ids[-1] in stops):
-                length += 1
-            out.append((length, counts))
+        for result in self.check(samples):
+            if isinstance(result, DataError):
+                raise result
+            out.append((len(result.input_ids), dict(result.input_counts)))
         return out
 
 
-def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int], *,
-                       template: str | None = None, max_length: int | None = None) -> PromptLengths:
-    """A length checker from an LLM's tokenizer (hub id or local path) with mmkit's markers added."""
+def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int], *,
+                       template: str | None = None, max_length: int | None = None) -> Any:
+    """The :class:`~mmkit.prompt.PromptBuilder` training would use, from an LLM's tokenizer (hub id or
+    local path) with mmkit's markers added; the template is checked before the tokenizer loads."""
+    from mmkit.templates import check_early
+
+    check_early(llm, template)
     from transformers import AutoTokenizer
 
     from mmkit.errors import ConfigError
@@ -197,10 +193,16 @@ def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: M
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {llm!r}: {exc}") from exc
     add_marker_tokens(tokenizer, [t for spec in markers.values() for t in spec.special_tokens()])
-    return PromptLengths(PromptBuilder(tokenizer, markers, tokens_per_input, template=template, max_length=max_length))
+    return PromptBuilder(tokenizer, markers, tokens_per_input, template=template, max_length=max_length)
+
+
+def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int], *,
+                       template: str | None = None, max_length: int | None = None) -> PromptLengths:
+    """The encode check of :class:`PromptLengths` for an LLM's tokenizer (see :func:`prompt_builder_for`)."""
+    return PromptLengths(prompt_builder_for(llm, markers, tokens_per_input, template=template, max_length=max_length))
 
 
 def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, int]:
@@ -438,17 +440,9 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
 
 
 def _length_checks(lengths: PromptLengths, samples: Sequence[Sample], add: Callable[[Issue], None]) -> None:
-    for sample, (length, counts) in zip(samples, lengths(samples), strict=True):
-        for modality, paths in sample.inputs.items():
-            if counts.get(modality, 0) != len(paths):
-                add(Issue(sample.source, sample.index, sample.id, ERROR, "placeholder",
-                          f"{len(paths)} {modality} input(s) but {counts.get(modality, 0)} placeholder token(s) "
-                          "after tokenisation"))
-        if lengths.max_length is not None and length > lengths.max_length:
-            detail = ", ".join(f"{n} {m} x {lengths.prompts.tokens_per_input[m]}" for m, n in counts.items())
-            add(Issue(sample.source, sample.index, sample.id, ERROR, "too_long",
-                      f"{length} tokens including modality tokens{f' ({detail})' if detail else ''}, "
-                      f"over the maximum {lengths.max_length}"))
+    for sample, result in zip(samples, lengths.check(samples), strict=True):
+        if isinstance(result, DataError):
+            add(Issue(sample.source, sample.index, sample.id, ERROR, result.kind or "encode", result.reason))
 
 
 def _summarise(report: Report) -> None:

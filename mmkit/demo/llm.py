@@ -8,14 +8,16 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from mmkit.prompt import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_TOKENS
+from mmkit.templates import TEMPLATES
 
-SPECIALS = ("<unk>", "<pad>", "<s>", "</s>", *DEFAULT_TEMPLATE_TOKENS)
+#: The demo speaks Phi-3's chat format (a real template; its role and end-of-turn markers are tokens here).
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIALS = ("<unk>", "<pad>", "<s>", "</s>", *CHAT_TOKENS)
 _WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 def build_tokenizer(corpus: Iterable[str]):
-    """A word-level tokenizer over ``corpus`` with the default chat template."""
+    """A word-level tokenizer over ``corpus`` with the ``phi3`` chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,8 +28,8 @@ def build_tokenizer(corpus: Iterable[str]):
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(DEFAULT_TEMPLATE_TOKENS)})
-    tokenizer.chat_template = DEFAULT_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.chat_template = TEMPLATES["phi3"].source
     return tokenizer
 
 

