@@ -1,37 +1,140 @@
-"""``mmkit eval``: score a trained model on held-out data."""
+"""``mmkit eval``: score a trained model on held-out data or benchmark recipes, and score saved
+predictions (ours or another system's) with the same metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class _EvalGroup(TyperGroup):
+    """``mmkit eval RUN ...`` runs the default command (``run``); ``mmkit eval score ...`` the other."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands:
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+eval_app = typer.Typer(cls=_EvalGroup, no_args_is_help=True,
+                       help="Evaluate a run (held-out data or benchmark recipes); score prediction files.")
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="eval")(evaluate)
+    app.add_typer(eval_app, name="eval")
 
 
+@eval_app.command("run")
 def evaluate(
     output_dir: Annotated[Path, typer.Argument(help="A run's output directory.")],
-    data: Annotated[list[Path], typer.Option(help="Held-out file(s) (LLaVA, LAMM or generic); repeatable.")],
-    metric: Annotated[str, typer.Option(help="Registered metric (see `mmkit plugins list`).")] = "accuracy",
+    data: Annotated[Optional[list[Path]], typer.Option(
+        help="Held-out file(s) (LLaVA, LAMM or generic); repeatable. Writes RUN/eval.json.")] = None,
+    benchmark: Annotated[Optional[list[str]], typer.Option(
+        help="Benchmark recipe (YAML file), registered benchmark or suite (e.g. demo); repeatable.")] = None,
+    metric: Annotated[str, typer.Option(help="--data: registered metric (see `mmkit plugins list`).")] = "accuracy",
+    limit: Annotated[Optional[int], typer.Option(help="--benchmark: first N items of each task.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(
+        help="--benchmark: where recipes' relative data paths start (default: the run directory).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="--benchmark: output folder (default RUN/eval/<benchmark>).")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
-    max_new_tokens: Annotated[int, typer.Option()] = 16,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="--data: tokens to generate.")] = 16,
+    json_out: Annotated[Optional[str], typer.Option(
+        "--json", help="Also write the results as JSON to this file ('-': stdout, instead of the table).")] = None,
 ) -> None:
-    """Generate answers for held-out questions, score them, and score them again with the modality
-    inputs blanked (an answer that survives blanking did not come from the modality). Writes
-    <output_dir>/eval.json."""
+    """Generate answers and score them.
+
+    With --data: score held-out files, and again with the modality inputs blanked (an answer that
+    survives blanking did not come from the modality); writes RUN/eval.json.
+
+    With --benchmark: run recipes (data + instruction + generation or likelihood choice + metrics)
+    through the training prompt builder; writes each task's predictions as JSONL beside scores.json
+    in RUN/eval/<benchmark>/ (`mmkit eval score` reproduces every figure from them).
+    """
     import json
 
     from rich.console import Console
 
-    from mmkit.evaluation.evaluate import evaluate_run, print_eval
+    from mmkit.errors import ConfigError
 
-    results = evaluate_run(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens)
-    if json_out:
-        typer.echo(json.dumps(results, indent=2))
+    if bool(data) == bool(benchmark):
+        raise ConfigError("give --data FILE (held-out evaluation) or --benchmark RECIPE (benchmark), not both"
+                          if data else "give --data FILE or --benchmark RECIPE_OR_NAME")
+    to_stdout = json_out == "-"
+    console = Console(stderr=to_stdout)
+    if data:
+        from mmkit.evaluation.evaluate import evaluate_run, print_eval
+
+        results = evaluate_run(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens)
+        if not to_stdout:
+            print_eval(results, console)
     else:
-        print_eval(results, Console())
+        results = _run_benchmarks(output_dir, benchmark or [], limit=limit, data_root=data_root, out=out,
+                                  batch_size=batch_size, console=console, show_table=not to_stdout)
+    if json_out:
+        text = json.dumps(results, indent=2)
+        if to_stdout:
+            typer.echo(text)
+        else:
+            from mmkit.training.atomic import atomic_write_text
+
+            atomic_write_text(Path(json_out), text)
+
+
+def _run_benchmarks(output_dir: Path, names: list[str], *, limit: int | None, data_root: Path | None,
+                    out: Path | None, batch_size: int, console: Any, show_table: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mmkit.errors import ConfigError
+    from mmkit.evaluation.benchmark import SCORES, print_benchmark, run_benchmark
+    from mmkit.evaluation.recipe import resolve_benchmark
+    from mmkit.inference import load
+    from mmkit.plugins import get_host
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    if not (output_dir / "model").is_dir() and not (output_dir / "mmkit.json").is_file():
+        raise ConfigError(f"{output_dir}: not a run directory (no model/ in it)")
+    host = get_host()
+    model = load(output_dir, host=host)
+    recipes = [r for name in names for r in resolve_benchmark(name, host, model.modalities)]
+    label = "+".join(Path(n).stem if n.endswith((".yaml", ".yml")) else n for n in names)
+    target = out or output_dir / "eval" / label
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        results = run_benchmark(model, recipes, target, host, data_root=data_root, run_dir=output_dir,
+                                limit=limit, batch_size=batch_size, progress=progress)
+    if show_table:
+        print_benchmark(results, console, title=f"benchmark {label} ({target / SCORES})")
+    return results
+
+
+@eval_app.command("score")
+def score_file(
+    predictions: Annotated[Path, typer.Argument(help="JSONL: one {\"prediction\": ..., \"reference\": ...} per line.")],
+    metric: Annotated[list[str], typer.Option(help="Registered metric; repeatable.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Score a predictions file (from `mmkit eval RUN --benchmark`, or any system's answers)."""
+    import json
+
+    from mmkit.evaluation.scoring import score_predictions_file
+
+    results = score_predictions_file(predictions, metric)
+    if json_out:
+        typer.echo(json.dumps(results if len(metric) > 1 else results[metric[0]]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=str(predictions))
+    for column in ("metric", "figure", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for name, figures in results.items():
+        for k, (figure, value) in enumerate(figures.items()):
+            table.add_row(name if k == 0 else "", figure, f"{value:.4f}")
+    Console().print(table)

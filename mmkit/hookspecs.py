@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from mmkit.specs import EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
+    from mmkit.specs import BenchmarkSpec, EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
 
 PROJECT = "mmkit"
 #: Version of this contract. Plugins declare the range they support with ``mmkit>=X,<Y`` in their
@@ -127,6 +127,24 @@ def mmkit_metrics() -> Sequence[MetricSpec]:
         @hookimpl
         def mmkit_metrics():
             return [MetricSpec(name="count_mae", compute="my_pkg.metrics:count_mae")]
+    """
+
+
+@hookspec
+def mmkit_benchmarks() -> Sequence[BenchmarkSpec]:
+    """Register benchmark tasks for ``mmkit eval RUN --benchmark NAME``.
+
+    Return a list of :class:`mmkit.specs.BenchmarkSpec`. ``recipe`` names a YAML recipe shipped in
+    a package (``"package:path/in/package.yaml"``: data, instruction, inference mode and metrics;
+    the format is described in :mod:`mmkit.evaluation.recipe`). ``suites`` are group names: ``mmkit
+    eval RUN --benchmark SUITE`` runs every task of the suite whose modality the model has.
+
+    Example::
+
+        @hookimpl
+        def mmkit_benchmarks():
+            return [BenchmarkSpec(name="cifar10", recipe="my_pkg:benchmarks/cifar10.yaml",
+                                  suites=("lamm2d",))]
     """
 
 

@@ -28,7 +28,7 @@ import pluggy
 
 from mmkit import hookspecs
 from mmkit.errors import PluginError
-from mmkit.specs import EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
+from mmkit.specs import BenchmarkSpec, EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
 
 ENTRY_POINT_GROUP = "mmkit"
 DEFAULT_PLUGINS = (
@@ -45,6 +45,7 @@ _REGISTRATION_HOOKS: dict[str, tuple[type, str]] = {
     "mmkit_projectors": (ProjectorSpec, "projector"),
     "mmkit_dataset_readers": (ReaderSpec, "reader"),
     "mmkit_metrics": (MetricSpec, "metric"),
+    "mmkit_benchmarks": (BenchmarkSpec, "benchmark"),
 }
 
 
@@ -299,6 +300,12 @@ class PluginHost:
 
     def metrics(self) -> dict[str, MetricSpec]:
         return self._all("metric")
+
+    def benchmark(self, name: str) -> BenchmarkSpec:
+        return self._get("benchmark", name)
+
+    def benchmarks(self) -> dict[str, BenchmarkSpec]:
+        return self._all("benchmark")
 
     def provider(self, kind: str, name: str) -> str:
         """The plugin that registered ``name`` of ``kind``."""

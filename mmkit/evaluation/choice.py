@@ -1,0 +1,61 @@
+"""Multiple choice by likelihood (ChEF's "perplexity" inferencer): each option is scored as the
+assistant's answer to the prompt, through the training prompt builder, and the most likely wins.
+
+An option's score is the summed log-probability of its answer tokens, end-of-turn token included
+(the tokens training puts a loss on): ``log P(option, then stop | prompt)``, so "2" does not win
+by being the start of "23".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmkit.data.records import ASSISTANT, USER, Sample, Turn
+
+
+def _answer_turns(sample: Sample, option: str) -> tuple[Turn, ...]:
+    turns = list(sample.turns)
+    while turns and turns[-1].role != USER:
+        turns.pop()
+    return (*turns, Turn(ASSISTANT, option))
+
+
+def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str]) -> list[float]:
+    """``model`` is a :class:`mmkit.inference.MultimodalModel`; one forward pass for all options."""
+    import torch
+
+    from mmkit.data.batching import Collator
+    from mmkit.modeling.lora import route_for_sample
+
+    inputs = {m: [model.preprocess[m](Path(p)) for p in paths] for m, paths in sample.inputs.items()}
+    adapter = route_for_sample(sample.modalities, model.adapters or ["-"])
+    items = []
+    for option in options:
+        encoded = model.prompts.encode_sample(Sample(id=sample.id, turns=_answer_turns(sample, option),
+                                                     inputs=sample.inputs, system=sample.system,
+                                                     source=sample.source, index=sample.index))
+        items.append({"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                      "inputs": inputs, "adapter": adapter})
+    batch = Collator(pad_id=model.tokenizer.pad_token_id)(items)
+    net = model.model
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(batch["input_ids"], batch["attention_mask"], inputs=batch["inputs"],
+                      adapters=batch["adapters"] if model.adapters else None)
+    finally:
+        net.train(was_training)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return [float(v) for v in (logp * mask).sum(-1)]
+
+
+def choose(model: Any, sample: Sample, options: Sequence[str]) -> int:
+    """Index of the most likely option (the first on a tie)."""
+    scores = option_log_likelihoods(model, sample, options)
+    return max(range(len(options)), key=lambda k: (scores[k], -k))

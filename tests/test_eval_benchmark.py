@@ -1,0 +1,266 @@
+"""Benchmark recipes, `mmkit eval RUN --benchmark` and `mmkit eval score`: the predictions saved
+beside the scores reproduce every figure, and a recipe over the held-out file reproduces the
+end-of-training evaluation exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmkit.errors import ConfigError, DataError
+from mmkit.evaluation.recipe import load_recipe, packaged_file, parse_recipe, resolve_benchmark
+
+
+def _cli(args: list[str]):
+    from mmkit_cli.main import _register_commands, app
+
+    _register_commands()
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+def test_recipe_errors_name_the_file_and_the_problem():
+    base = {"name": "t", "data": "x.json", "metrics": ["accuracy"]}
+    assert parse_recipe(base, "r.yaml").mode == "generate"
+    for bad, message in [
+        ({k: v for k, v in base.items() if k != "data"}, "missing 'data'"),
+        ({**base, "modes": "choice"}, "unknown key"),
+        ({**base, "mode": "rank"}, "mode 'rank'"),
+        ({**base, "mode": "choice"}, "needs 'choices'"),
+        ({**base, "mode": "choice", "choices": "gt_choices"}, "need format: lamm"),
+        ({**base, "max_new_tokens": 0}, "max_new_tokens"),
+        ({**base, "instruction": "{query"}, "instruction"),
+        ({**base, "data": {"generate": "m:f", "count": 3}}, "data:"),
+        ([1, 2], "mapping"),
+    ]:
+        with pytest.raises(ConfigError, match="r.yaml") as info:
+            parse_recipe(bad, "r.yaml")
+        assert message in str(info.value)
+
+
+def test_shipped_demo_recipes_score_the_demos_held_out_files_as_training_does(mm_host):
+    from mmkit.training.config import DEMO_DEFAULTS
+
+    recipes = {r.name: r for r in resolve_benchmark("demo", mm_host, ["image", "pointcloud"])}
+    assert {"digits", "shapes", "count_squares", "locate_square", "digits_choice"} <= set(recipes)
+    for name, modality in (("digits", "image"), ("shapes", "pointcloud")):
+        recipe = recipes[name]
+        # the same file (relative to the run), prompts, metric and generation length as the
+        # evaluation at the end of `mmkit train` (mmkit.training.recipe.plan_run)
+        assert recipe.data == f"demo_data/test_{modality}.jsonl" and recipe.format == "conversations"
+        assert recipe.mode == "generate" and recipe.metrics == ("accuracy",) and recipe.system is None
+        assert recipe.max_new_tokens == DEMO_DEFAULTS["eval_max_new_tokens"]
+    # a suite only runs the tasks whose modality the model has
+    assert {r.modality for r in resolve_benchmark("demo", mm_host, ["pointcloud"])} == {"pointcloud"}
+    with pytest.raises(ConfigError, match="registered: .*digits"):
+        resolve_benchmark("no_such_benchmark", mm_host)
+    with pytest.raises(ConfigError, match="no file"):
+        packaged_file("mmkit_plugin_image:benchmarks/missing.yaml")
+
+
+def test_generated_counting_and_locating_data(tmp_path):
+    from mmkit_plugin_image.bench_data import SQUARE, counting, locating
+
+    records = json.loads(counting(tmp_path, size=10, seed=0).read_text())
+    assert [r["num"] for r in records] == [1, 2, 3, 4, 5] * 2
+    for rec in records:  # the picture holds exactly `num` white squares
+        pixels = np.asarray(Image.open(tmp_path / rec["image"]).convert("L"))
+        assert int((pixels == 255).sum()) == rec["num"] * SQUARE * SQUARE
+    rec = json.loads(locating(tmp_path, size=3, seed=0).read_text())[0]
+    pixels = np.asarray(Image.open(tmp_path / rec["image"]).convert("L"))
+    ys, xs = np.nonzero(pixels == 255)
+    size = pixels.shape[0]
+    assert rec["bbox"] == pytest.approx([xs.min() / size, ys.min() / size, (xs.max() + 1) / size,
+                                         (ys.max() + 1) / size], abs=1e-4)
+
+
+def test_lamm_benchmark_records_become_prompts_with_the_modality_first(mm_host, tmp_path):
+    from mmkit.evaluation.benchmark import load_items
+
+    meta = tmp_path / "meta_file"
+    meta.mkdir()
+    (meta / "VQA_x.json").write_text(json.dumps([
+        {"id": 7, "image": "imgs/a.png", "query": "What colour?", "gt_choice": 1, "gt_choices": ["red", "blue"]},
+        {"image": "imgs/b.png", "query": "And now?", "gt_choice": 0, "gt_choices": ["green", "red"]},
+    ]))
+    recipe = parse_recipe({"name": "vqa", "data": "meta_file/VQA_x.json", "format": "lamm", "input_root": ".",
+                           "instruction": "{query} Options: {gt_choices}", "reference": ["gt_choice", "gt_choices"],
+                           "mode": "choice", "choices": "gt_choices", "system": "Answer the question.",
+                           "metrics": ["mc_accuracy"]}, "vqa.yaml")
+    items = load_items(recipe, mm_host, ["image"], data_root=tmp_path, run_dir=None, work_dir=tmp_path)
+    first = items[0]
+    assert first.sample.id == "7" and items[1].sample.id == "1"
+    assert first.sample.turns[0].text == "<image>\nWhat colour? Options: ['red', 'blue']"
+    assert first.sample.inputs == {"image": (str(tmp_path / "imgs/a.png"),)}
+    assert first.sample.system == "Answer the question."
+    assert first.reference == {"gt_choice": 1, "gt_choices": ["red", "blue"]}
+    assert first.options == ("red", "blue") and first.lettered
+    bad = parse_recipe({"name": "v", "data": str(meta / "VQA_x.json"), "format": "lamm", "reference": "label",
+                        "metrics": ["accuracy"]}, "v.yaml")
+    with pytest.raises(DataError, match="record 0 .*no field.*label"):
+        load_items(bad, mm_host, ["image"], data_root=None, run_dir=None, work_dir=tmp_path)
+
+
+# -- mmkit eval score ------------------------------------------------------------------------------
+def test_eval_score_prints_the_metrics_dict(tmp_path):
+    preds = _jsonl(tmp_path / "p.jsonl", [
+        {"prediction": "a dog [0.1, 0.1, 0.5, 0.5]", "reference": [{"label": "dog", "bbox": [0.1, 0.1, 0.5, 0.5]}]},
+        {"prediction": "nothing", "reference": [{"label": "cat", "bbox": [0.5, 0.5, 0.9, 0.9]}]},
+    ])
+    result = _cli(["eval", "score", str(preds), "--metric", "det2d", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"recall@0.5": 0.5, "precision@0.5": 1.0, "recall@0.25": 0.5,
+                                         "precision@0.25": 1.0}
+    table = _cli(["eval", "score", str(preds), "--metric", "det2d"])
+    assert "recall@0.5" in table.output and "0.5000" in table.output
+
+
+def test_eval_score_names_the_bad_record(tmp_path):
+    from mmkit.evaluation.scoring import score_predictions_file
+
+    preds = _jsonl(tmp_path / "p.jsonl", [{"prediction": "3", "reference": 3}, {"prediction": "2", "reference": "x"}])
+    with pytest.raises(DataError, match=r"p.jsonl record 1: reference: a count must be a number"):
+        score_predictions_file(preds, ["count"])
+    _jsonl(preds, [{"prediction": "3"}])
+    with pytest.raises(DataError, match="record 0: each record needs"):
+        score_predictions_file(preds, ["count"])
+
+
+# -- end to end on a saved run ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, mm_host, tiny_llm):
+    """A saved tiny two-modality run (random LoRA, no training) and a held-out file for it."""
+    import torch
+
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+    from mmkit.modeling.persistence import save_model
+
+    torch.manual_seed(0)
+    assembled = assemble(ModelConfig(llm=str(tiny_llm("llama")),
+                                     modalities=(ModalityChoice("image"), ModalityChoice("pointcloud")),
+                                     lora=LoraSettings(r=4, alpha=8, dropout=0.0, mode="shared")), mm_host)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero adapters and projectors: answers that depend on the input
+        for name, param in assembled.model.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    run = tmp_path_factory.mktemp("run")
+    save_model(run, assembled, stage="instruct")  # as mmkit train does: RUN/model/
+    data = run / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(data / f"i{i}.png")
+        np.save(data / f"p{i}.npy", rng.normal(size=(300, 3)).astype(np.float32))
+        rows.append({"id": f"img{i}", "image": f"i{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat digit is shown ?"}, {"from": "gpt", "value": str(i % 3)}]})
+        rows.append({"id": f"pcl{i}", "pointcloud": f"p{i}.npy", "conversations": [
+            {"from": "human", "value": "<pointcloud>\nWhich shape is it ?"},
+            {"from": "gpt", "value": ["cube", "sphere", "cone"][i % 3]}]})
+    held_out = _jsonl(data / "held.jsonl", rows)
+    return run, held_out
+
+
+def test_benchmark_reproduces_the_held_out_evaluation_and_eval_score_reproduces_it(saved_run, mm_host, tmp_path):
+    from mmkit.evaluation.evaluate import evaluate_run, predict
+    from mmkit.inference import load
+
+    run, held_out = saved_run
+    # the evaluation `mmkit train` runs at the end (16 new tokens, batches of 64)
+    evaluated = evaluate_run(run, {"held": held_out}, host=mm_host)["held"]
+    eval_json = (run / "eval.json").read_bytes()
+    recipe = tmp_path / "held.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "held", "data": str(held_out), "metrics": ["accuracy", "exact_match"],
+                                      "max_new_tokens": 16}))
+    result = _cli(["eval", str(run), "--benchmark", str(recipe), "--limit", "100", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["held"]
+    assert scores["n"] == 12
+    assert scores["scores"]["accuracy"] == {"accuracy": evaluated["accuracy"]}
+    out = run / "eval" / "held"
+    assert json.loads((out / "scores.json").read_text())["held"] == scores
+    assert (run / "eval.json").read_bytes() == eval_json  # the run's own evaluation is left alone
+
+    rows = [json.loads(line) for line in (out / "held.predictions.jsonl").read_text().splitlines()]
+    # the very answers of the training-time evaluation, in order, with their references
+    from mmkit.data.records import ReadContext
+    from mmkit.data.sources import iter_samples
+
+    model = load(run, host=mm_host)
+    ctx = ReadContext(modalities={m: mm_host.modality(m) for m in model.modalities})
+    samples = list(iter_samples(mm_host, held_out, ctx))
+    assert [r["prediction"] for r in rows] == predict(model, samples, batch_size=64, max_new_tokens=16)
+    assert [r["reference"] for r in rows] == [s.turns[-1].text for s in samples]
+    assert [r["id"] for r in rows] == [s.id for s in samples]
+
+    # `mmkit eval score` on the saved predictions gives back every printed figure
+    for metric, figures in scores["scores"].items():
+        again = _cli(["eval", "score", str(out / "held.predictions.jsonl"), "--metric", metric, "--json"])
+        assert json.loads(again.stdout) == figures
+
+    # --limit, a named --out folder and the table
+    limited = _cli(["eval", str(run), "--benchmark", str(recipe), "--limit", "3", "--out", str(tmp_path / "o")])
+    assert limited.exit_code == 0, limited.output
+    assert "accuracy" in limited.output and "held" in limited.output
+    assert len((tmp_path / "o" / "held.predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_choice_mode_picks_the_most_likely_option(saved_run, mm_host, tmp_path):
+    import torch
+
+    from mmkit.data.records import ReadContext
+    from mmkit.data.sources import iter_samples
+    from mmkit.evaluation.choice import _answer_turns, option_log_likelihoods
+    from mmkit.inference import load
+
+    run, held_out = saved_run
+    model = load(run, host=mm_host)
+    ctx = ReadContext(modalities={m: mm_host.modality(m) for m in model.modalities})
+    sample = next(iter(iter_samples(mm_host, held_out, ctx)))
+    options = ["cube", "sphere", "0"]
+    scores = option_log_likelihoods(model, sample, options)
+    # each option's summed log-likelihood, from the model's own loss on that one conversation
+    for option, got in zip(options, scores, strict=True):
+        import attrs
+
+        encoded = model.prompts.encode_sample(attrs.evolve(sample, turns=_answer_turns(sample, option)))
+        ids = torch.tensor([encoded.input_ids])
+        labels = torch.tensor([encoded.labels])
+        inputs = {m: torch.stack([model.preprocess[m](Path(p)) for p in paths]) for m, paths in sample.inputs.items()}
+        with torch.no_grad():
+            loss = model.model(ids, torch.ones_like(ids), labels=labels, inputs=inputs,
+                               adapters=["shared"] if model.adapters else None).loss
+        n = int((labels[:, 1:] != -100).sum())
+        assert got == pytest.approx(-float(loss) * n, rel=1e-4, abs=1e-4)
+
+    recipe = tmp_path / "choice.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "pick", "data": str(held_out), "mode": "choice", "choices": options,
+                                      "metrics": ["accuracy"]}))
+    result = _cli(["eval", str(run), "--benchmark", str(recipe), "--limit", "2", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "eval" / "choice" / "pick.predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["prediction"] == options[int(np.argmax(scores))] and rows[0]["options"] == options
+    assert all(r["prediction"] in options for r in rows)
+
+
+def test_eval_run_refuses_unclear_requests(saved_run, tmp_path):
+    run, held_out = saved_run
+    with pytest.raises(ConfigError, match="--data FILE or --benchmark"):
+        _cli(["eval", str(run)])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        _cli(["eval", str(tmp_path), "--benchmark", "demo"])
+    with pytest.raises(ConfigError, match="benchmark recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
