@@ -17,6 +17,7 @@ from mmkit.modeling.lora import LoraSettings, RoutedLora, adapter_names_for
 from mmkit.modeling.tokens import ExtendedEmbedding, add_marker_tokens
 from mmkit.plugins import PluginHost
 from mmkit.prompt import PromptBuilder
+from mmkit.templates import check_early
 
 
 @attrs.frozen
@@ -110,6 +111,8 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
     if config.encoder_gradient_checkpointing and not config.encoder_lora:
         raise ConfigError("encoder_gradient_checkpointing: the encoders are frozen (no backward pass through "
                           "them); it applies with encoder_lora only")
+    if tokenizer_path is None:  # the prompt template resolves (or names the likely one) before the LLM loads
+        check_early(config.llm, config.template)
     with zero3_loading(deepspeed_config):
         return _assemble(config, host, tokenizer_path=tokenizer_path)
 
@@ -183,7 +186,8 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
     prompts = PromptBuilder(tokenizer, {m: specs[m].markers for m in specs},
                             {m: components[m]["tokens_per_input"] for m in specs},
                             template=config.template, max_length=config.max_length)
-    config = attrs.evolve(config, first_new_token_id=first_new)
+    # the resolved template (a name, or a file's text) is saved with the run: chat / eval / load render alike
+    config = attrs.evolve(config, first_new_token_id=first_new, template=prompts.template_ref)
     return Assembled(model, tokenizer, prompts, config, first_new, components)
 
 
