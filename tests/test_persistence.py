@@ -308,3 +308,87 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+# -- identity of the base model: weights, tokenizer, chat template ---------------------------------------
+@pytest.fixture
+def image_run(tmp_path, mm_host):
+    """A model saved on its own tiny base LLM (which the tests then swap)."""
+    from mmkit.demo.llm import build_tiny_llm
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+
+    corpus = ["What is shown here ? a cube"]
+    llm = build_tiny_llm(tmp_path / "llm", corpus, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    torch.manual_seed(0)
+    assembled = assemble(ModelConfig(llm=str(llm), modalities=(ModalityChoice("image"),), lora=LoraSettings(r=2)),
+                         mm_host)
+    save_model(tmp_path / "run", assembled, stage="instruct")
+    return tmp_path / "run", llm, corpus
+
+
+def test_fingerprint_covers_weights_tokenizer_and_chat_template(image_run):
+    run, llm, _ = image_run
+    fingerprint = read_meta(run / "model")["llm"]["fingerprint"]
+    assert {"weights", "tokenizer", "chat_template"} <= set(fingerprint)
+    assert all(isinstance(fingerprint[k], str) and len(fingerprint[k]) == 64 for k in ("weights", "tokenizer"))
+
+
+def test_a_base_of_the_same_shape_with_other_weights_is_refused_unless_allowed(image_run, mm_host):
+    """Before: only model_type and sizes were compared, so this loaded silently."""
+    from mmkit.demo.llm import build_tiny_llm
+
+    run, llm, corpus = image_run
+    load_model(run, mm_host)  # fits as saved
+    build_tiny_llm(llm, corpus, hidden_size=32, num_layers=1, num_heads=2, seed=1)  # same shapes, other weights
+    with pytest.raises(CheckpointMismatchError, match=r"different base LLM: same shapes, but its weights differ.*"
+                                                      r"--allow-different-base"):
+        load_model(run, mm_host)
+    with pytest.warns(UserWarning, match=r"weights differ .*allowed by --allow-different-base"):
+        load_model(run, mm_host, allow_base_mismatch=True)
+
+
+def test_a_base_with_another_tokenizer_or_chat_template_is_refused(image_run, mm_host):
+    run, llm, _ = image_run
+    config_path = llm / "tokenizer_config.json"
+    original = config_path.read_text()
+    config = json.loads(original)
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config_path.write_text(json.dumps(config))
+    for stale in llm.glob("chat_template.*"):
+        stale.unlink()
+    with pytest.raises(CheckpointMismatchError, match=r"same shapes, but its chat template differ"):
+        load_model(run, mm_host)
+    config_path.write_text(original)
+    tokenizer = json.loads((llm / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = [k for k in vocab if k.isalpha()][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two words swapped: another tokenizer
+    (llm / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(CheckpointMismatchError, match=r"same shapes, but its tokenizer(, chat template)? differ"):
+        load_model(run, mm_host)
+
+
+def test_a_checkpoint_from_before_content_fingerprints_loads_with_a_note(image_run, mm_host):
+    run, _, _ = image_run
+    _edit_meta(run, lambda m: [m["llm"]["fingerprint"].pop(k) for k in ("weights", "tokenizer", "chat_template")])
+    with pytest.warns(UserWarning, match=r"predates base-model content fingerprints.*only the base model's shapes"):
+        load_model(run, mm_host)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("weights"), r"'weights' \(weights files\)"),
+    (lambda m: m["weights"].pop("trainable.safetensors"), r"'weights' \(the sha256 of trainable.safetensors"),
+    (lambda m: m.pop("modalities"), r"'modalities'"),
+])
+def test_incomplete_metadata_is_refused_by_field(copy_of, mm_host, edit, message):
+    """Before: KeyError."""
+    _edit_meta(copy_of, edit)
+    with pytest.raises(CheckpointMismatchError, match=r"mmkit.json: incomplete metadata, missing or malformed: " + message):
+        load_model(copy_of, mm_host)
+
+
+def test_metadata_that_is_a_list_is_refused(copy_of, mm_host):
+    (copy_of / "model" / META).write_text("[1, 2]")
+    with pytest.raises(CheckpointMismatchError, match=r"expected a JSON object of model metadata, found a list"):
+        load_model(copy_of, mm_host)
