@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 def evaluate(
     output_dir: Annotated[Path, typer.Argument(help="A run's output directory.")],
     data: Annotated[Optional[list[Path]], typer.Option(
-        help="Held-out file(s) (LLaVA, LAMM or generic); repeatable. Writes RUN/eval.json.")] = None,
+        help="Held-out file(s) (LLaVA, LAMM or generic); repeatable.")] = None,
     benchmark: Annotated[Optional[list[str]], typer.Option(
         help="Benchmark recipe (YAML file), registered benchmark or suite (e.g. demo); repeatable.")] = None,
     metric: Annotated[str, typer.Option(help="--data: registered metric (see `mmkit plugins list`).")] = "accuracy",
@@ -39,7 +39,7 @@ def evaluate(
     data_root: Annotated[Optional[Path], typer.Option(
         help="--benchmark: where recipes' relative data paths start (default: the run directory).")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="--benchmark: output folder (default RUN/eval/<benchmark>).")] = None,
+        help="Output folder (default RUN/eval/<benchmark or data file names>).")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     max_new_tokens: Annotated[int, typer.Option(help="--data: tokens to generate.")] = 16,
     json_out: Annotated[Optional[str], typer.Option(
@@ -48,7 +48,8 @@ def evaluate(
     """Generate answers and score them.
 
     With --data: score held-out files, and again with the modality inputs blanked (an answer that
-    survives blanking did not come from the modality); writes RUN/eval.json.
+    survives blanking did not come from the modality); writes eval.json and each file's answers
+    (JSONL) into RUN/eval/<file names>/ (the run's own RUN/eval.json stays as training wrote it).
 
     With --benchmark: run recipes (data + instruction + generation or likelihood choice + metrics)
     through the training prompt builder; writes each task's predictions as JSONL beside scores.json
@@ -68,10 +69,13 @@ def evaluate(
     if data:
         from mmkit.evaluation.evaluate import evaluate_run, print_eval
 
+        # Never over the run's own eval.json (the end-of-training record): a folder of its own.
+        target = out or output_dir / "eval" / "+".join(p.stem for p in data)
         results = evaluate_run(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, out_dir=target)
         if not to_stdout:
             print_eval(results, console)
+            console.print(f"wrote {target / 'eval.json'} and the answers beside it")
     else:
         results = _run_benchmarks(output_dir, benchmark or [], limit=limit, data_root=data_root, out=out,
                                   batch_size=batch_size, console=console, show_table=not to_stdout)

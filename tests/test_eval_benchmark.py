@@ -256,6 +256,28 @@ def test_choice_mode_picks_the_most_likely_option(saved_run, mm_host, tmp_path):
     assert all(r["prediction"] in options for r in rows)
 
 
+def test_eval_data_keeps_its_ablation_and_leaves_the_runs_eval_json_alone(saved_run, mm_host):
+    run, held_out = saved_run
+    (run / "eval.json").write_text('{"training": "record"}')
+    result = _cli(["eval", str(run), "--data", str(held_out), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)["held"]
+    assert printed["n"] == 12 and printed["ablated_modalities"] == ["image", "pointcloud"]
+    assert 0 <= printed["ablated_accuracy"] <= 1
+    assert (run / "eval.json").read_text() == '{"training": "record"}'
+    out = run / "eval" / "held"
+    assert json.loads((out / "eval.json").read_text()) == {"held": printed}
+    rows = [json.loads(line) for line in (out / "held.predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prediction"]) for r in rows[:5]] == [(e["id"], e["prediction"]) for e in printed["examples"]]
+    rescored = _cli(["eval", "score", str(out / "held.predictions.jsonl"), "--metric", "accuracy", "--json"])
+    assert json.loads(rescored.stdout) == {"accuracy": printed["accuracy"]}
+    ablated = [{"prediction": r["ablated_prediction"], "reference": r["reference"]} for r in rows]
+    from mmkit.evaluation.metrics import accuracy
+
+    assert accuracy([a["prediction"] for a in ablated], [a["reference"] for a in ablated]) == {
+        "accuracy": printed["ablated_accuracy"]}
+
+
 def test_eval_run_refuses_unclear_requests(saved_run, tmp_path):
     run, held_out = saved_run
     with pytest.raises(ConfigError, match="--data FILE or --benchmark"):

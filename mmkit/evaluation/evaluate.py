@@ -28,8 +28,11 @@ def predict(model: Any, samples: Sequence[Sample], *, batch_size: int, max_new_t
 
 
 def evaluate_samples(model: Any, samples: Sequence[Sample], *, metric: str = "accuracy", batch_size: int = 64,
-                     max_new_tokens: int = 16, host: PluginHost | None = None) -> dict[str, Any]:
-    """Score ``samples``; for samples with modality inputs, also with those inputs blanked."""
+                     max_new_tokens: int = 16, host: PluginHost | None = None,
+                     rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Score ``samples``; for samples with modality inputs, also with those inputs blanked. Every
+    answer is appended to ``rows`` when given (``id``, ``prediction``, ``reference``, and
+    ``ablated_prediction``), for a predictions file ``mmkit eval score`` can re-score."""
     host = host or get_host()
     compute = resolve(host.metric(metric).compute)
     refs = [reference(s) for s in samples]
@@ -38,10 +41,15 @@ def evaluate_samples(model: Any, samples: Sequence[Sample], *, metric: str = "ac
     headline = next(iter(scores))
     result: dict[str, Any] = {headline: scores[headline], "n": len(samples), "metric": metric}
     modalities = sorted({m for s in samples for m in s.modalities})
+    ablated: list[str] = []
     if modalities:
         ablated = predict(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, ablate=modalities)
         result[f"ablated_{headline}"] = compute(ablated, refs)[headline]
         result["ablated_modalities"] = modalities
+    if rows is not None:
+        for k, (s, r, p) in enumerate(zip(samples, refs, preds, strict=True)):
+            rows.append({"id": s.id, "prediction": p, "reference": r,
+                         **({"ablated_prediction": ablated[k]} if ablated else {})})
     result["examples"] = [{"id": s.id, "reference": r, "prediction": p}
                           for s, r, p in list(zip(samples, refs, preds, strict=True))[:5]]
     return result
@@ -49,9 +57,10 @@ def evaluate_samples(model: Any, samples: Sequence[Sample], *, metric: str = "ac
 
 def evaluate_run(output_dir: Path, sources: Mapping[str, Path], *, chance: Mapping[str, float] | None = None,
                  metric: str = "accuracy", batch_size: int = 64, max_new_tokens: int = 16,
-                 host: PluginHost | None = None) -> dict[str, Any]:
+                 host: PluginHost | None = None, out_dir: Path | None = None) -> dict[str, Any]:
     """Reload the saved model (so evaluation also proves the save/load path) and score each held-out
-    file; writes ``<output_dir>/eval.json``."""
+    file; writes ``<out_dir>/eval.json`` (default: the run directory, as at the end of training)
+    and, with ``out_dir``, each file's answers as ``<out_dir>/<name>.predictions.jsonl``."""
     from mmkit.inference import load
     from mmkit.training.atomic import atomic_write_text
 
@@ -59,13 +68,19 @@ def evaluate_run(output_dir: Path, sources: Mapping[str, Path], *, chance: Mappi
     model = load(output_dir, host=host)
     ctx = ReadContext(modalities={m: host.modality(m) for m in model.modalities})
     results = {}
+    target = Path(out_dir) if out_dir is not None else Path(output_dir)
+    target.mkdir(parents=True, exist_ok=True)
     for name, path in sources.items():
         samples = list(iter_samples(host, Path(path), ctx))
+        rows: list[dict[str, Any]] | None = [] if out_dir is not None else None
         results[name] = evaluate_samples(model, samples, metric=metric, batch_size=batch_size,
-                                         max_new_tokens=max_new_tokens, host=host)
+                                         max_new_tokens=max_new_tokens, host=host, rows=rows)
         if chance and name in chance:
             results[name]["chance"] = chance[name]
-    atomic_write_text(Path(output_dir) / "eval.json", json.dumps(results, indent=2))
+        if rows is not None:
+            atomic_write_text(target / f"{name}.predictions.jsonl",
+                              "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(target / "eval.json", json.dumps(results, indent=2))
     return results
 
 

@@ -4,7 +4,7 @@ A recipe (every key but ``name``, ``data`` and ``metrics`` optional)::
 
     name: cifar10                        # task name in tables and output folders
     description: CIFAR-10 classification (LAMM-Bench)
-    modality: image                      # what the task needs; suites pick tasks the model can run
+    modality: NAME                       # what the task needs; suites pick tasks the model can run
     data: meta_file/Classification_CIFAR10.json   # relative: to --data-root, else the run directory
     # ...or data generated on the fly: {generate: "package.module:function", size: 60, seed: 0}
     format: lamm                         # lamm (benchmark meta file) or conversations (LLaVA / generic)
@@ -17,9 +17,9 @@ A recipe (every key but ``name``, ``data`` and ``metrics`` optional)::
     max_new_tokens: 16
     metrics: [accuracy]
 
-``format: lamm`` reads LAMM-Bench meta files: a JSON list of records holding the input under a
-modality's data key (``image``, ``pcl``, ...) and the task's fields (``query``, ``label``, ``object``,
-``sentences``, ``num``, ``gt_choice``/``gt_choices``, ...); the question gets the modality's
+``format: lamm`` reads LAMM-Bench meta files: a JSON list of records holding the input under one
+of a modality's data keys (LAMM's own 2-D and 3-D keys among them) and the task's fields (``query``,
+``label``, ``object``, ``sentences``, ``num``, ``gt_choice``/``gt_choices``, ...); the question gets the modality's
 placeholder in front, as LAMM's loader puts the input before the question. ``format: conversations``
 reads training-style records: the prompt is the conversation up to its last user turn and the
 reference is the last assistant turn (the held-out files ``mmkit train`` evaluates are such files).
