@@ -224,6 +224,17 @@ def test_det2d_one_to_one_same_label_micro_averaged():
                                     "recall@0.25": pytest.approx(2 / 3), "precision@0.25": pytest.approx(2 / 5)}
 
 
+def test_det2d_matching_is_maximal_not_greedy():
+    # (x ranges; every box spans y 0-1) A = 0-0.5, B = 0.3-0.8 (both dogs); p1 = 0.1-0.6, p2 = 0-0.3.
+    # IoU(p1, A) = 0.4/0.6 = 0.667, IoU(p1, B) = 0.3/0.7 = 0.43, IoU(p2, A) = 0.3/0.5 = 0.6, IoU(p2, B) = 0.
+    # Greedy by IoU pairs p1-A first and leaves p2 and B unmatched; the best one-to-one pairing at
+    # 0.25 is p1-B and p2-A: 2 hits. At 0.5 only A can be matched: 1 hit.
+    refs = [[{"label": "dog", "bbox": [0.0, 0.0, 0.5, 1.0]}, {"label": "dog", "bbox": [0.3, 0.0, 0.8, 1.0]}]]
+    preds = ["dog [0.1, 0.0, 0.6, 1.0] dog [0.0, 0.0, 0.3, 1.0]"]
+    assert M.det2d(preds, refs) == {"recall@0.5": 0.5, "precision@0.5": 0.5, "recall@0.25": 1.0,
+                                    "precision@0.25": 1.0}
+
+
 def test_det2d_edge_cases():
     ref = [{"label": ["person", "man"], "bbox": [0.1, 0.1, 0.5, 0.5]}]
     # synonym, swapped corners

@@ -223,21 +223,24 @@ def binary_loc(predictions: Sequence[str], references: Refs) -> dict[str, float]
 def _match(pred_boxes: Sequence[tuple[tuple[float, ...], str | None]],
            ref_boxes: Sequence[tuple[tuple[float, ...], str | None]],
            iou: Callable[[Sequence[float], Sequence[float]], float], threshold: float) -> int:
-    """True positives of a one-to-one matching: pairs of the same label with IoU >= threshold,
-    taken greedily by decreasing IoU (a prediction matches at most one reference and vice versa)."""
-    candidates = []
-    for p, (pbox, plabel) in enumerate(pred_boxes):
-        for r, (rbox, rlabel) in enumerate(ref_boxes):
-            if plabel is not None and plabel == rlabel:
-                value = iou(pbox, rbox)
-                if value >= threshold and value > 0:
-                    candidates.append((-value, p, r))
-    used_p, used_r = set(), set()
-    for _, p, r in sorted(candidates):
-        if p not in used_p and r not in used_r:
-            used_p.add(p)
-            used_r.add(r)
-    return len(used_p)
+    """True positives of a one-to-one matching: the largest number of (prediction, reference) pairs
+    of the same label with IoU >= threshold in which no box is used twice (maximum bipartite
+    matching, as ChEF's detection metric; greedy pairing by IoU can miss some)."""
+    edges = [[r for r, (rbox, rlabel) in enumerate(ref_boxes)
+              if plabel is not None and plabel == rlabel and (v := iou(pbox, rbox)) >= threshold and v > 0]
+             for pbox, plabel in pred_boxes]
+    owner: dict[int, int] = {}  # reference -> prediction
+
+    def augment(p: int, seen: set[int]) -> bool:
+        for r in edges[p]:
+            if r not in seen:
+                seen.add(r)
+                if r not in owner or augment(owner[r], seen):
+                    owner[r] = p
+                    return True
+        return False
+
+    return sum(augment(p, set()) for p in range(len(pred_boxes)))
 
 
 def _objects(ref: Any, key: str, size: int, i: int) -> list[tuple[tuple[float, ...], tuple[str, ...]]]:
@@ -272,7 +275,7 @@ def _detection(predictions: Sequence[str], references: Refs, *, key: str, size: 
 def det2d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
     """2-D detection (VOC): each ``[x1, y1, x2, y2]`` box in the answer (normalised 0-1, corners in
     any order) takes the class named last before it; one-to-one matching to reference objects of
-    the same class at IoU >= t. True positives, predicted boxes and reference objects are summed
+    the same class at IoU >= t (the most pairs possible, each box used once). True positives, predicted boxes and reference objects are summed
     over the whole set before dividing (micro-average). A box with no area never matches."""
     counts = _detection(predictions, references, key="bbox", size=4, iou=iou2d, thresholds=(0.5, 0.25))
     out = {}
