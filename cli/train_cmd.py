@@ -90,6 +90,13 @@ def _command() -> Any:
         "set_", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
         default=typer.Option(None, "--set", help="Any option as KEY=VALUE (VALUE is YAML); dotted keys reach "
                                                  "nested options, e.g. encoder_options.image.feature_layer=-2.")))
+    params.append(inspect.Parameter(
+        "dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--dry-run", help="Build the model on the meta device from its configs (no "
+                                                      "weights) and print parameters, tokens per sample and memory "
+                                                      "per GPU per ZeRO stage for --num-procs GPUs; train nothing.")))
+    params.append(inspect.Parameter("json_", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=typer.Option(False, "--json", help="With --dry-run: one JSON object.")))
 
     def train(**options: Any) -> None:
         """Assemble an LLM with the chosen modalities and train it with DeepSpeed.
@@ -134,6 +141,11 @@ def _train(options: dict[str, Any]) -> None:
         cfg = resolve_config(options.get("config"), overrides_from(options))
         # Every check that needs no model, before torch and the LLM load (and before anything is written).
         preflight(cfg)
+        if options.get("dry_run"):
+            from mmkit.training.dry_run import dry_run, print_report
+
+            print_report(dry_run(cfg), as_json=bool(options.get("json_")))
+            return
         if cfg.num_procs > 1:
             from mmkit.training.launch import launch, launched_externally
 

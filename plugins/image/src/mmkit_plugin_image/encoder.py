@@ -211,6 +211,8 @@ def _square_size(value: Any) -> int:
 
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
+    if any(t.is_meta for t in model.state_dict().values()):
+        return "meta"  # built without weights (``mmkit train --dry-run``): nothing to hash
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
