@@ -201,6 +201,17 @@ def test_binary_loc():
         M.binary_loc(["(0.5, 0.5)"], [{"bbox": [0, 0, 1]}])
 
 
+def test_binary_loc_over_objects_as_lamm():
+    objects = [{"label": "dog", "bbox": [0.0, 0.0, 0.5, 0.5]}, {"label": "cat", "bbox": [0.5, 0.5, 1.0, 1.0]},
+               {"label": "dog", "bbox": [0.6, 0.0, 1.0, 0.4]}]
+    # any point or box centre counts for each object: the dog at (0.2, 0.2) and the cat box centred at
+    # (0.75, 0.75) hit; the second dog (0.6-1.0 x 0-0.4) has no point in it -> 2 of 3 objects
+    pred = "a dog (0.2, 0.2) and a cat [0.6, 0.6, 0.9, 0.9]"
+    assert M.binary_loc([pred, ""], [objects, objects[:1]]) == {"binary_loc": pytest.approx(2 / 4)}
+    # the class must be named: the same points without "cat" miss the cat
+    assert M.binary_loc(["a dog (0.2, 0.2) [0.6, 0.6, 0.9, 0.9]"], [objects[:2]]) == {"binary_loc": 0.5}
+
+
 def test_iou2d_by_hand():
     assert iou2d([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # 1 / (4 + 4 - 1)
     assert iou2d([2, 2, 0, 0], [0, 0, 2, 2]) == 1.0  # swapped corners
@@ -263,6 +274,10 @@ def test_det3d():
     preds = ["chair [0.5, 0, 0, 1, 1, 1]; table [3, 3, 0, 2, 2, 1], table [3, 3, 0, 2, 2, 1]"]
     assert M.det3d(preds, refs) == {"recall@0.25": 1.0, "recall@0.5": 0.5}
     assert M.det3d(["a chair somewhere"], refs[:1]) == {"recall@0.25": 0.0, "recall@0.5": 0.0}
+    # LAMM's 3-D files call the box "bbox"
+    lamm = [[{"label": "chair", "bbox": [0, 0, 0, 1, 1, 1]}]]
+    assert M.det3d(["chair [0, 0, 0, 1, 1, 1]"], lamm) == {"recall@0.25": 1.0, "recall@0.5": 1.0}
+    assert M.grounding3d(["[0, 0, 0, 1, 1, 1]"], [{"bbox": [0, 0, 0, 1, 1, 1]}]) == {"acc@0.25": 1.0, "acc@0.5": 1.0}
 
 
 def test_grounding3d_uses_the_first_box():

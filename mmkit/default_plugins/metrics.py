@@ -11,7 +11,8 @@ _BUILTIN = (
                                                 "{gt_choice, gt_choices}"),
     ("count", "count", "first number or number word in the answer (none = 0): mae, exact (FSC147)"),
     ("bleu", "bleu", "corpus BLEU-4, 0-100, sacrebleu; reference: sentence or list of sentences (Flickr30k)"),
-    ("binary_loc", "binary_loc", "first point (or box centre) strictly inside the reference bbox (LAMM Binary-Loc)"),
+    ("binary_loc", "binary_loc", "first point (or box centre) strictly inside the reference bbox; per object for a "
+                                 "list of objects (LAMM Binary-Loc)"),
     ("det2d", "det2d", "class + [x1, y1, x2, y2] boxes, one-to-one, micro recall/precision @0.5, @0.25 (VOC)"),
     ("det3d", "det3d", "class + [cx, cy, cz, dx, dy, dz] boxes, axis-aligned 3D IoU, micro recall @0.25, @0.5"),
     ("grounding3d", "grounding3d", "first 3D box vs the referred object's: acc@0.25, acc@0.5 (ScanRefer)"),

@@ -15,6 +15,7 @@ from typing import Any
 from mmkit.errors import DataError
 from mmkit.evaluation.parsing import (
     boxes,
+    chunks,
     first_number,
     first_point,
     iou2d,
@@ -22,6 +23,7 @@ from mmkit.evaluation.parsing import (
     last_named,
     named,
     normalise_box,
+    number_groups,
     points,
     words,
 )
@@ -207,17 +209,34 @@ def _inside(point: tuple[float, float], box: Sequence[float]) -> bool:
 
 
 def binary_loc(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """LAMM's Binary Locating Metric: the first point of the answer (a ``(x, y)`` pair, or the centre
-    of the first ``[x1, y1, x2, y2]`` box) lies strictly inside the reference box. With a ``label``
-    in the reference the answer must also name it (as LAMM's version for detection data)."""
+    """LAMM's Binary Locating Metric. A reference ``{"bbox": [x1, y1, x2, y2]}``: the first point of
+    the answer (a ``(x, y)`` pair, or the centre of the first ``[x1, y1, x2, y2]`` box) lies strictly
+    inside the box. A list of objects (LAMM's ``object`` field of its locating files) is scored per
+    object, as LAMM: an object counts when any point (or box centre) of the answer lies strictly
+    inside it; hits over objects, summed over the set. A ``label`` in an object must also be named."""
     pairs = _pairs(predictions, references)
-    hits = 0
+    hits = total = 0
     for i, (pred, ref) in enumerate(pairs):
-        box = _numbers(_field(ref, "bbox", i), 4, i, "bbox")
-        point = first_point(pred)
-        label_ok = "label" not in ref or bool(named(pred, _accepted(ref["label"], i)))
-        hits += point is not None and label_ok and _inside(point, box)
-    return {"binary_loc": _mean([hits], len(pairs))}
+        objects = ref if isinstance(ref, (list, tuple)) else [ref]
+        if isinstance(ref, (list, tuple)):
+            found = [p for group in number_groups(pred) for p in _group_points(group)]
+        else:
+            point = first_point(pred)
+            found = [point] if point is not None else []
+        for obj in objects:
+            box = _numbers(_field(obj, "bbox", i), 4, i, "bbox")
+            label_ok = "label" not in obj or bool(named(pred, _accepted(obj["label"], i)))
+            total += 1
+            hits += label_ok and any(_inside(p, box) for p in found)
+    return {"binary_loc": hits / total if total else 0.0}
+
+
+def _group_points(group: Any) -> list[tuple[float, float]]:
+    """A group's points: its box centre (4 numbers), else its numbers read in pairs."""
+    if len(group.numbers) == 4:
+        x1, y1, x2, y2 = normalise_box(group.numbers)
+        return [((x1 + x2) / 2, (y1 + y2) / 2)]
+    return [(p[0], p[1]) for p in chunks(group, 2)]
 
 
 def _match(pred_boxes: Sequence[tuple[tuple[float, ...], str | None]],
@@ -243,12 +262,19 @@ def _match(pred_boxes: Sequence[tuple[tuple[float, ...], str | None]],
     return sum(augment(p, set()) for p in range(len(pred_boxes)))
 
 
+def _box_field(obj: Any, key: str, i: int) -> Any:
+    # LAMM's 3-D files name a 3-D box "bbox" too; "bbox3d" is accepted first.
+    if key == "bbox3d" and isinstance(obj, Mapping) and key not in obj and "bbox" in obj:
+        return obj["bbox"]
+    return _field(obj, key, i)
+
+
 def _objects(ref: Any, key: str, size: int, i: int) -> list[tuple[tuple[float, ...], tuple[str, ...]]]:
     if isinstance(ref, Mapping):
         ref = [ref]  # one object given bare
     if not isinstance(ref, (list, tuple)):
         raise _bad(i, f"expected a list of {{'label': ..., {key!r}: [...]}} objects, got {ref!r}")
-    return [(_numbers(_field(obj, key, i), size, i, key), _accepted(_field(obj, "label", i), i)) for obj in ref]
+    return [(_numbers(_box_field(obj, key, i), size, i, key), _accepted(_field(obj, "label", i), i)) for obj in ref]
 
 
 def _detection(predictions: Sequence[str], references: Refs, *, key: str, size: int,
@@ -295,11 +321,12 @@ def det3d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
 
 def grounding3d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
     """3-D visual grounding (ScanRefer): the answer's first ``[cx, cy, cz, dx, dy, dz]`` box against
-    the referred object's; accuracy at IoU >= 0.25 and >= 0.5."""
+    the referred object's (``bbox3d``, or ``bbox`` as LAMM's files name it); accuracy at IoU >= 0.25
+    and >= 0.5."""
     pairs = _pairs(predictions, references)
     ious = []
     for i, (pred, ref) in enumerate(pairs):
-        truth = _numbers(_field(ref, "bbox3d", i), 6, i, "bbox3d")
+        truth = _numbers(_box_field(ref, "bbox3d", i), 6, i, "bbox3d")
         found = boxes(pred, 6)
         ious.append(iou3d(found[0][0], truth) if found else 0.0)
     return {"acc@0.25": _mean([v >= 0.25 for v in ious], len(ious)),
