@@ -4,7 +4,7 @@ reachable. Rows stream one at a time (``streaming=True``; a saved dataset is mem
 each row is read like a JSON record (``conversations`` or ``messages``, modality keys holding
 paths). ``datasets`` is an optional extra (``pip install 'mmkit-sdk[datasets]'``).
 
-Modality inputs must be file paths: an input embedded in the table (bytes, a decoded image) is
+Modality inputs must be file paths: an input embedded in the table (bytes, a decoded object) is
 reported as a bad record, since mmkit's modality loaders read files.
 """
 

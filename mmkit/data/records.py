@@ -12,7 +12,7 @@ Turn roles may be written ``human``/``gpt`` (LLaVA, ShareGPT) or ``user``/``assi
 system message. ``content`` may be a list of parts (``{"type": "text", "text": ...}`` and one part per
 modality input, ``{"type": KEY}`` with KEY a data key of an installed modality, optionally holding
 the path itself); each modality part puts that modality's placeholder where it stands. A data key
-may also be written in the plural (``images``: a list of paths, ms-swift and TRL style).
+may also be written in the plural (the key plus ``s``, a list of paths: ms-swift and TRL style).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ReadContext:
 
     def modality_for_key(self, key: str) -> ModalitySpec | None:
         """The modality a record key (or a content part's ``type``) names: one of its data keys, or
-        a data key's plural (``images`` for ``image``)."""
+        a data key's plural (the key plus ``s``)."""
         for spec in self.modalities.values():
             if key in spec.data_keys:
                 return spec
