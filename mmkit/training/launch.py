@@ -1,29 +1,48 @@
-"""``mmkit train --num-procs N``: data-parallel training in N processes on this machine.
+"""``mmkit train --num-procs N``: data-parallel training in N processes on this machine, started by
+torch's elastic launcher (what ``torchrun`` runs), not by a process manager of our own.
 
-The parent writes the resolved configuration to ``OUTPUT_DIR/launch_config.yaml`` and starts N
-workers (``python -m mmkit.training.launch CONFIG``) with the environment torch.distributed reads
-(``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). It waits for them;
-when one fails it gives the others a moment to report their own errors, stops them, and exits with
-the failed worker's status and a message naming it. Workers die with the parent (Linux), so a
-killed launcher leaves no orphans.
+The parent writes the resolved configuration to ``OUTPUT_DIR/launch_config.yaml`` and runs exactly
+``torchrun --standalone --nproc-per-node N --max-restarts 0 --log-dir OUTPUT_DIR/logs --tee 3 -m
+mmkit.training.launch OUTPUT_DIR/launch_config.yaml``, in-process (torch's own argument parser
+and ``elastic_launch``), so the workers get torchrun's environment (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``, ``TORCHELASTIC_*``) and thread limit
+(``OMP_NUM_THREADS``: here ``cores // N``, where torchrun's default is 1; an existing value wins).
 
-Several machines: use DeepSpeed's launcher with a hostfile, which sets the same variables, e.g.
-``deepspeed --hostfile hosts --no_local_rank $(which mmkit) train ...`` (see README).
+Each rank's output is shown with a ``[rankK]:`` prefix and kept in
+``OUTPUT_DIR/logs/<run id>/attempt_0/K/{stdout,stderr}.log`` (torchrun's layout). When a worker
+fails, the launcher stops the others and exits with that worker's status and a message naming it
+and its log. Workers die with the launcher (Linux), so a killed launcher leaves no orphans.
+
+Several machines: the same launcher with a rendezvous (see :data:`MULTI_NODE`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
+#: Set in the workers this launcher starts.
 LAUNCHED_ENV = "MMKIT_LAUNCHED"
-#: How long the other workers may take to report their own errors once one has failed.
+#: How long a worker asked to stop (SIGTERM, when another worker failed) may take to report its own error.
 GRACE_S = 10.0
+
+MULTI_NODE = """\
+On each of NODES machines (same code, data paths and config; MASTER = the first machine's address):
+
+  torchrun --nnodes NODES --nproc-per-node GPUS_PER_NODE \\
+      --rdzv-backend c10d --rdzv-endpoint MASTER:29500 --rdzv-id RUN_NAME \\
+      -m mmkit.training.launch run.yaml
+
+where run.yaml is a `mmkit train` configuration (e.g. a launch_config.yaml written by a run). With
+DeepSpeed's launcher and a hostfile ("host slots=N" per line), from the first machine:
+
+  deepspeed --hostfile hostfile --no_local_rank --module mmkit.training.launch run.yaml
+"""
 
 
 def launched_externally() -> bool:
@@ -31,98 +50,126 @@ def launched_externally() -> bool:
     return LAUNCHED_ENV in os.environ or "WORLD_SIZE" in os.environ
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def thread_limit(num_procs: int) -> int:
+    """OpenMP threads per worker: the cores this process may use, shared out between the workers."""
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, num_procs))
 
 
-def launch(config: Any, *, console: Any = None, env: dict[str, str] | None = None, poll_s: float = 0.2) -> int:
+def torchrun_args(num_procs: int, config_path: Path, log_dir: Path) -> list[str]:
+    """The torchrun command line (without the program name) that runs ``config_path``."""
+    return ["--standalone", "--nproc-per-node", str(num_procs), "--max-restarts", "0", "--log-dir", str(log_dir),
+            "--tee", "3", "-m", "mmkit.training.launch", str(config_path)]
+
+
+def launch(config: Any, *, console: Any = None, env: dict[str, str] | None = None) -> int:
     """Run ``config`` (a :class:`~mmkit.training.config.TrainConfig`) in ``config.num_procs``
     processes; returns the exit status (0 when every worker succeeded)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
     from mmkit.training.config import save_config
-    from mmkit.training.distributed import free_port
 
     n = config.num_procs
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "launch_config.yaml"
     save_config(config, config_path)
-    port = free_port()
-    base = {**os.environ, **(env or {})}
-    procs: list[subprocess.Popen] = []
-    for rank in range(n):
-        worker_env = {**base, LAUNCHED_ENV: "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
-                      "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "mmkit.training.launch", str(config_path)],
-                                      env=worker_env, preexec_fn=_die_with_parent))
+    args = get_args_parser().parse_args(torchrun_args(n, config_path, out / "logs"))
+    # what torchrun's --standalone does before building the launch configuration
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
 
-    def forward(signum: int, _frame: Any) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stopped: list[int] = []
+    saved_env = dict(os.environ)
+    os.environ.update(env or {})
+    os.environ[LAUNCHED_ENV] = "1"
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_limit(n)))
     try:
-        failed: tuple[int, int] | None = None
-        deadline = None
-        while True:
-            codes = [proc.poll() for proc in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed is None and bad:
-                # the root cause: a process killed by a signal if any, else the first to fail
-                failed = min(bad, key=lambda rc: (rc[1] >= 0, rc[0]))
-                deadline = time.monotonic() + GRACE_S
-            if all(c is not None for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                stopped = _stop(procs)
-                break
-            time.sleep(poll_s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if failed is None:
+        launch_config, entrypoint, cmd_args = config_from_args(args)
+        launch_config.log_line_prefix_template = "[rank{rank}]:"
+        _quiet_agent_logs()
+        elastic_launch(launch_config, entrypoint)(*cmd_args)
         return 0
-    rank, code = failed
-    others = [f"process {r} {'stopped' if r in stopped else _describe(p.returncode)}"
-              for r, p in enumerate(procs) if r != rank and p.returncode != 0]
-    message = (f"training process {rank} of {n} failed ({_describe(code)})"
-               + (f"; {', '.join(others)}" if others else "")
+    except ChildFailedError as exc:
+        return _report_failure(exc, n, out, console)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _quiet_agent_logs() -> None:
+    """torchelastic logs its rendezvous and worker bookkeeping at INFO/WARNING; mmkit reports
+    failures itself (:func:`_report_failure`)."""
+    import logging
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _describe(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
+    """Name the rank that failed first (the root cause), its log, and how the others ended."""
+    rank, failure = exc.get_first_failure()
+    others = [f"process {r} {_describe(f.exitcode)}" for r, f in sorted(exc.failures.items()) if r != rank]
+    log = _rank_log(failure)
+    message = (f"training process {rank} of {n} failed ({_describe(failure.exitcode)})"
+               + (f"; {', '.join(others)}" if others else "; the other processes were stopped")
+               + (f". Its output: {log}" if log else "")
                + f". Checkpoints (if any) are in {out / 'checkpoints'}: rerun the same command to resume.")
     if console is not None:
-        console.print(f"[red]error:[/] {message}")
+        console.print(f"[red]error:[/] {message}", soft_wrap=True)
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    code = failure.exitcode
     return code if code > 0 else 128 - code
 
 
-def _stop(procs: list[subprocess.Popen]) -> list[int]:
-    """Terminate (then kill) the processes still running; returns their ranks."""
-    running = [r for r, proc in enumerate(procs) if proc.poll() is None]
-    for r in running:
-        procs[r].terminate()
-    end = time.monotonic() + 5
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return running
+def _rank_log(failure: Any) -> str | None:
+    """The failed rank's stderr log (next to torch's error file for that rank)."""
+    error_file = getattr(failure, "error_file", None)
+    if error_file:
+        candidate = Path(error_file).parent / "stderr.log"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+# -- the worker -----------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """torch starts each worker in its own session, so a SIGKILLed launcher's process group does
+    not reach it: ask the kernel to kill this worker when the launcher dies (Linux)."""
+    try:
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _grace_on_sigterm() -> None:
+    """When another worker fails, the launcher stops this one with SIGTERM. A worker blocked in a
+    collective with a dead peer is about to fail with its own error (which names the step and the
+    intact checkpoint): let it report that, and exit at the latest :data:`GRACE_S` seconds later."""
+    def handler(signum: int, _frame: Any) -> None:
+        timer = threading.Timer(GRACE_S, lambda: os._exit(128 + signum))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def worker_main(argv: list[str] | None = None) -> None:
@@ -133,6 +180,9 @@ def worker_main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         print("usage: python -m mmkit.training.launch CONFIG.yaml", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get(LAUNCHED_ENV) or "TORCHELASTIC_RUN_ID" in os.environ:  # started by torch's launcher
+        _die_with_parent()
+        _grace_on_sigterm()
     try:
         from mmkit.training.config import resolve_config
         from mmkit.training.recipe import train
