@@ -185,13 +185,26 @@ def test_lamm_files_train_as_published(mm_host, lamm, tmp_path, tiny_llm, monkey
 
     from mmkit_cli.main import _register_commands, app
 
+    from mmkit.modeling.persistence import load_model
+    from mmkit.templates import TEMPLATES
+
     monkeypatch.setenv("COLUMNS", "200")
+    # the template is chosen by name, or by a file (saved as its text, so the run outlives the file)
+    template_file = tmp_path / "phi3.jinja"
+    template_file.write_text(TEMPLATES["phi3"].source)
+    template = "phi3" if kind == "2d" else str(template_file)
     _register_commands()
     result = CliRunner().invoke(app, [
         "train", "--llm", str(tiny_llm()), "--data", str(lamm[kind]), "--data-root", str(lamm[kind].parents[1]),
         "--modalities", modality, "--max-steps", "2", "--micro-batch-size", "2", "--lora-r", "4",
+        "--template", template,
         "--output-dir", str(tmp_path / "run"), "--set", "tensorboard=false", "--set", "max_length=256"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "warning" not in result.output.lower()
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and np.isfinite(r["loss"]) for r in logs)
+    saved = json.loads((tmp_path / "run" / "model" / "mmkit.json").read_text())["template"]
+    assert saved == ("phi3" if kind == "2d" else TEMPLATES["phi3"].source)
+    template_file.unlink()
+    assembled = load_model(tmp_path / "run", mm_host)  # chat / eval load the run this way
+    assert assembled.prompts.template == TEMPLATES["phi3"].source
