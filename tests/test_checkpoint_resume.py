@@ -208,3 +208,113 @@ def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     ckpt.trim_metrics(tmp_path, 3)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# -- trust: tampering, unpickling, signatures ------------------------------------------------------------------
+class _Planted:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _rehash(checkpoint: Path) -> None:
+    """What a tamperer does: recompute the manifest's sha256 and sizes (no key: unsigned)."""
+    from mmkit.modeling.persistence import sha256
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        manifest["files"][rel] = {"sha256": sha256(checkpoint / rel), "size": (checkpoint / rel).stat().st_size}
+    manifest.pop("signature", None)
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_with_a_recomputed_manifest_is_refused_and_never_runs(tiny, uninterrupted: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Before: DeepSpeed's torch.load(weights_only=False) ran the planted code."""
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    marker = tmp_path / "planted-code-ran"
+    for step in ("step-00000006", "step-00000008"):
+        checkpoint = out / "checkpoints" / step
+        torch.save({"module": _Planted(str(marker))}, checkpoint / "deepspeed" / "mp_rank_00_model_states.pt")
+        _rehash(checkpoint)
+        assert ckpt.verify(checkpoint, 0) is None  # the manifest alone cannot tell
+    result = _train(tiny, out, max_steps=10)
+    assert result.returncode == 1, result.stdout[-3000:]
+    text = result.stdout.replace("\n", " ")
+    assert "mp_rank_00_model_states.pt: loading it needs full unpickling, which can run code" in text
+    assert "--trust-checkpoint" in text and "Traceback" not in text
+    assert not marker.exists()
+    # the same mechanism in process, exactly as DeepSpeed calls it
+    with pytest.raises(CheckpointMismatchError, match=r"needs full unpickling, which can run code stored in the file \(it holds "), \
+            ckpt.safe_torch_load():
+        torch.load(out / "checkpoints" / "step-00000008" / "deepspeed" / "mp_rank_00_model_states.pt",
+                   weights_only=False)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_state_loads_with_weights_only(uninterrupted: Path) -> None:
+    import torch
+
+    states = uninterrupted / "checkpoints" / "step-00000008" / "deepspeed" / "mp_rank_00_model_states.pt"
+    with ckpt.safe_torch_load():
+        state = torch.load(states, weights_only=False)  # DeepSpeed's call: made safe
+    assert state["optimizer"]["state"] and state["global_steps"] == 8
+
+
+@pytest.mark.slow
+def test_manifest_signatures(uninterrupted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = tmp_path / "step-00000008"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000008", checkpoint)
+    monkeypatch.setenv(ckpt.KEY_ENV, "team secret")
+    assert "is not signed, and MMKIT_CHECKPOINT_KEY is set" in ckpt.verify(checkpoint, 0)
+    (checkpoint / "manifest.json").unlink()
+    ckpt._write_manifest(checkpoint, 8)  # as a save with the key set writes it
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["signature"]["algorithm"] == "hmac-sha256"
+    assert ckpt.verify(checkpoint, 0) is None
+    monkeypatch.setenv(ckpt.KEY_ENV, "another key")
+    assert "bad signature" in ckpt.verify(checkpoint, 0)
+    monkeypatch.setenv(ckpt.KEY_ENV, "team secret")
+    state = checkpoint / "trainer_state.json"
+    state.write_text(state.read_text().replace('"seed": 0', '"seed": 1'))
+    _rehash(checkpoint)  # a tamperer without the key
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["signature"] = {"algorithm": "hmac-sha256", "value": "0" * 64}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert "bad signature" in ckpt.verify(checkpoint, 0)
+    monkeypatch.delenv(ckpt.KEY_ENV)
+    assert ckpt.verify(checkpoint, 0) is None  # without a key, a manifest vouches for integrity only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content, reason", [
+    ("[1, 2]", "manifest.json is a JSON list, not the object mmkit writes"),
+    ('{"format": 1, "files": [1]}', "no valid 'files' table"),
+    ('{"format": 1, "files": {"../x": {"sha256": "0", "size": 1}}}', "outside the checkpoint"),
+])
+def test_malformed_manifests_are_refused_by_reason(uninterrupted: Path, tmp_path: Path, content, reason) -> None:
+    checkpoint = tmp_path / "step-00000008"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000008", checkpoint)
+    if "../x" in content:
+        files = {p.relative_to(checkpoint).as_posix(): {"sha256": "0", "size": 1}
+                 for p in checkpoint.rglob("*") if p.is_file() and p.name != "manifest.json"}
+        content = json.dumps({"format": 1, "files": {**files, "../x": {"sha256": "0", "size": 1}}})
+    (checkpoint / "manifest.json").write_text(content)
+    assert reason in ckpt.verify(checkpoint, 0)
+
+
+@pytest.mark.slow
+def test_a_file_the_manifest_does_not_list_is_refused(uninterrupted: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "step-00000008"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000008", checkpoint)
+    (checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    assert "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt is not listed" in ckpt.verify(checkpoint, 0)

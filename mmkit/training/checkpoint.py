@@ -393,13 +393,14 @@ def verify(checkpoint: Path, rank: int) -> str | None:
     problem = _signature_problem(manifest)
     if problem:
         return problem
+    escaping = [rel for rel in files if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if escaping:
+        return f"{MANIFEST} names a file outside the checkpoint: {escaping[0]}"
     unlisted = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
                       if p.is_file() and p.name != MANIFEST and p.relative_to(checkpoint).as_posix() not in files)
     if unlisted:
         return f"{unlisted[0]} is not listed in {MANIFEST} (added after the checkpoint was written)"
     for rel, expected in files.items():  # cheap checks first
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            return f"{MANIFEST} names a file outside the checkpoint: {rel}"
         path = checkpoint / rel
         if not path.is_file():
             return f"missing {rel} (multi-node runs need the output directory on a filesystem every node sees)"
