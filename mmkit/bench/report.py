@@ -34,7 +34,9 @@ def machine_line(report: dict[str, Any]) -> str:
         busy = " [yellow](machine busy: figures measured under contention)[/]"
     return (f"[bold]{m['device_name']}[/] ({m['device']}, {m['cpu_cores']} cores) | threads {m['threads']} | "
             f"torch {m['torch']} | matmul peak {m['peak_flops'] / 1e9:,.1f} GFLOP/s"
-            f"{' (cached)' if m.get('peak_cached') else ' (measured now)'} | load {load}{busy}")
+            f"{' (cached)' if m.get('peak_cached') else ' (measured now)'}"
+            f"{' [yellow](measured on a busy machine: MFU overstated)[/]' if m.get('peak_measured_busy') else ''}"
+            f" | load {load}{busy}")
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:
