@@ -286,3 +286,66 @@ def test_eval_run_refuses_unclear_requests(saved_run, tmp_path):
         _cli(["eval", str(tmp_path), "--benchmark", "demo"])
     with pytest.raises(ConfigError, match="benchmark recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def _lamm_benchmark(root: Path) -> tuple[Path, Path]:
+    """Two-record LAMM-Bench meta files laid out as LAMM publishes them (2D_Benchmark/meta_file/...,
+    3D_Benchmark/meta_file/... with "./scannet_pcls/..." paths), with real image and point files."""
+    rng = np.random.default_rng(0)
+    d2, d3 = root / "2D_Benchmark", root / "3D_Benchmark"
+    (d2 / "meta_file").mkdir(parents=True)
+    (d2 / "imgs").mkdir()
+    (d3 / "meta_file").mkdir(parents=True)
+    (d3 / "scannet_pcls").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(d2 / "imgs" / f"{i}.png")
+        xyz_rgb = np.concatenate([rng.normal(size=(300, 3)), rng.uniform(size=(300, 3))], axis=1)  # N x 6 as ScanNet
+        np.save(d3 / "scannet_pcls" / f"scene{i}.npy", xyz_rgb.astype(np.float32))
+    box = {"label": "dog", "bbox": [0.1, 0.1, 0.5, 0.5]}
+    fields2d = {
+        "Classification_CIFAR10.json": {"label": "cat"},
+        "Fine-grained_Classification_UCMerced.json": {"label": "forest"},
+        "Detection_VOC2012.json": {"object": [box]},
+        "Locating_VOC2012.json": {"object": [box]},
+        "Counting_FSC147.json": {"num": 3},
+        "Caption_flickr30k.json": {"sentences": ["a dog runs", "a brown dog"]},
+        "OCR_SVT.json": {"word_list": ["hotel"]},
+        "VQA_SQAimage.json": {"gt_choice": 1, "gt_choices": ["red", "blue"]},
+        "VQA_AI2D.json": {"gt_choice": 0, "gt_choices": ["yes", "no"]},
+    }
+    for name, fields in fields2d.items():
+        (d2 / "meta_file" / name).write_text(json.dumps([
+            {"id": f"{name}-{i}", "image": f"imgs/{i}.png", "query": "What is shown here ?", **fields}
+            for i in range(2)]))
+    box3d = {"label": "chair", "bbox": [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]}
+    fields3d = {"Detection_ScanNet.json": {"object": [box3d]}, "VG_ScanRefer.json": {"object": box3d},
+                "VQA_ScanQA_multiplechoice.json": {"gt_choice": 0, "gt_choices": ["a table", "a bed"]}}
+    for name, fields in fields3d.items():
+        (d3 / "meta_file" / name).write_text(json.dumps([
+            {"id": i, "pcl": f"./scannet_pcls/scene{i}.npy", "query": "Which shape is it ?", **fields}
+            for i in range(2)]))
+    return d2, d3
+
+
+def test_lamm_bench_recipes_run_on_lamms_published_layout(saved_run, tmp_path):
+    run, _ = saved_run
+    d2, d3 = _lamm_benchmark(tmp_path)
+    headline = {"accuracy": "accuracy", "det2d": "recall@0.5", "binary_loc": "binary_loc", "count": "mae",
+                "bleu": "bleu4", "ocr_word_accuracy": "ocr_word_accuracy", "mc_accuracy": "mc_accuracy",
+                "det3d": "recall@0.25", "grounding3d": "acc@0.25"}
+    for suite, root, size in (("lamm2d", d2, 10), ("lamm3d", d3, 3)):
+        result = _cli(["eval", str(run), "--benchmark", suite, "--data-root", str(root), "--json", "-"])
+        assert result.exit_code == 0, result.output
+        tasks = json.loads(result.stdout)
+        assert len(tasks) == size
+        out = run / "eval" / suite
+        for task, r in tasks.items():
+            assert r["n"] == 2, task
+            ((metric, figures),) = r["scores"].items()
+            assert next(iter(figures)) == headline[metric], task
+            again = _cli(["eval", "score", str(out / r["predictions"]), "--metric", metric, "--json"])
+            assert json.loads(again.stdout) == figures, task
+    # likelihood choice over the record's options writes the lettered option
+    rows = [json.loads(line) for line in (run / "eval" / "lamm2d" / "lamm_sqaimage_ppl.predictions.jsonl")
+            .read_text().splitlines()]
+    assert {r["prediction"] for r in rows} <= {"(A) red", "(B) blue"}

@@ -94,6 +94,10 @@ def mmkit_benchmarks():
                       suites=("demo",), description="counting squares in generated images (LAMM counting)"),
         BenchmarkSpec(name="locate_square", recipe="mmkit_plugin_image:benchmarks/locate_square.yaml",
                       suites=("demo",), description="locating a square in generated images (LAMM Binary-Loc)"),
+    ] + [  # LAMM-Bench 2-D on its published meta files: --data-root LAMM's 2D_Benchmark folder
+        BenchmarkSpec(name=name, recipe=f"mmkit_plugin_image:benchmarks/{name}.yaml", suites=("lamm", "lamm2d"))
+        for name in ("lamm_cifar10", "lamm_ucmerced", "lamm_voc2012", "lamm_locating_voc2012", "lamm_fsc147",
+                     "lamm_flickr30k", "lamm_svt", "lamm_sqaimage", "lamm_sqaimage_ppl", "lamm_ai2d")
     ]
 
 

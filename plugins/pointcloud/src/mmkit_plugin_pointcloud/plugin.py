@@ -55,4 +55,7 @@ def mmkit_benchmarks():
     from mmkit.specs import BenchmarkSpec
 
     return [BenchmarkSpec(name="shapes", recipe="mmkit_plugin_pointcloud:benchmarks/shapes.yaml", suites=("demo",),
-                          description="the demo's held-out shapes, as mmkit train scores them")]
+                          description="the demo's held-out shapes, as mmkit train scores them")] + [
+        # LAMM-Bench 3-D on its published meta files: --data-root LAMM's 3D_Benchmark folder
+        BenchmarkSpec(name=name, recipe=f"mmkit_plugin_pointcloud:benchmarks/{name}.yaml", suites=("lamm", "lamm3d"))
+        for name in ("lamm_scannet_det", "lamm_scanrefer", "lamm_scanqa")]
