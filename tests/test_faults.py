@@ -9,6 +9,7 @@ subprocesses, each run under a time limit.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -146,3 +147,74 @@ def test_a_stuck_process_makes_the_others_fail_after_the_collective_timeout(tiny
     assert "Timed out" in text and "collectives time out after 5s" in text
     assert "training process 0 of 2 failed (exit status 1); process 1 stopped" in text
     assert elapsed < 150
+
+
+# -- a full disk in any library's writer (the real writers, under a file-size limit of zero) ---------------
+def test_storage_errors_of_every_writer_are_recognised(tmp_path: Path) -> None:
+    """The errors safetensors, torch.save (DeepSpeed's writer) and TensorBoard really raise when a
+    file cannot grow, recognised and described as storage errors (before: only OSError was)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+import torch
+from safetensors.torch import save_file
+from torch.utils.tensorboard import SummaryWriter
+from mmkit.training.faults import describe_storage_error, is_storage_error
+writer = SummaryWriter({str(tmp_path / 'tb')!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+seen = {{}}
+def attempt(name, fn):
+    try:
+        fn()
+    except Exception as exc:
+        seen[name] = [type(exc).__name__, is_storage_error(exc), describe_storage_error(exc)]
+attempt("safetensors", lambda: save_file({{"w": torch.zeros(4096)}}, {str(tmp_path / 'w.safetensors')!r}))
+attempt("torch.save", lambda: torch.save({{"w": torch.zeros(4096)}}, {str(tmp_path / 'w.pt')!r}))
+def tensorboard():
+    writer.add_scalar("loss", 1.0, 1)
+    writer.flush()
+attempt("tensorboard", tensorboard)
+print(json.dumps(seen))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["safetensors"][:2] == ["SafetensorError", True] and "File too large" in seen["safetensors"][2]
+    assert seen["torch.save"][:2] == ["RuntimeError", True] and "the disk is full" in seen["torch.save"][2]
+    assert seen["tensorboard"][:2] == ["OSError", True] and "File too large" in seen["tensorboard"][2]
+    assert not faults.is_storage_error(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, says", [
+    ("full_in_save", "could not write checkpoint step-00000004"),  # safetensors (before: raw SafetensorError)
+    ("full_in_engine_save", "could not write checkpoint step-00000004"),  # torch.save inside DeepSpeed
+    ("full_in_log", "could not write the metrics of step 4"),  # metrics.jsonl / TensorBoard
+])
+def test_a_full_disk_in_any_writer_keeps_the_previous_checkpoint(tiny, tmp_path: Path, monkeypatch, kind, says):
+    import io
+
+    from rich.console import Console
+
+    from drill import TINY_OPTIONS
+    from mmkit.training import recipe
+    from mmkit.training.config import resolve_config
+
+    out = tmp_path / "run"
+    options = {**TINY_OPTIONS, "llm": tiny["llm"], "data": [tiny["data"]], "output_dir": str(out), "max_steps": 6,
+               "save_every": 2, "modalities": ["image", "pointcloud"]}
+    monkeypatch.setenv(faults.FAULT_ENV, f"{kind}@4")
+    with pytest.raises(faults.TrainingError) as failure:
+        recipe.train(resolve_config(None, options), console=Console(file=io.StringIO()))
+    text = str(failure.value)
+    assert says in text and ("File too large" in text or "the disk is full" in text), text
+    previous = out / "checkpoints" / "step-00000002"
+    assert str(previous) in text and "free space and rerun" in text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002"]
+    assert not list((out / "checkpoints").glob(".step-*")) and ckpt.verify(previous, 0) is None
+    if kind == "full_in_engine_save":  # space freed: the same command resumes from the kept checkpoint
+        monkeypatch.delenv(faults.FAULT_ENV)
+        summary = recipe.train(resolve_config(None, options), console=Console(file=io.StringIO()))
+        assert summary["resumed_from_step"] == 2 and summary["steps"] == 6

@@ -50,7 +50,13 @@ from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import distributed as dist_util
 from mmkit.training.atomic import _fsync_dir, atomic_write_text
 from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
-from mmkit.training.faults import TrainingError, describe_storage_error, inject_save_fault, is_storage_error
+from mmkit.training.faults import (
+    TrainingError,
+    describe_storage_error,
+    inject_save_fault,
+    is_storage_error,
+    storage_fills,
+)
 
 FORMAT = 1
 CHECKPOINTS = "checkpoints"
@@ -160,7 +166,8 @@ class _DeferredWrites:
             try:
                 if inject:
                     inject_save_fault(step, rank)
-                return original(*args, **kwargs)
+                with storage_fills("full_in_engine_save", step, rank):
+                    return original(*args, **kwargs)
             except Exception as exc:  # a storage error from any writer (torch.save raises RuntimeError)
                 if not is_storage_error(exc):
                     raise
@@ -296,8 +303,9 @@ def save_checkpoint(output_dir: Path, *, engine: Any, assembled: Any, stage: str
     encoder_weights = random_init_encoder_state(assembled.model, assembled.components)
     if rank == 0:
         meta = build_meta(assembled, tmp / "model", stage=stage)
-        _attempt(failures, write_model_files, tmp / "model", state=weights, encoder_state=encoder_weights,
-                 meta=meta, tokenizer=assembled.tokenizer)
+        with storage_fills("full_in_save", state.step, rank):
+            _attempt(failures, write_model_files, tmp / "model", state=weights, encoder_state=encoder_weights,
+                     meta=meta, tokenizer=assembled.tokenizer)
     del weights, encoder_weights
     # 2. DeepSpeed: optimizer partitions, scheduler, counters (frozen base weights are not copied)
     with _DeferredWrites(engine, state.step, rank, failures):

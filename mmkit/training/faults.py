@@ -14,14 +14,19 @@ being computed (1-based) or, for the ``*_in_save`` kinds, the step of the checkp
 - ``nan``: that step's loss becomes NaN;  ``oom``: raise an out-of-memory error;
 - ``die``: the process kills itself (SIGKILL);  ``hang``: the process sleeps for an hour;
 - ``kill_in_save``: SIGKILL in the middle of writing a checkpoint;
-- ``enospc_in_save``: an ``OSError(ENOSPC)`` in the middle of writing a checkpoint.
+- ``enospc_in_save``: an ``OSError(ENOSPC)`` in the middle of writing a checkpoint;
+- ``full_in_save`` / ``full_in_engine_save`` / ``full_in_log``: the storage fills up for real while
+  mmkit's model files (safetensors), DeepSpeed's files (``torch.save``) or the step's metrics
+  (JSONL and TensorBoard) are written: the process's file-size limit (``RLIMIT_FSIZE``) drops to
+  zero for that write, so the library's own writer fails with its own error type.
 
-Real full disks are drilled with a file-size limit (``RLIMIT_FSIZE``) on the training process, so
-every library's own writer fails in its own way (``benchmarks/drill.py``, ``tests/test_faults.py``).
+A whole run can also be drilled under a file-size limit (``benchmarks/drill.py``: ``run(...,
+max_file_size=...)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -32,7 +37,8 @@ from typing import Any
 from mmkit.errors import MmkitError
 
 FAULT_ENV = "MMKIT_FAULT"
-FAULT_KINDS = ("nan", "oom", "die", "hang", "kill_in_save", "enospc_in_save")
+FAULT_KINDS = ("nan", "oom", "die", "hang", "kill_in_save", "enospc_in_save", "full_in_save", "full_in_engine_save",
+               "full_in_log")
 #: With ``on_nonfinite_loss: skip``, this many non-finite steps in a row stop the run: the weights
 #: themselves have most likely diverged, and skipping further only burns compute.
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -76,6 +82,25 @@ def inject_process_faults(step: int, rank: int) -> None:
         raise MemoryError(f"injected out-of-memory ({FAULT_ENV})")
 
 
+@contextlib.contextmanager
+def storage_fills(kind: str, step: int, rank: int):
+    """While active, when ``MMKIT_FAULT`` asks for ``kind`` here, no file may grow (``RLIMIT_FSIZE``
+    0, ``SIGXFSZ`` ignored so writes fail with ``EFBIG`` instead of killing the process)."""
+    if not injected(kind, step, rank):
+        yield
+        return
+    import resource
+
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, previous_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
 def inject_save_fault(step: int, rank: int) -> None:
     if injected("kill_in_save", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -114,6 +139,8 @@ def describe_storage_error(exc: BaseException, target: Any = None) -> str:
         text = exc.strerror or str(exc)
     else:
         text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if "unexpected pos" in text or "file write failed" in text:  # torch.save's words for a short write
+            text = f"a write stopped short: the disk is full or a quota or file-size limit was reached ({text})"
         for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
             if f"code: {code}," in text or os.strerror(code).lower() in text.lower():
                 text = f"{os.strerror(code)} ({type(exc).__name__}: {text[:200]})"

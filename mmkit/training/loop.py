@@ -24,7 +24,10 @@ from mmkit.training.faults import (
     injected,
     is_collective_failure,
     is_out_of_memory,
+    is_storage_error,
     out_of_memory_error,
+    storage_error,
+    storage_fills,
 )
 from mmkit.training.metrics_log import batch_slots, window_rates
 
@@ -150,10 +153,16 @@ def train_loop(cfg: Any, engine: Any, loader: Any, sampler: Any, scheduler: Any,
                         last_loss = loss_sum / count if count else float("nan")
                         rates = window_rates(tokens, slots, elapsed)  # sums over the window, all processes
                         tps = rates["tokens_per_s"]
-                        log.log(state.step, {"loss": last_loss, "lr": scheduler.get_last_lr()[-1], **rates,
-                                             "epoch": state.epoch,
-                                             "nonfinite_steps": state.nonfinite_steps,
-                                             "elapsed_s": time.perf_counter() - start})
+                        values = {"loss": last_loss, "lr": scheduler.get_last_lr()[-1], **rates, "epoch": state.epoch,
+                                  "nonfinite_steps": state.nonfinite_steps, "elapsed_s": time.perf_counter() - start}
+                        try:
+                            with storage_fills("full_in_log", state.step, rank):
+                                log.log(state.step, values)
+                        except Exception as exc:  # JSONL or TensorBoard: a full disk is named, not a traceback
+                            if not is_storage_error(exc):
+                                raise
+                            raise storage_error(exc, what=f"the metrics of step {state.step} (metrics.jsonl, "
+                                                "TensorBoard)", last_checkpoint=last_checkpoint) from None
                         progress.update(task, loss=last_loss, tps=tps)
                         tokens_window, slots_window, loss_window, loss_count = 0, 0, 0.0, 0
                         window_start = time.perf_counter()
