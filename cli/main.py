@@ -10,7 +10,23 @@ import typer
 from mmkit.errors import MmkitError
 
 app = typer.Typer(help="mmkit: build multimodal LLMs out of pip-installable modality plugins.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mmkit import __version__
+        from mmkit.plugins import DISTRIBUTION
+
+        typer.echo(f"mmkit {__version__} ({DISTRIBUTION})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """mmkit: build multimodal LLMs out of pip-installable modality plugins."""
 
 
 def _register_commands() -> None:
@@ -18,7 +34,7 @@ def _register_commands() -> None:
 
     app.add_typer(plugins_cmd.plugins_app, name="plugins")
     app.add_typer(plugins_cmd.plugin_app, name="plugin")
-    for module_name in ("train_cmd", "chat_cmd", "eval_cmd", "bench_cmd", "data_cmd"):
+    for module_name in ("train_cmd", "chat_cmd", "eval_cmd", "bench_cmd", "data_cmd", "export_cmd"):
         try:
             module = __import__(f"mmkit_cli.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as exc:

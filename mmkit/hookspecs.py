@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from mmkit.specs import BenchmarkSpec, EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
+    from mmkit.specs import (BenchmarkSpec, EncoderSpec, ExporterSpec, MetricSpec, ModalitySpec, ProjectorSpec,
+                             ReaderSpec)
 
 PROJECT = "mmkit"
 #: Version of this contract. Plugins declare the range they support with ``mmkit>=X,<Y`` in their
@@ -127,6 +128,24 @@ def mmkit_metrics() -> Sequence[MetricSpec]:
         @hookimpl
         def mmkit_metrics():
             return [MetricSpec(name="count_mae", compute="my_pkg.metrics:count_mae")]
+    """
+
+
+@hookspec
+def mmkit_exporters() -> Sequence[ExporterSpec]:
+    """Register export formats for trained runs (``mmkit export RUN --to NAME OUT``).
+
+    Return a list of :class:`mmkit.specs.ExporterSpec`. ``export(model, out, *, adapter, **options)``
+    receives the loaded :class:`mmkit.inference.MultimodalModel` and an empty directory to fill, and
+    raises :class:`mmkit.export.ExportRefused` with the reason when the format cannot hold the run
+    exactly. mmkit's own ``peft`` and ``merged`` formats are registered through this hook too.
+
+    Example::
+
+        @hookimpl
+        def mmkit_exporters():
+            return [ExporterSpec(name="llava-hf", export="my_pkg.export:to_llava",
+                                 check="my_pkg.export:why_not")]
     """
 
 

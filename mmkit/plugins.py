@@ -28,14 +28,19 @@ import pluggy
 
 from mmkit import hookspecs
 from mmkit.errors import PluginError
-from mmkit.specs import BenchmarkSpec, EncoderSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
+from mmkit.specs import BenchmarkSpec, EncoderSpec, ExporterSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
 
 ENTRY_POINT_GROUP = "mmkit"
+#: mmkit's distribution name on the package index (the import name and command stay ``mmkit``;
+#: ``mmkit`` there is another project), and the bare name, which a checkout's plugins may still use.
+DISTRIBUTION = "mmkit-sdk"
+MMKIT_DISTRIBUTIONS = (DISTRIBUTION, "mmkit")
 DEFAULT_PLUGINS = (
     "mmkit.default_plugins.projectors",
     "mmkit.default_plugins.lora_targets",
     "mmkit.default_plugins.readers",
     "mmkit.default_plugins.metrics",
+    "mmkit.default_plugins.exporters",
 )
 
 # hook name -> (descriptor type, registry kind) for the registration hooks.
@@ -45,6 +50,7 @@ _REGISTRATION_HOOKS: dict[str, tuple[type, str]] = {
     "mmkit_projectors": (ProjectorSpec, "projector"),
     "mmkit_dataset_readers": (ReaderSpec, "reader"),
     "mmkit_metrics": (MetricSpec, "metric"),
+    "mmkit_exporters": (ExporterSpec, "exporter"),
     "mmkit_benchmarks": (BenchmarkSpec, "benchmark"),
 }
 
@@ -111,7 +117,7 @@ class PluginHost:
             self.pm.enable_tracing()
         for module_name in DEFAULT_PLUGINS:
             self._register_module(module_name, name=module_name.rsplit(".", 1)[-1],
-                                  distribution="mmkit", version=_mmkit_version(), source="default")
+                                  distribution=DISTRIBUTION, version=_mmkit_version(), source="default")
         if load_entrypoints:
             self.load_entrypoints()
 
@@ -301,6 +307,12 @@ class PluginHost:
     def metrics(self) -> dict[str, MetricSpec]:
         return self._all("metric")
 
+    def exporter(self, name: str) -> ExporterSpec:
+        return self._get("exporter", name)
+
+    def exporters(self) -> dict[str, ExporterSpec]:
+        return self._all("exporter")
+
     def benchmark(self, name: str) -> BenchmarkSpec:
         return self._get("benchmark", name)
 
@@ -387,7 +399,7 @@ class PluginHost:
             for name, reg in entries.items():
                 for field in attrs.fields(type(reg.spec)):
                     value = getattr(reg.spec, field.name)
-                    if field.name in {"load", "build", "read", "detect", "compute"} and value is not None:
+                    if field.name in {"load", "build", "read", "detect", "compute", "export", "check"} and value is not None:
                         try:
                             resolve(value)
                         except Exception as exc:
@@ -418,7 +430,7 @@ def _declared_mmkit_range(dist: Any) -> str | None:
             req = Requirement(line)
         except InvalidRequirement:
             continue
-        if req.name.lower() == "mmkit" and not req.marker:
+        if req.name.lower().replace("_", "-") in MMKIT_DISTRIBUTIONS and not req.marker:
             return str(req.specifier) or None
     return None
 

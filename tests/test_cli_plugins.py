@@ -19,7 +19,7 @@ from mmkit import MetricSpec, hookimpl, hookspecs
 from mmkit_cli.plugins_cmd import plugin_app, plugins_app, render_hook_reference
 
 MMKIT = Path(sys.executable).with_name("mmkit")  # the console script installed with mmkit
-DEFAULTS = {"projectors", "lora_targets", "readers", "metrics"}
+DEFAULTS = {"projectors", "lora_targets", "readers", "metrics", "exporters"}
 HOOK_NAMES = [n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "mmkit_spec")]
 
 
@@ -68,7 +68,7 @@ def test_list_json_lists_every_installed_plugin():
     installed = {ep.name for ep in importlib.metadata.entry_points(group="mmkit")}
     assert DEFAULTS | installed <= set(by_name)
     assert by_name["projectors"]["registered"]["projectors"] == ["linear", "mlp", "resampler"]
-    assert by_name["projectors"]["distribution"] == "mmkit" and by_name["projectors"]["source"] == "default"
+    assert by_name["projectors"]["distribution"] == "mmkit-sdk" and by_name["projectors"]["source"] == "default"
     for row in rows:
         assert set(row) >= {"name", "distribution", "version", "source", "status", "error", "import_ms", "hooks",
                             "requires_mmkit", "registered"}
@@ -133,7 +133,7 @@ def test_check_deep_resolves_lazy_references(cli, fake_entry_points):
     fake_entry_points.install(fake_entry_points.ep("lazy", LazyPlugin()))
     shallow = cli("plugins", "check")
     assert shallow.exit_code == 0, shallow.output
-    assert "all 5 plugins OK" in shallow.output
+    assert "all 6 plugins OK" in shallow.output
     deep = cli("plugins", "check", "--deep")
     assert deep.exit_code == 1
     assert "lazy (mmkit-plugin-lazy): metric 'ghost'.compute -> 'mmkit_no_such_module:compute'" in deep.output

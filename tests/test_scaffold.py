@@ -75,7 +75,7 @@ def test_generated_tree(tmp_path):
     project = tomllib.loads((target / "pyproject.toml").read_text())["project"]
     assert project["name"] == "mmkit-plugin-demo"
     assert project["entry-points"]["mmkit"] == {"demo": "mmkit_plugin_demo.plugin"}
-    assert {"mmkit>=0.1,<0.2", "torch>=2.2", "numpy"} <= set(project["dependencies"])
+    assert {"mmkit-sdk>=0.1,<0.2", "torch>=2.2", "numpy"} <= set(project["dependencies"])
     assert any(dep.startswith("pytest") for dep in project["optional-dependencies"]["test"])
     contract = (target / "tests" / "test_contract.py").read_text()
     assert "class TestDemoContract(ModalityContract):" in contract and 'modality = "demo"' in contract
@@ -164,6 +164,6 @@ def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
         checked = subprocess.run([mmkit, "plugins", "check", "--deep"], capture_output=True, text=True,
                                  env={**env, "MMKIT_PLUGINS": "scaffoldcheck"})
         assert checked.returncode == 0, checked.stderr
-        assert "all 5 plugins OK" in checked.stdout
+        assert "all 6 plugins OK" in checked.stdout
     finally:
         _pip("uninstall", "-y", distribution)

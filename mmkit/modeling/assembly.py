@@ -6,12 +6,16 @@ other token is embedded by the LLM (markers by a small trainable table, see ``to
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
-from mmkit.errors import DataError
+from mmkit.errors import ConfigError, DataError
+from mmkit.generation import GenerationOptions
 from mmkit.modeling.encoder import ModalityEncoder
 from mmkit.modeling.lora import RoutedLora
 from mmkit.modeling.tokens import ExtendedEmbedding
@@ -121,34 +125,68 @@ class MultimodalLM(nn.Module):
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-                 adapters: Sequence[str] | None, *, max_new_tokens: int, stop_ids: set[int], allowed_vocab: int,
-                 pad_id: int) -> list[list[int]]:
-        """Greedy decoding with a KV cache over left-padded prompts. Tokens at or above
-        ``allowed_vocab`` (mmkit's markers) are never produced."""
+                 adapters: Sequence[str] | None, *, max_new_tokens: int | None = None, stop_ids: set[int],
+                 allowed_vocab: int, pad_id: int, options: GenerationOptions | None = None, tokenizer: Any = None,
+                 streamer: Any = None) -> list[list[int]]:
+        """Decode through the LLM's own ``generate`` from the prompts' embeddings (left-padded rows).
+
+        ``options`` picks greedy (default), sampling or beams (``max_new_tokens`` overrides its
+        length). Tokens at or above ``allowed_vocab`` (mmkit's markers, and any vocabulary padding
+        rows) are suppressed, so never produced. ``tokenizer`` is needed for stop strings;
+        ``streamer`` (one row only) receives tokens as they come. Returns each row's new tokens up to,
+        not including, its first stop token.
+        """
+        from transformers import GenerationConfig
+
+        options = options or GenerationOptions()
+        if max_new_tokens is not None:
+            options = attrs.evolve(options, max_new_tokens=max_new_tokens)
+        if streamer is not None and (input_ids.shape[0] != 1 or options.num_beams > 1):
+            raise ConfigError("streaming answers one prompt at a time, without beam search")
+        if options.stop and tokenizer is None:
+            raise ConfigError("stop strings need the tokenizer")
         if self.lora is not None and adapters is not None:
-            self.lora.set_routes(adapters, input_ids.device)
+            # transformers repeats each row once per beam, next to itself: route the copies alike
+            self.lora.set_routes([a for a in adapters for _ in range(options.num_beams)], input_ids.device)
         embeds = self.embed(input_ids, inputs)
-        mask = attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-        batch = input_ids.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            if logits.shape[-1] > allowed_vocab:
-                logits[:, allowed_vocab:] = float("-inf")
-            token = logits.argmax(-1)
-            for i in range(batch):
-                if not finished[i]:
-                    generated[i].append(int(token[i]))
-            finished |= torch.tensor([int(t) in stop_ids for t in token], device=token.device)
-            if bool(finished.all()):
-                break
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.llm(inputs_embeds=self.embeddings(token[:, None]), attention_mask=mask, position_ids=next_pos,
-                           past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
-        return [[t for t in seq if t not in stop_ids] for seq in generated]
+        vocab = self.llm.get_output_embeddings().weight.shape[0]
+        stops = sorted(stop_ids)
+        config = GenerationConfig(
+            **options.hf_kwargs(stop_strings=False), eos_token_id=stops or None, pad_token_id=pad_id,
+            suppress_tokens=list(range(allowed_vocab, vocab)) or None, use_cache=True)
+        # The model's own generation_config (sampling defaults of chat models) must not leak in:
+        # decoding is exactly what ``options`` says.
+        saved, self.llm.generation_config = self.llm.generation_config, config
+        try:
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            stopping = [stop_on_strings(options.stop, tokenizer)] if options.stop else None
+            with warnings.catch_warnings():
+                # the prompt is embeddings, so the penalty counts generated tokens only: documented
+                warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")
+                sequences = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                              generation_config=config, stopping_criteria=stopping,
+                                              streamer=streamer)
+        finally:
+            self.llm.generation_config = saved
+        result = []
+        for row in sequences.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+            result.append(row[:cut])
+        return result
+
+
+def stop_on_strings(stops: Sequence[str], tokenizer: Any) -> Any:
+    """Stop a row once its decoded text holds one of ``stops``. transformers' own stop strings read
+    the tokenizer's vocabulary in a way word-level tokenizers break; decoding the tail of each row
+    works for any tokenizer."""
+    from transformers import StoppingCriteria
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            window = max(len(s) for s in stops) + 8  # tokens: each decodes to at least a character or nothing
+            done = [any(s in tokenizer.decode(row[-window:], skip_special_tokens=True) for s in stops)
+                    for row in input_ids.tolist()]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return _Stop()

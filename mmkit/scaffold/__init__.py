@@ -56,7 +56,8 @@ class PluginNames:
             "Modality": self.class_prefix,
             "encoder": self.encoder,
             # The hook API is versioned with mmkit's minor release while mmkit is 0.x.
-            "mmkit_requirement": f"mmkit>={major}.{minor},<{major}.{minor + 1}",
+            # mmkit is published as mmkit-sdk (the name mmkit on the package index is another project).
+            "mmkit_requirement": f"mmkit-sdk>={major}.{minor},<{major}.{minor + 1}",
         }
 
 

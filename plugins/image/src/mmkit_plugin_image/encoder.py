@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -77,7 +78,15 @@ class CLIPImageEncoder(ModalityEncoder):
 
     # -- ModalityEncoder -------------------------------------------------------------------------
     def preprocess(self, raw: Any) -> torch.Tensor:
-        """One PIL image -> ``FloatTensor[3, S, S]``: resize, centre-crop, CLIP normalisation."""
+        """One PIL image (or an ``H x W [x C]`` uint8 array / tensor, as from memory) ->
+        ``FloatTensor[3, S, S]``: resize, centre-crop, CLIP normalisation."""
+        if isinstance(raw, torch.Tensor):
+            raw = raw.detach().cpu().numpy()
+        if isinstance(raw, np.ndarray):
+            if raw.dtype != np.uint8 or raw.ndim not in (2, 3) or (raw.ndim == 3 and raw.shape[2] not in (1, 3, 4)):
+                raise TypeError(f"image encoder: an array image must be uint8 H x W or H x W x 1/3/4, "
+                                f"got {raw.dtype} {raw.shape}")
+            raw = Image.fromarray(raw[..., 0] if raw.ndim == 3 and raw.shape[2] == 1 else raw)
         if not isinstance(raw, Image.Image):
             raise TypeError(f"image encoder: preprocess expects a PIL image, got {type(raw).__name__}")
         rgb = raw if raw.mode == "RGB" else raw.convert("RGB")

@@ -1,0 +1,306 @@
+"""``mmkit export``: what each format writes loads in stock transformers / peft and computes what
+mmkit computes (logits within 1e-4), and runs a format cannot hold are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmkit.data.records import Turn
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+TOL = 1e-4
+TRAIN = [("<image> What digit is shown ?", "7", 0), ("<image> What is shown here ?", "a red cube", 1)]
+QUESTION = "What digit is shown ?"
+TEXT_PROMPT = "hello world , what about this one ?"
+
+
+def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
+    """A few real optimizer steps on the instruct stage (projectors, marker rows, LoRA)."""
+    from mmkit.data.batching import Collator
+    from mmkit.inference import MultimodalModel
+    from mmkit.modeling.builder import trainable_parameters
+    from mmkit.modeling.lora import route_for_sample
+
+    mm = MultimodalModel(assembled, mm_host)
+    model = assembled.model
+    params = [p for group in trainable_parameters(model, "instruct").values() for p in group]
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    items = []
+    for s in samples:
+        enc = assembled.prompts.encode_sample(s)
+        items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels,
+                      "inputs": {m: [mm.preprocess[m](Path(p)) for p in paths] for m, paths in s.inputs.items()},
+                      "adapter": route_for_sample(s.modalities, mm.adapters or ["-"])})
+    batch = Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side="right")(items)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    inputs=batch["inputs"], adapters=batch["adapters"] if mm.adapters else None)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+def _sample(sid, text, answer, **inputs):
+    from mmkit.data.records import Sample
+
+    return Sample(sid, (Turn("user", text), Turn("assistant", answer)), {m: tuple(map(str, v)) for m, v in inputs.items()})
+
+
+def _make_run(tmp_path_factory, mm_host, tiny_llm, input_files, modalities, mode, name):
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+    from mmkit.modeling.persistence import save_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(llm=str(tiny_llm("llama")), modalities=tuple(ModalityChoice(m) for m in modalities),
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0, mode=mode), max_length=256)
+    assembled = assemble(config, mm_host)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every adapter distinct (peft starts B at zero), so a wrong merge shows
+        for pname, param in assembled.model.named_parameters():
+            if "lora_" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    images = input_files["image"]
+    samples = [_sample(f"i{i}", q, a, image=[images[k]]) for i, (q, a, k) in enumerate(TRAIN)]
+    if "pointcloud" in modalities:
+        clouds = input_files["pointcloud"]
+        samples += [_sample("p", "<pointcloud> Which shape is it ?", "a cube", pointcloud=[clouds[0]]),
+                    _sample("t", "hello world", "yes")]
+    losses = _train(assembled, mm_host, samples)
+    assert losses[-1] < losses[0]  # it learned something
+    run = tmp_path_factory.mktemp(name)
+    save_model(run, assembled, stage="instruct")
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, mm_host, tiny_llm, input_files):
+    return _make_run(tmp_path_factory, mm_host, tiny_llm, input_files, ("image",), "shared", "image_run")
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, mm_host, tiny_llm, input_files):
+    return _make_run(tmp_path_factory, mm_host, tiny_llm, input_files, ("image", "pointcloud"), "per_modality",
+                     "mixed_run")
+
+
+@pytest.fixture(scope="module")
+def loaded(mm_host):
+    from mmkit.inference import load
+
+    cache = {}
+
+    def get(run):
+        if run not in cache:
+            cache[run] = load(run, host=mm_host)
+        return cache[run]
+
+    return get
+
+
+def _mmkit_logits(mm, text: str, inputs: dict | None = None) -> tuple[list[int], torch.Tensor]:
+    """mmkit's logits for the generation prompt of ``text`` (placeholders prepended as generate does)."""
+    inputs = {m: list(v) for m, v in (inputs or {}).items()}
+    turns = [Turn("user", mm._with_placeholders(text, inputs))]
+    enc = mm.prompts.encode_prompt(turns)
+    ids = torch.tensor([enc.input_ids])
+    tensors = {m: torch.stack([mm.prepare(m, v) for v in vs]) for m, vs in inputs.items()}
+    route = [mm._item("x", turns, None, {}, tuple(inputs))["adapter"]]
+    with torch.no_grad():
+        out = mm.model(input_ids=ids, attention_mask=torch.ones_like(ids), inputs=tensors,
+                       adapters=route if mm.adapters else None)
+    return enc.input_ids, out.logits[0].float()
+
+
+def _group_readable(path: Path) -> bool:
+    return stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044
+
+
+HF_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder, image, question, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+        generated = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1]:]
+    print(json.dumps({"input_ids": inputs["input_ids"][0].tolist(), "logits": logits.tolist(),
+                      "answer": processor.decode(new, skip_special_tokens=True).strip(),
+                      "mmkit_imported": any(m.split(".")[0] == "mmkit" for m in sys.modules)}))
+""")
+
+
+def test_llava_hf_export_loads_in_stock_transformers_and_matches_mmkit(image_run, loaded, input_files, tmp_path):
+    out = tmp_path / "llava"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    mmkit_cmd = str(Path(sys.executable).with_name("mmkit"))
+    done = subprocess.run([mmkit_cmd, "export", str(image_run), "--to", "llava-hf", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model.safetensors" in done.stdout and (out / "README.md").is_file()
+    config = json.loads((out / "config.json").read_text())
+    mm = loaded(image_run)
+    assert config["model_type"] == "llava"
+    assert config["image_token_index"] == mm.tokenizer.convert_tokens_to_ids("<image>")
+    assert config["vision_feature_select_strategy"] == "default"  # the run drops CLS
+    assert _group_readable(out) and _group_readable(out / "model.safetensors")
+
+    held_out = input_files["image"][2]  # never trained on
+    script = tmp_path / "load_llava.py"
+    script.write_text(HF_SCRIPT)
+    hf = subprocess.run([sys.executable, str(script), str(out), str(held_out), QUESTION, "8"],
+                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    got = json.loads(hf.stdout.strip().splitlines()[-1])
+    assert got["mmkit_imported"] is False
+
+    ids, logits = _mmkit_logits(mm, QUESTION, {"image": [str(held_out)]})
+    assert got["input_ids"] == ids  # same prompt, begin/end markers and 16 image tokens included
+    vocab = mm.assembled.first_new_token_id
+    hf_logits = torch.tensor(got["logits"])
+    diff = (hf_logits[:, :vocab] - logits[:, :vocab]).abs().max().item()
+    print(f"llava-hf max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+    answer = mm.generate(QUESTION, {"image": str(held_out)}, max_new_tokens=8)
+    assert answer and got["answer"] == answer
+
+
+def test_peft_adapters_load_with_peft_and_merged_llm_matches_mmkit(image_run, loaded, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmkit.export import export_run
+
+    mm = loaded(image_run)
+    ids, logits = _mmkit_logits(mm, TEXT_PROMPT)
+    vocab = mm.assembled.first_new_token_id
+    assert max(ids) < vocab  # a text-only prompt: the base LLM alone can take it
+
+    files = export_run(image_run, "peft", tmp_path / "peft")
+    assert {"adapters/shared/adapter_config.json", "adapters/shared/adapter_model.safetensors", "README.md",
+            "projectors.safetensors", "markers.safetensors", "mmkit_export.json"} <= set(files)
+    index = json.loads((tmp_path / "peft" / "mmkit_export.json").read_text())
+    base_path = index["base_llm"]
+    peft_llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                         str(tmp_path / "peft" / "adapters" / "shared")).eval()
+    with torch.no_grad():
+        peft_logits = peft_llm(input_ids=torch.tensor([ids])).logits[0].float()
+    peft_diff = (peft_logits[:, :vocab] - logits[:, :vocab]).abs().max().item()
+    projectors = load_file(str(tmp_path / "peft" / "projectors.safetensors"))
+    for name, value in mm.model.projectors["image"].state_dict().items():
+        assert torch.equal(projectors[f"image.{name}"], value)
+    markers = load_file(str(tmp_path / "peft" / "markers.safetensors"))["embeddings"]
+    assert torch.equal(markers, mm.model.embeddings.new_tokens.detach())
+    assert index["markers"]["<image>"] == mm.tokenizer.convert_tokens_to_ids("<image>")
+
+    export_run(image_run, "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "llm")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged" / "llm"))
+    assert tokenizer.convert_tokens_to_ids("<Img>") == mm.tokenizer.convert_tokens_to_ids("<Img>")
+    with torch.no_grad():
+        merged_logits = merged(input_ids=torch.tensor([ids])).logits[0].float()
+        # the marker rows moved into the vocabulary: embedding them gives mmkit's trained rows
+        marker_rows = merged.get_input_embeddings()(torch.arange(vocab, vocab + markers.shape[0]))
+    merged_diff = (merged_logits[:, :vocab] - logits[:, :vocab]).abs().max().item()
+    print(f"peft max |logit diff| = {peft_diff:.2e}; merged = {merged_diff:.2e}")
+    assert peft_diff < TOL and merged_diff < TOL
+    assert torch.equal(marker_rows, markers)
+    assert merged.generation_config.suppress_tokens == list(range(vocab, merged.config.vocab_size))
+    assert (tmp_path / "merged" / "README.md").read_text().startswith("# mmkit run: merged LLM")
+
+
+def test_image_pointcloud_run_exports_peft_and_merged_and_llava_is_refused(mixed_run, loaded, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mmkit.errors import ConfigError
+    from mmkit.export import ExportRefused, export_run
+
+    mm = loaded(mixed_run)
+    assert mm.adapters == ["image", "pointcloud", "text"]
+    files = export_run(mixed_run, "peft", tmp_path / "peft")
+    base = json.loads((tmp_path / "peft" / "mmkit_export.json").read_text())["base_llm"]
+    ids, logits = _mmkit_logits(mm, TEXT_PROMPT)  # a text-only prompt: the text adapter
+    vocab = mm.assembled.first_new_token_id
+    outputs = {}
+    for name in mm.adapters:
+        assert f"adapters/{name}/adapter_model.safetensors" in files
+        llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                        str(tmp_path / "peft" / "adapters" / name)).eval()
+        with torch.no_grad():
+            outputs[name] = llm(input_ids=torch.tensor([ids])).logits[0, :, :vocab].float()
+    assert (outputs["text"] - logits[:, :vocab]).abs().max().item() < TOL
+    assert (outputs["image"] - logits[:, :vocab]).abs().max().item() > 1e-3  # adapters really differ
+
+    with pytest.raises(ConfigError, match="3 LoRA adapters.*--adapter"):
+        export_run(mixed_run, "merged", tmp_path / "ambiguous")
+    export_run(mixed_run, "merged", tmp_path / "merged", adapter="text")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "llm")).eval()
+    with torch.no_grad():
+        merged_logits = merged(input_ids=torch.tensor([ids])).logits[0, :, :vocab].float()
+    assert (merged_logits - logits[:, :vocab]).abs().max().item() < TOL
+    assert json.loads((tmp_path / "merged" / "mmkit_export.json").read_text())["merged_adapter"] == "text"
+
+    with pytest.raises(ExportRefused, match="llava-hf format cannot hold this run: .*image, pointcloud"):
+        export_run(mixed_run, "llava-hf", tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()
+
+
+def test_llava_refuses_runs_it_cannot_express(mm_host, assemble_model, randomize_lora, tmp_path):
+    from mmkit_plugin_image.export_llava import why_not
+
+    from mmkit.export import ExportRefused, export_run
+    from mmkit.modeling.persistence import save_model
+
+    image = {"encoder": "clip", "projector": "mlp", "projector_options": {}}
+    assert why_not({"modalities": {"image": image}}) is None
+    assert why_not({"modalities": {"image": {**image, "projector_options": {"depth": 1}}}}) is None
+    assert "resampler" in why_not({"modalities": {"image": {**image, "projector": "resampler"}}})
+    assert "depth 3" in why_not({"modalities": {"image": {**image, "projector_options": {"depth": 3}}}})
+    assert "encoder" in why_not({"modalities": {"image": {**image, "encoder": "siglip"}}})
+    assert "LoRA" in why_not({"modalities": {"image": image}, "encoder_lora": True})
+
+    # per-modality adapters: text-only prompts would use another adapter than image prompts
+    assembled = assemble_model(("image",), mode="per_modality")
+    randomize_lora(assembled.model)
+    save_model(tmp_path / "run", assembled, stage="instruct")
+    with pytest.raises(ExportRefused, match="per-modality LoRA adapters .*differ"):
+        export_run(tmp_path / "run", "llava-hf", tmp_path / "out", host=mm_host)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_errors_name_the_problem(image_run, tmp_path, mm_host):
+    from mmkit.errors import ConfigError, PluginError
+    from mmkit.export import export_run
+
+    with pytest.raises(PluginError, match="no exporter named 'onnx'.*llava-hf.*merged.*peft"):
+        export_run(image_run, "onnx", tmp_path / "x", host=mm_host)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
+        export_run(image_run, "peft", tmp_path / "full", host=mm_host)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
