@@ -22,7 +22,7 @@ plugin_app = typer.Typer(help="Create a new plugin package.", no_args_is_help=Tr
 
 #: registry kind -> the key used in ``plugins list --json``.
 REGISTRY_KEYS = {"modality": "modalities", "encoder": "encoders", "projector": "projectors",
-                 "reader": "readers", "metric": "metrics", "exporter": "exporters"}
+                 "reader": "readers", "metric": "metrics", "exporter": "exporters", "benchmark": "benchmarks"}
 HOOK_REFERENCE_TITLE = "## Hook reference"
 
 

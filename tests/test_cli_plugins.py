@@ -72,7 +72,8 @@ def test_list_json_lists_every_installed_plugin():
     for row in rows:
         assert set(row) >= {"name", "distribution", "version", "source", "status", "error", "import_ms", "hooks",
                             "requires_mmkit", "registered"}
-        assert set(row["registered"]) == {"modalities", "encoders", "projectors", "readers", "metrics"}
+        assert set(row["registered"]) == {"modalities", "encoders", "projectors", "readers", "metrics", "exporters",
+                                          "benchmarks"}
 
 
 def test_list_shows_a_broken_plugin_as_failed_and_still_succeeds(cli, fake_entry_points):

@@ -302,6 +302,23 @@ def test_verify_lazy_resolves_string_references(host):
     assert problems[0].startswith("lazy: metric 'ghost'.compute -> 'mmkit_no_such_module:compute': ModuleNotFoundError")
 
 
+def test_benchmarks_register_like_other_descriptors(host):
+    from mmkit.specs import BenchmarkSpec
+
+    class Bench:
+        @hookimpl
+        def mmkit_benchmarks(self):
+            return [BenchmarkSpec(name="tiny_vqa", recipe="my_pkg:benchmarks/tiny_vqa.yaml", suites="demo")]
+
+    host.register(Bench(), name="bench")
+    spec = host.benchmark("tiny_vqa")
+    assert spec.suites == ("demo",) and host.provider("benchmark", "tiny_vqa") == "bench"
+    with pytest.raises(ValueError, match="package:path/in/package.yaml"):
+        BenchmarkSpec(name="x", recipe="my_pkg.module:attribute")
+    with pytest.raises(PluginError, match="no benchmark named 'nope'"):
+        host.benchmark("nope")
+
+
 # -- call-time hooks ---------------------------------------------------------------------------------
 LLAMA = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
 
