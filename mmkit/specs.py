@@ -195,8 +195,11 @@ class ReaderSpec:
 class MetricSpec:
     """An evaluation metric.
 
-    ``compute(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]``; the first
-    key of the result is the headline figure.
+    ``compute(predictions: Sequence[str], references: Sequence[Any]) -> dict[str, float]``; the first
+    key of the result is the headline figure. A reference is whatever JSON the metric reads (a label,
+    a list of synonyms, ``{"bbox": [...]}``, a list of objects, ...); a malformed one raises
+    :class:`mmkit.errors.DataError` naming its index. Metrics are pure functions of these texts, so
+    ``mmkit eval score`` re-scores any saved predictions file.
     """
 
     name: str = attrs.field(validator=_check_name)
