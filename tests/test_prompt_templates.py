@@ -274,3 +274,71 @@ def test_a_tokenizer_without_a_template_is_refused_before_it_loads(tmp_path):
 def test_a_template_whose_end_of_turn_is_not_a_token_is_refused():
     with pytest.raises(ConfigError, match=r"'chatml' ends turns with '<\|im_end\|>'.*not a token"):
         PromptBuilder(load("llama2"), MARKERS, {"image": 4}, template="chatml")
+
+
+@pytest.mark.slow
+def test_a_llama_tokenizer_without_a_template_trains_with_vicuna_v1(tmp_path, monkeypatch, mm_host):
+    """The Llama-2 tokenizer (no chat template, as Vicuna v1.5 ships) on a tiny random-init Llama of
+    its real vocabulary size: refused before the model loads without --template, trained with
+    --template vicuna_v1."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mmkit_cli.main import _register_commands, app
+
+    llm = tmp_path / "tiny-vicuna"
+    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(llm)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir("llama2") / name, llm / name)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    data = tmp_path / "llava.json"
+    data.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes"}]} for i in range(2)]))
+    monkeypatch.setenv("COLUMNS", "200")
+    _register_commands()
+    common = ["train", "--llm", str(llm), "--data", str(data), "--modalities", "image", "--max-steps", "1",
+              "--micro-batch-size", "2", "--lora-r", "4", "--set", "tensorboard=false", "--set", "max_length=256"]
+    refused = CliRunner().invoke(app, [*common, "--output-dir", str(tmp_path / "refused")])
+    assert refused.exit_code != 0
+    assert "--template vicuna_v1" in refused.output + str(refused.exception)
+    assert not (tmp_path / "refused" / "model").exists()
+    result = CliRunner().invoke(app, [*common, "--template", "vicuna_v1", "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    meta = json.loads((tmp_path / "run" / "model" / "mmkit.json").read_text())
+    assert meta["template"] == "vicuna_v1"
+
+
+def test_inspect_text_marks_supervised_spans_and_collapses_slot_runs(llava_file):
+    from mmkit_cli.data_cmd import data_app
+
+    app = typer.Typer()
+    app.add_typer(data_app, name="data")
+    result = CliRunner().invoke(app, ["data", "inspect", str(llava_file), "--llm", str(tokenizer_dir("llama2")),
+                                      "--template", "vicuna_v1", "--modalities", "image",
+                                      "--tokens-per-input", "image=576"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "[<image> x576]" in out and "<image><image>" not in out.split("inference prompt")[0]
+    # the first learned token carries the space before the answer (▁A), so the mark opens before it
+    assert "ASSISTANT:« A cat sits on a red mat.</s>»" in out and "ASSISTANT:« Red</s>»" in out
+    assert "slots per input: image: [576]" in out
+    assert out.rstrip().endswith("ASSISTANT:")  # the inference prompt ends with the generation prompt
+
+
+def test_plain_supervises_the_caption_and_its_newline():
+    pb = PromptBuilder(load("llama2"), MARKERS, {"image": 4}, template="plain")
+    sample = Sample(id="c", turns=(Turn("user", "Give a brief description of the image.\n<image>"),
+                                   Turn("assistant", "a cat on a mat")), inputs={"image": ("a.png",)})
+    enc = pb.encode_sample(sample)
+    tok = pb.tokenizer
+    learned = [lab for lab in enc.labels if lab != IGNORE_INDEX]
+    assert tok.decode(learned) == "a cat on a mat\n"
+    assert tok.convert_ids_to_tokens(enc.input_ids[:2]) == ["<s>", "<Img>"]  # BOS, then the input: no question text
