@@ -40,7 +40,8 @@ def evaluate(
         help="--benchmark: where recipes' relative data paths start (default: the run directory).")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Output folder (default RUN/eval/<benchmark or data file names>).")] = None,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Answers generated per batch (default: the run's eval_batch_size, else 64).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="--data: tokens to generate.")] = 16,
     json_out: Annotated[Optional[str], typer.Option(
         "--json", help="Also write the results as JSON to this file ('-': stdout, instead of the table).")] = None,
@@ -64,6 +65,9 @@ def evaluate(
     if bool(data) == bool(benchmark):
         raise ConfigError("give --data FILE (held-out evaluation) or --benchmark RECIPE (benchmark), not both"
                           if data else "give --data FILE or --benchmark RECIPE_OR_NAME")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = batch_size or _run_eval_batch_size(output_dir)
     to_stdout = json_out == "-"
     console = Console(stderr=to_stdout)
     if data:
@@ -87,6 +91,19 @@ def evaluate(
             from mmkit.training.atomic import atomic_write_text
 
             atomic_write_text(Path(json_out), text)
+
+
+def _run_eval_batch_size(output_dir: Path) -> int:
+    """The batch size the run's own evaluation used: left padding makes batch composition part of
+    what reproduces a figure to the last digit."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((output_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return 64
+    value = config.get("eval_batch_size") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 64
 
 
 def _run_benchmarks(output_dir: Path, names: list[str], *, limit: int | None, data_root: Path | None,

@@ -288,6 +288,14 @@ def test_eval_run_refuses_unclear_requests(saved_run, tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_default_batch_size_is_the_runs_own(tmp_path):
+    from mmkit_cli.eval_cmd import _run_eval_batch_size
+
+    assert _run_eval_batch_size(tmp_path) == 64
+    (tmp_path / "config.yaml").write_text("eval_batch_size: 7\n")
+    assert _run_eval_batch_size(tmp_path) == 7
+
+
 def _lamm_benchmark(root: Path) -> tuple[Path, Path]:
     """Two-record LAMM-Bench meta files laid out as LAMM publishes them (2D_Benchmark/meta_file/...,
     3D_Benchmark/meta_file/... with "./scannet_pcls/..." paths), with real image and point files."""
