@@ -165,7 +165,8 @@ def test_hf_datasets_files_are_found_by_path_and_streamed(mm_host, tmp_path):
     ds.to_parquet(str(parquet))
     saved = tmp_path / "saved"
     ds.save_to_disk(str(saved))
-    for path in (parquet, saved):
+    arrow = next(saved.glob("*.arrow"))
+    for path in (parquet, saved, arrow):
         assert pick_reader(mm_host, path, None) == "hf_datasets"
         stream = iter_samples(mm_host, path, ctx(mm_host, tmp_path))
         assert not isinstance(stream, list)

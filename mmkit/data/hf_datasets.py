@@ -45,6 +45,7 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
     except ImportError:
         raise ConfigError(f"{path}: reading parquet / arrow / dataset directories needs the 'datasets' package "
                           "(pip install datasets)") from None
+    datasets.disable_progress_bars()
     text = str(path)
     if text.startswith(HUB_PREFIX):
         name, _, split = text[len(HUB_PREFIX):].partition(":")
@@ -59,8 +60,15 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
         ds = ds.to_iterable_dataset()
     elif path.is_dir():
         ds = datasets.load_dataset(str(path), split="train", streaming=True)
+    elif path.is_file() and path.suffix == ".parquet":
+        # row groups straight from pyarrow: streamed, and without the dataset builder's set-up time
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
     elif path.is_file():
-        ds = datasets.load_dataset(SUFFIXES[path.suffix], data_files=str(path), split="train", streaming=True)
+        ds = datasets.Dataset.from_file(str(path)).to_iterable_dataset()  # memory-mapped arrow
     else:
         raise DataError(str(path), None, "file not found", kind="missing_file")
     # inputs are read by the modalities' loaders from files: keep encoded columns as they are stored
