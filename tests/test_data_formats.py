@@ -8,6 +8,7 @@ warning per record and passes the encode check training runs; a tiny run trains 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_lamm_files_read_as_published_with_the_inputs_before_the_first_human_tur
     assert s3.turns[0].text == pcl + "\nWhat is this object?" and s3.modalities == ("pointcloud",)
 
 
-def test_lamm_and_llava_layouts_validate_with_no_warning_and_encode(mm_host, lamm, tmp_path, tiny_llm):
+def test_lamm_and_llava_layouts_validate_with_no_warning_and_encode(mm_host, lamm, tmp_path):
     from mmkit.data.validate import prompt_lengths_for
 
     llava_root = tmp_path / "llava"
@@ -102,7 +103,12 @@ def test_lamm_and_llava_layouts_validate_with_no_warning_and_encode(mm_host, lam
     ]
     (llava_root / "llava_v1_5_mix665k.json").write_text(json.dumps(mix))
     markers = {m: mm_host.modality(m).markers for m in ("image", "pointcloud")}
-    lengths = prompt_lengths_for(str(tiny_llm()), markers, {"image": 16, "pointcloud": 8}, max_length=512)
+    # the encode check with a real tokenizer: Llama-2's (as Vicuna / LLaVA-1.5 use) with LLaVA-1.5's template
+    llama2 = Path(os.environ.get("MMKIT_TOKENIZER_CACHE", Path.home() / ".cache" / "mmkit" / "tokenizers")) / "llama2"
+    if not (llama2 / "tokenizer.json").is_file():
+        pytest.skip("run python scripts/fetch_tokenizers.py") if not os.environ.get("CI") else pytest.fail("no tokenizer")
+    lengths = prompt_lengths_for(str(llama2), markers, {"image": 576, "pointcloud": 256}, max_length=2048,
+                                 template="vicuna_v1")
     for files, root in (([lamm["2d"]], lamm["2d"].parents[1]), ([lamm["3d"]], lamm["3d"].parents[1]),
                         ([llava_root / "llava_v1_5_mix665k.json"], None)):
         report = validate(files, host=mm_host, data_root=root, lengths=lengths)
