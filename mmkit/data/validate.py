@@ -383,7 +383,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
             summary.reader = reader
             for sample in resolve(host.reader(reader).read)(Path(file), context=ctx):
                 ids.append((sample.index, sample.id))
-                _record_checks(sample, specs, add, checker, users, seen_ids)
+                _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities())
                 if lengths is not None:
                     to_measure.append(sample)
                     if len(to_measure) >= 1024:
@@ -423,10 +423,13 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
 
 def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issue], None],
                    checker: FileChecker, users: dict[str, list[tuple[str, int, str]]],
-                   seen_ids: dict[str, tuple[str, int]]) -> None:
-    for key in sample.meta.get("unknown_keys", ()):
+                   seen_ids: dict[str, tuple[str, int]], installed: Mapping[str, Any] | None = None) -> None:
+    from mmkit.data.sources import ignored_key_reason
+
+    for key in sample.meta.get("unknown_keys", ()):  # training refuses such records (or skips them)
         add(Issue(sample.source, sample.index, sample.id, WARNING, "unknown_key",
-                  f"unknown key {key!r} ignored (not a field of the format nor a data key of an installed modality)"))
+                  ignored_key_reason(key, installed if installed is not None else specs, specs)
+                  + " (ignored: `mmkit train` refuses the record, or leaves it out with --skip-bad-records)"))
     previous = seen_ids.get(sample.id)
     if previous is not None:
         add(Issue(sample.source, sample.index, sample.id, WARNING, "duplicate_id",
