@@ -45,11 +45,14 @@ def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None
         # A multi-byte character cut at 4096 bytes is fine; anything earlier is not UTF-8.
         if exc.start < len(head) - 4:
             raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
-    first = head.lstrip()[:1]
+    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]  # a UTF-8 byte-order mark is allowed
     if first == b"[":
         try:
-            with open(path, encoding="utf-8") as fh:
+            with open(path, encoding="utf-8-sig") as fh:
                 data = json.load(fh)
+        except RecursionError:
+            raise DataError(source, None, "JSON nested too deeply to read (over ~1000 levels of lists/objects)",
+                            kind="file_format") from None
         except UnicodeDecodeError as exc:
             raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
         except json.JSONDecodeError as exc:
@@ -68,7 +71,7 @@ def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None
         for raw in fh:
             lineno += 1
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 error = DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)",
                                   kind="encoding")
@@ -80,6 +83,9 @@ def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None
                 except json.JSONDecodeError as exc:
                     error = DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}"
                                       + _whole_file_hint(path, lineno), kind="file_format")
+                except RecursionError:
+                    error = DataError(source, index, f"line {lineno}: JSON nested too deeply to read (over ~1000 "
+                                      "levels of lists/objects)", kind="file_format")
                 else:
                     yield index, obj
                     index += 1
@@ -97,7 +103,7 @@ def _whole_file_hint(path: Path, lineno: int) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
             whole = json.load(fh)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return ""
     if isinstance(whole, dict):
         return " (the file is one JSON object; expected a list of records '[...]' or one record per line)"
@@ -172,7 +178,7 @@ def head_records(path: Path, n: int) -> list[Any]:
                 return [o for o in out if isinstance(o, dict)] if pos < len(text) else _slow_head(path, n)
             try:
                 obj, pos = decoder.raw_decode(text, pos)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return _slow_head(path, n)  # cut mid-record: read it properly
             out.append(obj)
         return [o for o in out if isinstance(o, dict)]

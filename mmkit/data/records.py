@@ -18,6 +18,7 @@ may also be written in the plural (the key plus ``s``, a list of paths: ms-swift
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -92,7 +93,7 @@ class ReadContext:
 
 @functools.lru_cache(maxsize=64)
 def _absolute(root: str, cwd: str) -> str:
-    return os.path.normpath(os.path.join(cwd, root))
+    return os.path.realpath(os.path.join(cwd, root))
 
 
 def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: int) -> str:
@@ -102,11 +103,14 @@ def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: 
     path = Path(raw)
     full = path if path.is_absolute() else root / path
     if not ctx.allow_outside_root:
-        # strings, not Path.parents: this runs once per input of every record
-        resolved = os.path.normpath(os.path.abspath(full))
+        # strings, not Path.parents: this runs once per input of every record. Symbolic links are
+        # resolved first: a link inside the root may point anywhere.
+        resolved = os.path.realpath(full)
         root_abs = _absolute(str(root), os.getcwd())
         if resolved != root_abs and not resolved.startswith(root_abs.rstrip(os.sep) + os.sep):
-            raise DataError(source, index, f"path {raw!r} escapes the data root {root} "
+            via = f" through a symbolic link, to {resolved}" if os.path.islink(full) or os.path.normpath(
+                os.path.abspath(full)).startswith(root_abs.rstrip(os.sep) + os.sep) else ""
+            raise DataError(source, index, f"path {raw!r} escapes the data root {root}{via} "
                                            "(pass --allow-outside-root to permit it)", kind="path")
     if ctx.check_files and not full.is_file():
         raise DataError(source, index, f"file not found: {full}", kind="missing_file")
@@ -163,6 +167,9 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
                 raise DataError(source, index, f"turn {t}: the system message must be text", kind="schema")
             turn_system = text
             continue
+        if text is not None and not isinstance(text, str):
+            raise DataError(source, index, f"turn {t}: the value must be text, got {type(text).__name__} "
+                                           f"{json.dumps(text)[:40]}", kind="schema")
         if not isinstance(text, str) or not text.strip():
             raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
         if drop_leading_assistant and not turns and role == ASSISTANT:

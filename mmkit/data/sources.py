@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -70,8 +71,25 @@ def pick_reader(host: PluginHost, path: Path, name: str | None) -> str:
 
 
 def iter_samples(host: PluginHost, path: Path, ctx: ReadContext, reader: str | None = None) -> Iterator[Sample]:
-    name = pick_reader(host, path, reader)
-    yield from resolve(host.reader(name).read)(path, context=ctx)
+    try:
+        name = pick_reader(host, path, reader)
+        yield from resolve(host.reader(name).read)(path, context=ctx)
+    except RecursionError:  # any reader (a plugin's too) on deeply nested JSON: the file, not a traceback
+        raise DataError(str(path), None, "nested too deeply to read (over ~1000 levels of lists/objects)",
+                        kind="file_format") from None
+
+
+def ignored_key_reason(key: str, installed: Mapping[str, Any], selected: Collection[str]) -> str:
+    """Why a record's key ``key`` carries nothing into training (``installed``: every installed
+    modality's spec by name; ``selected``: the modalities of this run)."""
+    owner = next((name for name, spec in installed.items() if key in spec.data_keys), None)
+    if owner is not None and owner not in selected:
+        return (f"key {key!r} holds {owner} input, but {owner} is not among the selected modalities "
+                f"({', '.join(selected) or 'none'}): add it to --modalities or remove the key")
+    if owner is not None:
+        return f"key {key!r} ({owner} input) is not part of this file's format: use --data-format generic"
+    return (f"unknown key {key!r}: not a field of the format nor a data key of any installed modality "
+            f"(installed: {', '.join(sorted(installed)) or 'none'})")
 
 
 def read_mixture(host: PluginHost, sources: Sequence[DataSource], ctx: ReadContext, *, reader: str | None = None,

@@ -11,9 +11,10 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
+from mmkit.data.batching import (Batches, Collator, SampleDataset, Skipped, make_preprocessor, skipped_records,
+                                  write_skipped)
 from mmkit.data.records import ReadContext, Sample
-from mmkit.data.sources import DataSource, read_mixture
+from mmkit.data.sources import DataSource, ignored_key_reason, read_mixture
 from mmkit.errors import ConfigError, DataError, MmkitError
 from mmkit.modeling.builder import Assembled, ModalityChoice, ModelConfig, assemble, trainable_parameters
 from mmkit.modeling.lora import LoraSettings
@@ -129,8 +130,14 @@ def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, ass
             raise _first_of(problems) from None
         raise
     good = []
+    installed = host.modalities()
     for sample in samples:
         try:
+            ignored = sample.meta.get("unknown_keys", ())
+            if ignored:  # an input the model would never see: refused, never dropped silently
+                raise DataError(sample.source, sample.index,
+                                "; ".join(ignored_key_reason(k, installed, plan.modalities) for k in ignored)
+                                + " (its content would be ignored in training)", kind="ignored_input")
             assembled.prompts.encode_sample(sample)
             missing = [p for paths in sample.inputs.values() for p in paths if not Path(p).is_file()]
             if missing:
@@ -306,6 +313,12 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     model = assembled.model
     groups = trainable_parameters(model, cfg.stage)
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
+    if is_main:
+        from mmkit.data.vocab import unknown_words_warning
+
+        warning = unknown_words_warning(assembled.tokenizer, samples)
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/]")
 
     loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world,
                                              console=console if is_main else None)
@@ -381,6 +394,9 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     if not saved_at or saved_at[-1] != state.step:
         save_tracked(state)  # the final checkpoint
     summary["skipped_records"] = len(skipped) + _skipped_in_training(collator, world)
+    left_out = skipped_records(skipped, collator.skipped, world=world)  # each named in RUN/skipped.jsonl
+    if is_main and left_out:
+        _storage_guard(lambda: write_skipped(out / "skipped.jsonl", left_out), f"{out / 'skipped.jsonl'}", last[0])
     summary["resumed_from_step"] = resume.step if resume is not None else None
 
     def finish_log() -> None:
