@@ -153,14 +153,29 @@ HF_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_llava_hf_export_loads_in_stock_transformers_and_matches_mmkit(image_run, loaded, input_files, tmp_path):
+def _export_cli(*args: str):
+    """``mmkit export ...`` in-process (the command as cli/main.py registers it)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from mmkit_cli import export_cmd
+
+    app = typer.Typer()
+    export_cmd.register(app)
+    app.command("noop")(lambda: None)  # two commands: `export` stays a subcommand
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def test_llava_hf_export_loads_in_stock_transformers_and_matches_mmkit(image_run, loaded, input_files, tmp_path,
+                                                                        mm_host):
+    from mmkit.plugins import set_host
+
+    set_host(mm_host)
     out = tmp_path / "llava"
+    done = _export_cli(str(image_run), "--to", "llava-hf", str(out))
+    assert done.exit_code == 0, done.output
+    assert "model.safetensors" in done.output and (out / "README.md").is_file()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
-    mmkit_cmd = str(Path(sys.executable).with_name("mmkit"))
-    done = subprocess.run([mmkit_cmd, "export", str(image_run), "--to", "llava-hf", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "model.safetensors" in done.stdout and (out / "README.md").is_file()
     config = json.loads((out / "config.json").read_text())
     mm = loaded(image_run)
     assert config["model_type"] == "llava"
