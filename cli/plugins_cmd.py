@@ -214,6 +214,9 @@ def find_problems(host: PluginHost, *, deep: bool = False) -> list[str]:
                             "(are its functions decorated with @mmkit.hookimpl?)")
     if deep:
         problems += host.verify_lazy()
+        from mmkit.modeling.factory import check_encoders  # builds each tiny encoder once: shapes, identity()
+
+        problems += check_encoders(host)
     return [_name_distribution(problem, host) for problem in problems]
 
 
@@ -228,7 +231,8 @@ def _name_distribution(problem: str, host: PluginHost) -> str:
 
 @plugins_app.command("check")
 def check_plugins(
-    deep: bool = typer.Option(False, "--deep", help="Also import every lazy reference (loads torch)."),
+    deep: bool = typer.Option(False, "--deep", help="Also import every lazy reference and build each tiny encoder "
+                                                    "once to check its declared shapes and identity() (loads torch)."),
 ) -> None:
     """Load every plugin and report what is wrong; exits 1 if anything is."""
     from mmkit.plugins import get_host

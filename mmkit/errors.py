@@ -11,12 +11,18 @@ class MmkitError(Exception):
 
 
 class InputError(MmkitError):
-    """A raw input file (image, point cloud, audio, ...) could not be used."""
+    """A raw input could not be used. ``InputError(reason)`` where the path is not known (a
+    plugin's ``preprocess`` never sees one: mmkit adds the file, record and plugin), or
+    ``InputError(path, reason)``."""
 
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+    def __init__(self, path_or_reason: str | Path, reason: str | None = None):
+        path = None if reason is None else path_or_reason
+        self.path = None if path is None else str(path)
+        self.reason = str(path_or_reason) if reason is None else reason
+        super().__init__(self.reason if self.path is None else f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # picklable across data-loader processes, path kept apart from the reason
+        return (InputError, (self.reason,) if self.path is None else (self.path, self.reason))
 
 
 class PluginError(MmkitError):

@@ -130,7 +130,7 @@ def test_generated_plugin_registers_cleanly_and_its_demo_builds(generated_on_pat
 
     bad = tmp_path / "bad.npy"
     bad.write_text("not numpy")
-    with pytest.raises(InputError, match="bad.npy: not a readable .npy array"):
+    with pytest.raises(InputError, match="bad.npy: not a .npy array"):
         resolve(spec.load)(bad)
 
 

@@ -111,14 +111,49 @@ def _as_data_error(sample: Sample, exc: Exception) -> DataError:
     return DataError(sample.source, sample.index, str(exc), record_id=sample.id, kind=kind)
 
 
-def make_preprocessor(load: Callable[[Path], Any], preprocess: Callable[[Any], torch.Tensor]) -> Preprocess:
+def make_preprocessor(load: Callable[[Path], Any], preprocess: Callable[[Any], torch.Tensor], *,
+                      modality: str | None = None, plugin: str | None = None) -> Preprocess:
+    """``path -> tensor``: the modality's ``load`` then its encoder's ``preprocess``. Whatever either
+    raises becomes an :class:`InputError` naming the file, the plugin and the modality in one line
+    (the dataset adds the record), so ``--skip-bad-records`` skips it like a bad file. ``modality``
+    and ``plugin`` default to what the factory stamped on the encoder."""
+    encoder = getattr(preprocess, "__self__", None)
+    origin = dict(getattr(encoder, "_mmkit_origin", None) or {})
+    modality = modality or origin.get("modality")
+    plugin = plugin or origin.get("plugin") or getattr(load, "__module__", "?").split(".")[0]
+    shape = tuple(getattr(encoder, "input_shape", ()) or ()) or None
+    who = f"plugin {plugin}" + (f", modality {modality}" if modality else "")
+
     def run(path: Path) -> torch.Tensor:
-        tensor = preprocess(load(path))
+        raw = _call(load, path, path, f"{who}: load")
+        tensor = _call(preprocess, raw, path, f"{who}: preprocess")
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(path, f"{who}: preprocess returned a {type(tensor).__name__}, declared a tensor "
+                                   f"of shape {list(shape or ())}")
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise InputError(path, f"{who}: preprocess returned shape {list(tensor.shape)}, the encoder declares "
+                                   f"input_shape {list(shape)}")
         if not bool(torch.isfinite(tensor).all()):
-            raise InputError(path, "preprocessing produced NaN or inf values")
+            raise InputError(path, f"{who}: preprocessing produced NaN or inf values")
         return tensor
 
     return run
+
+
+def _call(fn: Callable[[Any], Any], arg: Any, path: Path, what: str) -> Any:
+    """``fn(arg)``; an :class:`InputError` gets the file if it lacks one, anything else (a plugin's
+    ``ValueError``, ``IndexError``, ...) becomes one naming the file, the plugin and the reason."""
+    try:
+        return fn(arg)
+    except InputError as exc:
+        if exc.path is not None:
+            raise
+        raise InputError(path, f"{what}: {exc.reason}") from None
+    except (DataError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        message = " ".join(str(exc).split()) or "(no message)"
+        raise InputError(path, f"{what} raised {type(exc).__name__}: {message}") from exc
 
 
 def separate_skipped(items: Sequence[dict[str, Any] | Skipped], collator: Any
@@ -335,3 +370,28 @@ def _background(iterable: Any, depth: int):
                 box.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+def skipped_records(*groups: Sequence[Skipped], world: int = 1) -> list[dict[str, str]]:
+    """Every distinct skipped record (``where``, ``reason``) of ``groups``, over all processes
+    (a collective call when ``world`` > 1: every rank must make it), in a stable order."""
+    found = {s.where: s.reason for group in groups for s in group}
+    if world > 1:
+        from mmkit.training.distributed import all_gather_objects
+
+        for part in all_gather_objects(sorted(found.items())):
+            found.update(dict(part))
+    return [{"record": where, "reason": reason} for where, reason in sorted(found.items())]
+
+
+def write_skipped(path: Path, records: Sequence[dict[str, str]]) -> Path:
+    """``skipped.jsonl``: one line per record left out under ``--skip-bad-records``, naming the
+    record (file, index, id) and why. Written whole into a temporary file, then renamed."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
+    return path

@@ -192,7 +192,9 @@ def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: M
     from mmkit.prompt import PromptBuilder
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(llm)
+        from mmkit.demo.llm import resolve_llm
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_llm(llm))  # "tiny": --llm tiny's tokenizer
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {llm!r}: {exc}") from exc
     add_marker_tokens(tokenizer, [t for spec in markers.values() for t in spec.special_tokens()])
@@ -358,6 +360,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     users: dict[str, list[tuple[str, int, str]]] = {}  # input file -> records using it
     seen_ids: dict[str, tuple[str, int]] = {}
     to_measure: list[Sample] = []
+    vocab_probe: list[Sample] = []  # answers checked for words the tokenizer cannot spell (mmkit.data.vocab)
 
     def add(issue: Issue) -> None:
         report.issues.append(issue)
@@ -386,6 +389,8 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
                 _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities())
                 if lengths is not None:
                     to_measure.append(sample)
+                    if len(vocab_probe) < 2000:
+                        vocab_probe.append(sample)
                     if len(to_measure) >= 1024:
                         _length_checks(lengths, to_measure, add)
                         to_measure.clear()
@@ -408,6 +413,12 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
             summary.file_error = "no records"
     if lengths is not None and to_measure:
         _length_checks(lengths, to_measure, add)
+    if lengths is not None and vocab_probe:
+        from mmkit.data.vocab import unknown_words_warning
+
+        warning = unknown_words_warning(lengths.prompts.tokenizer, vocab_probe)
+        if warning:
+            add(Issue(vocab_probe[0].source, None, None, WARNING, "unknown_words", warning))
 
     say(f"checking {len(checker)} input files")
     failed = checker.finish()
@@ -438,8 +449,16 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
         seen_ids[sample.id] = (sample.source, sample.index)
     for modality, paths in sample.inputs.items():
         for path in paths:
-            checker.add(path, specs[modality].load)
+            checker.add(path, _decoder(specs[modality]))
             users.setdefault(path, []).append((sample.source, sample.index, sample.id))
+
+
+def _decoder(spec: Any) -> Any:
+    """The modality's ``load``, then its tiny encoder's ``preprocess`` (mmkit.data.preprocess_check), so
+    a file that validates does not fail at training; a plugin given as callables is only loaded."""
+    from mmkit.data import preprocess_check
+
+    return preprocess_check.decoder(spec)
 
 
 def _length_checks(lengths: PromptLengths, samples: Sequence[Sample], add: Callable[[Issue], None]) -> None:

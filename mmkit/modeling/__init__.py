@@ -21,6 +21,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
-from mmkit.modeling.encoder import ModalityEncoder  # noqa: E402
+from mmkit.modeling.encoder import ModalityEncoder, PretrainedEncoder, seeded, weights_sha256  # noqa: E402
 
-__all__ = ["ModalityEncoder"]
+__all__ = ["ModalityEncoder", "PretrainedEncoder", "seeded", "weights_sha256"]

@@ -73,6 +73,9 @@ def load_llm(path_or_id: str, *, precision: str = "fp32", attn_implementation: s
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # mmkit shows its own progress; per-shard bars are noise here
+    from mmkit.demo.llm import resolve_llm
+
+    path_or_id = resolve_llm(path_or_id)  # "tiny": a small random-init LLM with a general tokenizer, offline
     kwargs: dict[str, Any] = {"dtype": torch_dtype(precision)}
     if quantize is not None:
         from mmkit.training.distributed import device

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from mmkit.errors import PluginError
-from mmkit.modeling.encoder import ModalityEncoder
+from mmkit.errors import MmkitError, PluginError
+from mmkit.modeling.encoder import DEFAULT_SEED, ModalityEncoder
 from mmkit.plugins import PluginHost
 from mmkit.specs import ModalitySpec, resolve
 
@@ -22,8 +22,23 @@ def encoder_options(host: PluginHost, modality: ModalitySpec, *, encoder_name: s
         merged.update(spec.tiny)
         if modality.demo is not None and (encoder_name in (None, modality.encoder)):
             merged.update(modality.demo.encoder_options)
+        if takes_seed(spec.build):
+            # Random init is seeded, and the seed is recorded with the options: a reload rebuilds
+            # the same weights (same identity) before the saved ones are loaded.
+            merged.setdefault("seed", DEFAULT_SEED)
     merged.update(options or {})
     return merged
+
+
+def takes_seed(build: Any) -> bool:
+    """Whether an encoder builder accepts ``seed`` (by name or through ``**options``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(resolve(build)).parameters.values()
+    except (TypeError, ValueError, PluginError):
+        return False
+    return any(p.name == "seed" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def build_encoder(host: PluginHost, modality: ModalitySpec, *, encoder_name: str | None = None,
@@ -33,15 +48,29 @@ def build_encoder(host: PluginHost, modality: ModalitySpec, *, encoder_name: str
     if spec.modality != modality.name:
         raise PluginError(f"encoder {name!r} is for modality {spec.modality!r}, not {modality.name!r}")
     opts = encoder_options(host, modality, encoder_name=name, pretrained=pretrained, options=options)
+    plugin = host.provider("encoder", name)
+    where = f"plugin {plugin}, modality {modality.name}, encoder {name}"
     try:
         encoder = resolve(spec.build)(pretrained=pretrained, **opts)
     except TypeError as exc:
-        raise PluginError(f"encoder {name!r} ({host.provider('encoder', name)}): bad options {opts}: {exc}") from exc
+        raise PluginError(f"encoder {name!r} ({plugin}): bad options {opts}: {exc}") from exc
+    except MmkitError:
+        raise
+    except Exception as exc:  # the plugin's own bug: name it rather than show its traceback
+        raise PluginError(f"{where}: building the encoder raised {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())}") from exc
     if not isinstance(encoder, ModalityEncoder):
-        raise PluginError(f"encoder {name!r} built a {type(encoder).__name__}, not a mmkit ModalityEncoder")
+        raise PluginError(f"{where}: the builder returned a {type(encoder).__name__}, not a mmkit ModalityEncoder")
     for attr in ("num_tokens", "output_dim", "input_shape"):
         if not hasattr(encoder, attr):
-            raise PluginError(f"encoder {name!r} does not set {attr}")
+            raise PluginError(f"{where}: the encoder does not set {attr}")
+    if type(encoder).identity is ModalityEncoder.identity:
+        raise PluginError(f"{where}: {type(encoder).__qualname__} does not implement identity() (checkpoints and "
+                          "the feature cache need it; PretrainedEncoder provides one)")
+    if type(encoder).preprocess is ModalityEncoder.preprocess:
+        raise PluginError(f"{where}: {type(encoder).__qualname__} does not implement preprocess()")
+    # Named in the errors of load / preprocess / encode (mmkit.data.batching, ModalityEncoder.__call__).
+    encoder._mmkit_origin = {"plugin": plugin, "modality": modality.name, "encoder": name}
     return encoder
 
 
@@ -55,3 +84,37 @@ def build_projector(host: PluginHost, name: str, *, in_dim: int, out_dim: int, n
     if not hasattr(projector, "num_output_tokens"):
         raise PluginError(f"projector {name!r} does not set num_output_tokens")
     return projector
+
+
+def check_encoders(host: PluginHost) -> list[str]:
+    """``plugins check --deep``: build each registered encoder once at its tiny size and check what it
+    declares: it builds, implements ``identity()`` (a JSON object), and encodes a blank batch of 2 into
+    ``[2, num_tokens, output_dim]`` finite features. Each problem names the plugin and modality."""
+    import json
+
+    import torch
+
+    problems = []
+    for name in host.encoders():
+        spec = host.encoder(name)
+        where = f"{host.provider('encoder', name)}: encoder {name} (modality {spec.modality})"
+        try:
+            if spec.modality not in host.modalities():
+                continue  # a dangling reference: host.check() reports it
+            encoder = build_encoder(host, host.modality(spec.modality), encoder_name=name).eval()
+            ident = encoder.identity()
+            if not isinstance(ident, dict) or not ident:
+                raise PluginError(f"identity() returned {type(ident).__name__}, declared a non-empty dict")
+            json.dumps(ident)
+            with torch.no_grad():
+                out = encoder(encoder.blank_input(2))
+            if not bool(torch.isfinite(out).all()):
+                raise PluginError("encoding a blank batch gave NaN or inf features")
+        except Exception as exc:  # every fault, named: this is the check
+            message = " ".join(str(exc).split())
+            if not isinstance(exc, PluginError):
+                message = f"{where}: {type(exc).__name__}: {message}"
+            elif not message.startswith("plugin "):  # the factory's messages already name the plugin
+                message = f"{where}: {message}"
+            problems.append(message)
+    return problems

@@ -65,7 +65,9 @@ def llm_fingerprint(llm: torch.nn.Module, path: str | Path | None = None) -> dic
 
 
 def _base_dir(path: str | Path) -> Path | None:
-    local = Path(path).expanduser()
+    from mmkit.demo.llm import resolve_llm
+
+    local = Path(resolve_llm(str(path))).expanduser()  # "tiny" (--llm tiny) is a folder in mmkit's cache
     if local.is_dir():
         return local
     try:  # a hub id: the snapshot transformers loaded it from (never downloads)
@@ -406,7 +408,9 @@ def _check_architecture(meta: dict[str, Any], llm: str) -> None:
     from transformers import AutoConfig
 
     try:
-        model_type = AutoConfig.from_pretrained(llm).model_type
+        from mmkit.demo.llm import resolve_llm
+
+        model_type = AutoConfig.from_pretrained(resolve_llm(llm)).model_type
     except (OSError, ValueError):
         return  # assembling reports why the LLM cannot be loaded
     saved = meta["llm"]["fingerprint"].get("model_type")

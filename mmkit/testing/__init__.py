@@ -16,8 +16,12 @@ bad files rejected with a clear error, no torch at import time, the demo task bu
             bad = tmp_path / "bad.wav"
             bad.write_bytes(b"not audio")
             return {"garbage bytes": bad}
+
+Set ``separability_threshold`` to probe the frozen-encoder trap (a linear probe on the frozen
+features of the demo must reach it); :func:`mmkit.testing.probe.linear_probe` is the helper.
 """
 
 from mmkit.testing.contract import ModalityContract
+from mmkit.testing.probe import ProbeResult, demo_examples, linear_probe
 
-__all__ = ["ModalityContract"]
+__all__ = ["ModalityContract", "ProbeResult", "demo_examples", "linear_probe"]

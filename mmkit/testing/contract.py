@@ -21,6 +21,16 @@ class ModalityContract:
     encoder_options: ClassVar[dict[str, Any] | None] = None
     #: Absolute tolerance of the batch-invariance check.
     atol: ClassVar[float] = 1e-5
+    #: Torch threads while the contract runs (pinned: small tests on many cores spend their time
+    #: synchronising threads, and parallel test runs oversubscribe the machine). ``None``: leave as is.
+    num_threads: ClassVar[int | None] = 1
+    #: The frozen-encoder trap: with a value set, a linear probe on the frozen encoder's features of
+    #: the demo task must reach this held-out accuracy (see :func:`mmkit.testing.probe.linear_probe`).
+    separability_threshold: ClassVar[float | None] = None
+    #: Keyword arguments of the demo builder for the probe (e.g. a smaller ``per_class_train``).
+    probe_demo_options: ClassVar[dict[str, Any]] = {}
+    #: At most this many train / test demo records are encoded by the probe.
+    probe_max_records: ClassVar[int] = 400
 
     # -- to implement -------------------------------------------------------------------------
     def make_valid_files(self, tmp_path: Path) -> list[Path]:
@@ -32,6 +42,18 @@ class ModalityContract:
         raise NotImplementedError
 
     # -- fixtures --------------------------------------------------------------------------------
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def _pinned_threads(cls):
+        if cls.num_threads is None:
+            yield
+            return
+        torch = pytest.importorskip("torch")
+        before = torch.get_num_threads()
+        torch.set_num_threads(cls.num_threads)
+        yield
+        torch.set_num_threads(before)
+
     @pytest.fixture(scope="class")
     @classmethod
     def host(cls):
@@ -159,6 +181,27 @@ class ModalityContract:
             sample = parse_record(rec, ctx=ctx, base=tmp_path, source="demo", index=i)
             for path in sample.inputs.get(spec.name, ()):
                 load(Path(path))
+
+    def test_demo_features_are_separable(self, spec, encoder, tmp_path):
+        """The frozen-encoder trap: a linear probe on the frozen features of the demo must beat the
+        author's threshold, or training the projector and LoRA cannot learn the demo either."""
+        if self.separability_threshold is None:
+            pytest.skip("set separability_threshold to probe the frozen features of the demo")
+        if spec.demo is None:
+            pytest.skip("no demo task")
+        from mmkit.specs import resolve
+        from mmkit.testing.probe import demo_examples, linear_probe
+
+        task = resolve(spec.demo.build)(tmp_path, seed=0, **self.probe_demo_options)
+        key = spec.data_keys[0]
+        train = demo_examples(task.train, key, tmp_path)[:self.probe_max_records]
+        test = demo_examples(task.test, key, tmp_path)[:self.probe_max_records]
+        result = linear_probe(encoder, resolve(spec.load), train, test)
+        assert result.test_accuracy >= self.separability_threshold, (
+            f"a linear probe on the frozen {self.modality} features reaches {result.test_accuracy:.2f} held-out "
+            f"accuracy (train {result.train_accuracy:.2f}, chance {result.chance:.2f}); the threshold is "
+            f"{self.separability_threshold}. A frozen encoder whose features do not separate the classes cannot "
+            "be rescued by training the projector: change its init or architecture.")
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -83,7 +83,9 @@ def build_meta_model(cfg: Any, host: Any) -> dict[str, Any]:
         raise ConfigError("--dry-run sizes a run of a real LLM: give --llm (a local model directory with "
                           "config.json, or a hub id)")
     try:
-        llm_config = AutoConfig.from_pretrained(cfg.llm)
+        from mmkit.demo.llm import resolve_llm
+
+        llm_config = AutoConfig.from_pretrained(resolve_llm(cfg.llm))  # "tiny": --llm tiny
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--dry-run: cannot read the LLM configuration {cfg.llm!r}: {exc}") from None
     modalities = tuple(cfg.modalities or default_modalities(host))
