@@ -35,8 +35,10 @@ def as_input_list(value: Input | Sequence[Input]) -> list[Input]:
 
 
 def _describe(value: Any) -> str:
-    shape = getattr(value, "shape", None) or getattr(value, "size", None)
-    return f"<in-memory {type(value).__name__}{' ' + str(tuple(shape)) if shape else ''}>"
+    shape = getattr(value, "shape", None)
+    if shape is None and isinstance(getattr(value, "size", None), tuple):  # PIL: (width, height)
+        shape = value.size
+    return f"<in-memory {type(value).__name__}{' ' + str(tuple(shape)) if shape is not None else ''}>"
 
 
 class MultimodalModel:

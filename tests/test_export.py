@@ -319,3 +319,43 @@ def test_export_errors_name_the_problem(image_run, tmp_path, mm_host):
     with pytest.raises(ConfigError, match="not empty.*--overwrite"):
         export_run(image_run, "peft", tmp_path / "full", host=mm_host)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_llava_hf_linear_projector_and_kept_cls(mm_host, tiny_llm, input_files, tmp_path):
+    """A single-linear projector (LLaVA's linear_2 becomes the identity) and a CLS token kept
+    (strategy 'full') on an earlier feature layer: the export still computes what mmkit does."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmkit.export import export_run
+    from mmkit.inference import load
+    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+    from mmkit.modeling.persistence import save_model
+
+    torch.manual_seed(0)
+    choice = ModalityChoice("image", projector="linear", encoder_options={"drop_cls": False, "feature_layer": -2})
+    assembled = assemble(ModelConfig(llm=str(tiny_llm("llama")), modalities=(choice,),
+                                     lora=LoraSettings(r=4, alpha=8, dropout=0.0, mode="shared"), max_length=256),
+                         mm_host)
+    _train(assembled, mm_host, [_sample("i", "<image> What digit is shown ?", "7", image=[input_files["image"][0]])],
+           steps=3)
+    save_model(tmp_path / "run", assembled, stage="instruct")
+    export_run(tmp_path / "run", "llava-hf", tmp_path / "out", host=mm_host)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["vision_feature_select_strategy"], config["projector_hidden_act"]) == ("full", "linear")
+    assert config["vision_config"]["num_hidden_layers"] == 1  # cut after layer 1 of 2 (feature_layer -2)
+
+    mm = load(tmp_path / "run", host=mm_host)
+    image = input_files["image"][1]
+    ids, logits = _mmkit_logits(mm, QUESTION, {"image": [str(image)]})
+    model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "out"), backend="pil")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt", add_special_tokens=False)
+    assert inputs["input_ids"][0].tolist() == ids  # 17 image tokens: 16 patches + CLS
+    with torch.no_grad():
+        hf = model(**inputs).logits[0].float()
+    vocab = mm.assembled.first_new_token_id
+    assert (hf[:, :vocab] - logits[:, :vocab]).abs().max().item() < TOL

@@ -176,4 +176,6 @@ print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
                f"({'CLS dropped' if encoder.drop_cls else 'CLS kept'}); {encoder.num_tokens} tokens per image.",
                f"Each image is wrapped as {markers.begin or ''}{markers.placeholder}{markers.end or ''} by the chat "
                "template; the prompt already holds its special tokens, so tokenise with add_special_tokens=False.",
+               "The image processor is CLIP's Pillow one, as in training; where torchvision is installed, "
+               "`AutoProcessor.from_pretrained(path, backend=\"pil\")` keeps preprocessing bit-identical.",
                "The LoRA adapter " + (f"`{name}` is merged" if name else "is absent (none trained)") + "."])
