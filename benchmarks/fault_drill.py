@@ -3,6 +3,12 @@ trainable weights with an uninterrupted run of the same seed.
 
     python benchmarks/fault_drill.py --kills 3 --seed 1
     python benchmarks/fault_drill.py --kills 2 --num-procs 2 --zero-stage 3
+    python benchmarks/fault_drill.py --kills 0 --full-disk
+
+``--full-disk`` also fills the storage for real in each writer of a save (mmkit's safetensors, DeepSpeed's
+torch.save, the metrics log: ``MMKIT_FAULT=full_in_*``, a file-size limit of zero for that write), checks
+that the run stops with a storage error and keeps the previous checkpoint, then resumes it to the end and
+compares with the uninterrupted run.
 
 Each kill lands at a random moment after a random step has been logged (so also in the middle of
 a checkpoint save); the run is then restarted with the same command, which resumes from the newest
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1e-6)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
+    parser.add_argument("--full-disk", action="store_true", help="also drill a full disk in each writer")
     args = parser.parse_args(argv)
     if args.kills >= args.steps:
         parser.error("--kills must be smaller than --steps")
@@ -54,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(done.stdout[-3000:], file=sys.stderr)
         return 2
     print(f"uninterrupted run: {args.steps} steps in {time.perf_counter() - start:.1f}s")
+
+    worst = 0.0
+    if args.full_disk:
+        worst = full_disk_drill(drill, tiny, work, reference, options, args)
+        if worst < 0:
+            return 1
 
     cmd = drill.train_command(tiny, drilled, **options)
     kill_steps = sorted(rng.sample(range(1, args.steps), args.kills))
@@ -78,7 +91,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"largest logged-loss difference:      {loss_diff:.3e}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if diff <= args.tolerance else 1
+    return 0 if max(diff, worst) <= args.tolerance else 1
+
+
+FULL_DISK_KINDS = {"full_in_save": "mmkit's model files (safetensors)",
+                   "full_in_engine_save": "DeepSpeed's optimizer files (torch.save)",
+                   "full_in_log": "the metrics log (JSONL, TensorBoard)"}
+
+
+def full_disk_drill(drill, tiny, work: Path, reference: Path, options: dict, args) -> float:
+    """Each writer fills the disk once at the second save; returns the largest weight difference
+    after resuming (-1 when a run did not fail as it should)."""
+    from mmkit.training.checkpoint import list_checkpoints, verify
+
+    at = 2 * args.save_every
+    worst = 0.0
+    for kind, writer in FULL_DISK_KINDS.items():
+        out = work / kind
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = drill.train_command(tiny, out, **options)
+        failed = drill.run(cmd, timeout=args.timeout, env=drill.child_env({"MMKIT_FAULT": f"{kind}@{at}"}))
+        text = " ".join(failed.stdout.split())
+        kept = [p.name for p in list_checkpoints(out)]
+        message = next((line for line in failed.stdout.splitlines() if line.startswith("error")), "")
+        ok = (failed.returncode == 1 and "Traceback" not in text and "free space and rerun" in text
+              and kept and all(verify(p, 0) is None for p in list_checkpoints(out)))
+        print(f"full disk in {writer} at step {at}: exit {failed.returncode}; kept {', '.join(kept) or 'nothing'}; "
+              f"{' '.join(message.split())[:400]}")
+        if not ok:
+            print(failed.stdout[-3000:], file=sys.stderr)
+            return -1.0
+        done = drill.run(cmd, timeout=args.timeout)  # space freed: the same command resumes
+        if done.returncode != 0:
+            print(done.stdout[-3000:], file=sys.stderr)
+            return -1.0
+        diff = drill.max_weight_diff(reference, out)
+        worst = max(worst, diff)
+        print(f"  resumed to step {args.steps}: largest trainable-weight difference {diff:.3e}")
+    return worst
 
 
 if __name__ == "__main__":
