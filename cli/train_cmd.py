@@ -66,7 +66,7 @@ def _option(field: Any) -> tuple[Any, Any]:
         shown = f"default {default}"
         if field.name in DEMO_DEFAULTS and DEMO_DEFAULTS[field.name] != default:
             shown += f"; demo {DEMO_DEFAULTS[field.name]}"
-        help_text += f" [{shown}]"
+        help_text += f" ({shown})"  # parentheses: rich would read [..] as markup
     metavar = "|".join(map(str, check.choices)) if check is not None and check.choices else _metavar(tp)
     return Optional[str], typer.Option(None, name, help=help_text, metavar=metavar, show_default=False)
 

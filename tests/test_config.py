@@ -313,7 +313,7 @@ def test_cli_options_derive_from_the_fields():
             assert options[name].help.startswith(field.metadata["help"])
     assert "--template" in options and "--set" in options and "--config" in options
     assert "Accepts an integer >= 1" in options["--micro-batch-size"].help
-    assert "[default 8; demo 32]" in options["--micro-batch-size"].help
+    assert "(default 8; demo 32)" in options["--micro-batch-size"].help
 
 
 def test_saved_config_reloads_to_the_same_config(tmp_path):

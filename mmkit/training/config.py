@@ -125,7 +125,8 @@ class TrainConfig:
     # what to train
     modalities: tuple[str, ...] = option(
         (), resume=MUST_MATCH, flag=True,
-        help="Comma-separated modalities, e.g. image,pointcloud. Default: every installed modality with a demo.")
+        help="Comma-separated modality names (`mmkit plugins list` shows them). Default: every installed modality "
+             "with a demo.")
     llm: str | None = option(
         None, resume=MUST_MATCH, flag=True,
         help="Hugging Face causal LM (hub id or local path). Omit to train the embedded demo.")
@@ -157,7 +158,7 @@ class TrainConfig:
                                                 help="MODALITY=HUB_ID_OR_PATH of the encoder's weights.")
     encoder_options: dict[str, dict[str, Any]] = option(
         factory=dict, resume=MUST_MATCH,
-        help="Per modality, options for its encoder (e.g. encoder_options.image.feature_layer=-2).")
+        help="Per modality, options for its encoder (e.g. encoder_options.MODALITY.feature_layer=-2).")
     projectors: dict[str, str] = option(factory=dict, resume=MUST_MATCH, flag="projector",
                                         help="MODALITY=PROJECTOR_NAME (default: the modality's own).")
     projector_options: dict[str, dict[str, Any]] = option(factory=dict, resume=MUST_MATCH,
@@ -181,7 +182,7 @@ class TrainConfig:
     epochs: float = option(1.0, resume=MAY_CHANGE, flag=True, check=above(0),
                            help="Passes over the training data (fractions allowed); max_steps wins when set.")
     max_steps: int | None = option(None, resume=MAY_CHANGE, flag=True, check=at_least(1, " (or unset: from epochs)"),
-                                   help="Optimizer steps to train (unset: from epochs).")
+                                   help="Optimizer steps to train.")
     micro_batch_size: int = option(8, resume=MAY_CHANGE, flag=True, check=at_least(1),
                                    help="Samples per process per forward pass (packed: sequences).")
     grad_accum: int = option(1, resume=MAY_CHANGE, flag=True, check=at_least(1),
@@ -195,7 +196,7 @@ class TrainConfig:
     lr: float = option(2e-4, resume=MAY_CHANGE, flag=True, check=above(0), help="Learning rate (LoRA).")
     projector_lr: float | None = option(None, resume=MAY_CHANGE, flag=True,
                                         check=above(0, " (or unset: lr)"),
-                                        help="Learning rate of projectors and markers (default: lr).")
+                                        help="Learning rate of projectors and markers.")
     weight_decay: float = option(0.0, resume=MAY_CHANGE, check=at_least(0), help="AdamW weight decay.")
     warmup_ratio: float = option(0.03, resume=MAY_CHANGE, check=within(0, 1),
                                  help="Share of the steps spent warming the learning rate up.")
@@ -203,6 +204,10 @@ class TrainConfig:
                                   help="Gradient clipping norm (0: no clipping).")
     zero_stage: int = option(0, resume=IGNORED, flag=True, check=one_of(0, 1, 2, 3),  # see the process-count note
                              help="DeepSpeed ZeRO stage 0-3.")
+    zero3_max_live_parameters: int = option(
+        1_000_000_000, resume=IGNORED, check=at_least(0),
+        help="ZeRO-3: most parameters gathered at once, and the reuse distance within which a gathered one is kept "
+             "(DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance); lower it to trade speed for memory.")
     precision: str = option("fp32", resume=MUST_MATCH, flag=True, check=one_of("fp32", "bf16", "fp16"),
                             help="fp32, bf16 or fp16.")
     gradient_checkpointing: bool = option(False, resume=MAY_CHANGE, flag=True,
@@ -491,7 +496,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "lr": 5e-3,
     "projector_lr": 5e-3,
     "num_threads": 1,
-    # One loader process prepares the next batch (point sampling, image processing, tokenising) on
+    # One loader process prepares the next batch (decoding and sampling inputs, tokenising) on
     # the second core while this one trains: 1.4x the step rate of loading in-line.
     "num_workers": 1,
     "warmup_ratio": 0.05,
@@ -534,7 +539,7 @@ def _did_you_mean(key: str) -> str:
 
 
 def set_dotted(values: dict[str, Any], key: str, value: Any, *, source: str = "--set") -> None:
-    """``encoder_options.image.feature_layer = -2`` into ``values`` (nested mappings are merged,
+    """``encoder_options.MODALITY.feature_layer = -2`` into ``values`` (nested mappings are merged,
     not replaced)."""
     parts = [p.strip() for p in key.split(".")]
     if any(not p for p in parts):
@@ -555,7 +560,7 @@ def set_dotted(values: dict[str, Any], key: str, value: Any, *, source: str = "-
 
 def resolve_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults < demo defaults (when no --llm) < YAML file < CLI overrides. Keys may be dotted
-    (``encoder_options.image.feature_layer``). Unknown keys and every bad value are reported at
+    (``encoder_options.MODALITY.feature_layer``). Unknown keys and every bad value are reported at
     once, each naming where it came from."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -592,7 +597,7 @@ def resolve_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> T
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:
     """``--set key=value`` pairs; values are parsed as YAML (``3``, ``true``, ``1e-4``, ``[a, b]``);
-    keys may be dotted (``encoder_options.image.feature_layer=-2``)."""
+    keys may be dotted (``encoder_options.MODALITY.feature_layer=-2``)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
