@@ -166,7 +166,7 @@ def test_check_reports_each_kind_of_problem(cli, fake_entry_points):
     result = cli("plugins", "check")
     assert result.exit_code == 1
     out = result.output
-    assert "4 problem(s) in 9 plugins" in out
+    assert "4 problem(s) in 10 plugins" in out
     assert "typo (mmkit-plugin-typo): unknown hook 'mmkit_metric' (did you mean 'mmkit_metrics'?)" in out
     assert ("dup (acme-dup): duplicate metric 'good_metric': registered by plugin 'good' and by plugin 'dup'"
             in out)

@@ -319,6 +319,31 @@ def test_benchmarks_register_like_other_descriptors(host):
         host.benchmark("nope")
 
 
+def test_exporters_register_beside_the_builtins_and_accept_hyphens(host):
+    from mmkit.specs import ExporterSpec
+
+    class Onnx:
+        @hookimpl
+        def mmkit_exporters(self):
+            return [ExporterSpec(name="onnx-runtime", export="my_pkg.export:to_onnx", check="my_pkg.export:why_not"),
+                    ExporterSpec(name="peft", export="my_pkg.export:shadow")]  # a built-in's name
+
+    host.register(Onnx(), name="onnx")
+    assert set(host.exporters()) == {"merged", "peft"}  # the duplicate failed the plugin, built-ins kept
+    assert "duplicate exporter 'peft'" in host.records["onnx"].error
+    with pytest.raises(ValueError, match="lower-case letters, digits, '-' and '_'"):
+        ExporterSpec(name="LLaVA HF", export="my_pkg.export:x")
+
+    class Good:
+        @hookimpl
+        def mmkit_exporters(self):
+            return [ExporterSpec(name="onnx-runtime", export="mmkit_no_such_module:export")]
+
+    host.register(Good(), name="good")
+    assert host.provider("exporter", "onnx-runtime") == "good"
+    assert any("exporter 'onnx-runtime'.export -> 'mmkit_no_such_module:export'" in p for p in host.verify_lazy())
+
+
 # -- call-time hooks ---------------------------------------------------------------------------------
 LLAMA = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
 
