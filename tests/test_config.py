@@ -177,6 +177,18 @@ def test_missing_data_file_fails_before_the_model_loads(cli, tiny_llm, tmp_path)
     refused(cli("--llm", tmp_path / "nowhere", "--data", "x.json"), f"llm {tmp_path / 'nowhere'}: no such directory")
 
 
+def test_broken_tokenizer_json_is_named_before_loading(cli, tiny_llm, tmp_path):
+    import shutil
+
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_llm(), llm)
+    (llm / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "human", "value": "hello"},
+                                                  {"from": "gpt", "value": "yes"}]}) + "\n")
+    refused(cli("--llm", llm, "--data", data), f"llm {llm}: tokenizer.json is not valid JSON (line 1")
+
+
 def test_recipe_runs_the_preflight_before_anything_loads_or_is_written(tmp_path, monkeypatch, tiny_llm):
     from mmkit.training import recipe
 

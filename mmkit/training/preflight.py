@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,29 @@ def _llm(cfg: TrainConfig, problems: Problems) -> None:
             problems.append(("llm", f"llm {cfg.llm}: not a directory (give a model directory or a hub id)"))
         elif not (path / "config.json").is_file():
             problems.append(("llm", f"llm {cfg.llm}: no config.json in that directory (not a saved model)"))
+        else:
+            for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+                problem = _json_problem(path / name)
+                if problem:
+                    problems.append(("llm", f"llm {cfg.llm}: {name} {problem}"))
     elif _looks_like_path(cfg.llm):  # a hub id is NAME or ORG/NAME
         problems.append(("llm", f"llm {cfg.llm}: no such directory"))
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why a model directory's JSON file would make loading fail with a raw traceback, or ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return f"is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
+    except (OSError, RecursionError) as exc:
+        return f"cannot be read ({type(exc).__name__}: {exc})"
+    return None if isinstance(value, dict) else f"is not a JSON object (a {type(value).__name__})"
 
 
 def _data(cfg: TrainConfig, host: Any, problems: Problems, unreadable: list[DataError]) -> None:
