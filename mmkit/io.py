@@ -33,18 +33,25 @@ def load_array(path: str | Path, *, dtype: str | np.dtype = "float32", max_eleme
     """One numeric array from ``path`` (by suffix: ``.npy``, ``.npz``, ``.csv``, ``.tsv``, ``.txt``),
     converted to ``dtype``. ``key`` picks the array of an ``.npz`` holding several. Raises
     :class:`InputError` for a missing, unreadable, non-numeric, oversized or non-finite array."""
+    array = read_array(path, max_elements=max_elements, key=key)
+    return finish(path, array, dtype=dtype, allow_nonfinite=allow_nonfinite)
+
+
+def read_array(path: str | Path, *, max_elements: int = MAX_ELEMENTS, key: str | None = None,
+               text: bool | None = None) -> np.ndarray:
+    """The array of ``path`` in its stored dtype (no conversion, no finite check: see :func:`finish`),
+    for loaders that interpret the dtype (e.g. integer colours). ``text=True`` reads any suffix as a
+    delimited text table (``.xyz``, ``.dat``, ...)."""
     path = Path(path)
     check_file(path)
     suffix = path.suffix.lower()
+    if text or (text is None and suffix in (".csv", ".tsv", ".txt")):
+        return _read_text(path, max_elements, delimiter="\t" if suffix == ".tsv" else None)
     if suffix == ".npy":
-        array = _read_npy(path, max_elements)
-    elif suffix == ".npz":
-        array = _read_npz(path, max_elements, key)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        array = _read_text(path, max_elements, delimiter="\t" if suffix == ".tsv" else None)
-    else:
-        raise InputError(path, f"unsupported file type {suffix or '(none)'!r}; expected one of {' '.join(ARRAY_TYPES)}")
-    return finish(path, array, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        return _read_npy(path, max_elements)
+    if suffix == ".npz":
+        return _read_npz(path, max_elements, key)
+    raise InputError(path, f"unsupported file type {suffix or '(none)'!r}; expected one of {' '.join(ARRAY_TYPES)}")
 
 
 def save_array(path: str | Path, array: np.ndarray) -> Path:
@@ -95,7 +102,7 @@ def check_finite(path: str | Path, array: np.ndarray) -> None:
 def finish(path: str | Path, array: np.ndarray, *, dtype: str | np.dtype = "float32",
            allow_nonfinite: bool = False) -> np.ndarray:
     """Real-number check, conversion to ``dtype`` (refusing overflow) and the finite check."""
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind not in "iuf":
         raise InputError(path, f"expected real numbers, got dtype {array.dtype}")
     out = array.astype(dtype)
     if not allow_nonfinite:
@@ -118,7 +125,7 @@ def _npy_header(path: Path, f: io.BufferedIOBase | zipfile.ZipExtFile) -> tuple[
         raise InputError(path, f"corrupt .npy header: {exc}") from None
     if dtype.hasobject:
         raise InputError(path, "the array holds Python objects (refusing to unpickle); store numbers")
-    if dtype.names is not None or dtype.kind not in "biuf":
+    if dtype.names is not None or dtype.kind not in "iuf":
         raise InputError(path, f"expected real numbers, got dtype {dtype}")
     return tuple(shape), dtype
 
@@ -170,7 +177,10 @@ def _read_text(path: Path, max_elements: int, *, delimiter: str | None) -> np.nd
         text = path.read_text(encoding="utf-8-sig")  # a BOM from spreadsheet exports is fine
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 text (byte {exc.start}); is it a binary file?") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
+    if "\x00" in text[:4096]:
+        raise InputError(path, "binary data in a text file")
+    # '#' starts a comment, on its own line or after the values
+    lines = [(n, line.split("#", 1)[0]) for n, line in enumerate(text.splitlines(), 1) if line.split("#", 1)[0].strip()]
     if not lines:
         raise InputError(path, "no data rows")
     delimiter = delimiter or _sniff_delimiter(text)
@@ -194,7 +204,7 @@ def _read_text(path: Path, max_elements: int, *, delimiter: str | None) -> np.nd
 
 
 def _sniff_delimiter(text: str) -> str:
-    sample = "\n".join(line for line in text.splitlines()[:50] if not line.lstrip().startswith("#"))
+    sample = "\n".join(line.split("#", 1)[0] for line in text.splitlines()[:50] if line.split("#", 1)[0].strip())
     try:
         return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS).delimiter
     except csv.Error:  # one column, ragged rows or irregular spacing: the first separator seen, else whitespace
@@ -203,7 +213,7 @@ def _sniff_delimiter(text: str) -> str:
 
 
 def _split(line: str, delimiter: str) -> list[str]:
-    if delimiter == " ":
+    if delimiter in (" ", "\t"):  # any run of tabs and spaces separates
         return line.split()
     return [cell.strip() for cell in line.strip().split(delimiter)]
 

@@ -13,8 +13,6 @@ _DEFAULT_BENCHMARK_STORAGE = "file://./.benchmarks"
 def pytest_configure(config):
     """pytest-benchmark creates ``./.benchmarks`` at start-up even when nothing is saved: point its
     storage at a temporary folder unless the user asked to save or compare results."""
-    if not config.pluginmanager.hasplugin("pytest_benchmark"):
-        return
     option = config.option
     keeps = any(getattr(option, name, None) for name in ("benchmark_save", "benchmark_autosave", "benchmark_compare",
                                                          "benchmark_compare_fail"))

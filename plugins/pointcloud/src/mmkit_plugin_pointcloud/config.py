@@ -44,7 +44,8 @@ class PointNet2Config:
       set-abstraction MLPs and the position embedding. Objects seen in arbitrary orientations are
       far easier to tell apart with them, especially by a frozen random-init encoder.
     - ``transformer_layers`` / ``num_heads``: optional pre-norm transformer over the tokens.
-    - ``seed``: random-init seed, so a random-init encoder is the same in every process.
+    The random-init ``seed`` is not an option here: mmkit passes it to the builder
+    (:meth:`mmkit.modeling.PretrainedEncoder.build`).
     """
 
     num_points: int = 8192
@@ -56,7 +57,6 @@ class PointNet2Config:
     invariant_features: bool = True
     transformer_layers: int = 0
     num_heads: int = 4
-    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("centres", "neighbours", "widths"):

@@ -11,7 +11,6 @@ or 6 numbers separated by whitespace or commas; ``#`` comments and one text head
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from mmkit.errors import InputError
+from mmkit.io import read_array
 
 FILE_TYPES: tuple[str, ...] = (".npy", ".ply", ".pcd", ".xyz", ".txt")
 
@@ -94,37 +94,13 @@ def _split_columns(path: Path, array: np.ndarray, what: str) -> tuple[np.ndarray
     return array[:, :3], (array[:, 3:] if array.shape[1] == 6 else None)
 
 
-# -- .npy ---------------------------------------------------------------------------------------------
+# -- .npy, .xyz, .txt: mmkit.io (no pickle; sizes checked before reading; delimiters and header sniffed)
 def _read_npy(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    with path.open("rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-        except ValueError:
-            raise InputError(path, "not a .npy file (bad magic bytes)") from None
-        try:
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as exc:
-            raise InputError(path, f"corrupt .npy header: {exc}") from None
-        if dtype.hasobject:
-            raise InputError(path, "the array holds Python objects; point clouds must be numeric (refusing to unpickle)")
-        if dtype.names is not None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-            raise InputError(path, f"array dtype {dtype} is not a real number type")
-        if len(shape) != 2 or shape[1] not in (3, 6):
-            raise InputError(path, f"array has shape {tuple(shape)}; expected N x 3 (xyz) or N x 6 (xyz + rgb)")
-        # Check the size before reading so a lying header cannot make us allocate terabytes.
-        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        have = path.stat().st_size - f.tell()
-        if have < need:
-            raise InputError(path, f"truncated .npy: shape {tuple(shape)} needs {need} data bytes, file has {have}")
-        f.seek(0)
-        try:
-            array = np.lib.format.read_array(f, allow_pickle=False)
-        except (ValueError, EOFError) as exc:
-            raise InputError(path, f"truncated or corrupt .npy data: {exc}") from None
-    return _split_columns(path, array, "array")
+    return _split_columns(path, read_array(path), "array")
+
+
+def _read_text(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    return _split_columns(path, read_array(path, text=True), "data")
 
 
 # -- .ply ---------------------------------------------------------------------------------------------
@@ -297,46 +273,6 @@ def _read_pcd(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 # -- .xyz / .txt --------------------------------------------------------------------------------------
-_SEP = re.compile(r"[,\s]+")
-
-
-def _read_text(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    text = path.read_bytes()
-    if b"\x00" in text[:4096]:
-        raise InputError(path, "binary data in a text point-cloud file")
-    rows: list[list[str]] = []
-    first_row_line = 0
-    for number, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if not rows and not first_row_line and not _numeric(_SEP.split(line)[0]):
-            first_row_line = number  # one text header line ("x y z r g b") is allowed
-            continue
-        tokens = [t for t in _SEP.split(line) if t]
-        if len(tokens) not in (3, 6):
-            raise InputError(path, f"line {number} has {len(tokens)} values; expected 3 (xyz) or 6 (xyz rgb)")
-        if rows and len(tokens) != len(rows[0]):
-            raise InputError(path, f"line {number} has {len(tokens)} values but earlier lines have {len(rows[0])}")
-        rows.append(tokens)
-    if not rows:
-        return np.zeros((0, 3)), None
-    try:
-        array = np.array(rows, dtype=np.float64)
-    except ValueError:
-        bad = next(i for i, r in enumerate(rows) if not all(_numeric(t) for t in r))
-        raise InputError(path, f"non-numeric value in data row {bad + 1}") from None
-    return _split_columns(path, array, "data")
-
-
-def _numeric(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
 _READERS: dict[str, Callable[[Path], tuple[np.ndarray, np.ndarray | None]]] = {
     ".npy": _read_npy, ".ply": _read_ply, ".pcd": _read_pcd, ".xyz": _read_text, ".txt": _read_text,
 }
