@@ -26,6 +26,9 @@ def test_bf16_loads_llm_and_encoders_in_bf16_with_sdpa(assemble_model) -> None:
     assert llm_dtypes == {torch.bfloat16}
     assert {p.dtype for p in model.encoders["image"].parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in model.encoders["image"].parameters())  # frozen
+    # every trainable weight in the same dtype (ZeRO-3 partitions them together; DeepSpeed keeps fp32 masters)
+    assert {p.dtype for p in model.projectors.parameters()} == {torch.bfloat16}
+    assert model.embeddings.new_tokens.dtype == torch.bfloat16
     assert model.llm.config._attn_implementation == "sdpa"  # the best available on a CPU
     # the encoder identity (what checkpoints and the feature cache key on) does not depend on precision
     fp32 = assemble_model(("image",))

@@ -74,6 +74,21 @@ def test_batch_geometry_errors_name_the_numbers() -> None:
         batch_geometry(micro_batch_size=2, grad_accum=1, global_batch_size=6, world_size=2)
 
 
+def test_launcher_uses_torchrun_and_shares_the_cores(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    from mmkit.training import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored after: config_from_args sets it when unset
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert launch.thread_limit(4) == 4 and launch.thread_limit(32) == 1
+    args = get_args_parser().parse_args(launch.torchrun_args(2, tmp_path / "c.yaml", tmp_path / "logs"))
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", "x"
+    config, entrypoint, cmd_args = config_from_args(args)
+    assert config.nproc_per_node == 2 and config.max_restarts == 0
+    assert cmd_args[-3:] == ["-m", "mmkit.training.launch", str(tmp_path / "c.yaml")]
+
+
 # -- end to end -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(mm_host, tmp_path_factory) -> dict[str, dict[str, str]]:
@@ -113,6 +128,11 @@ def test_two_processes_follow_the_one_process_loss_curve(tiny, one_process: Path
     result = _train(tiny["alternate"], two, num_procs=2, **common)
     _ok(result)
     assert "processes=2 global_batch=4" in result.stdout
+    # torch's elastic launcher ran the workers: each rank's output is prefixed and kept in its own log
+    assert "[rank0]:" in result.stdout
+    logs = {p.parent.name: p for p in (two / "logs").glob("*/attempt_0/*/stdout.log")}
+    assert set(logs) == {"0", "1"}
+    assert "processes=2 global_batch=4" in logs["0"].read_text()
     loss_one, loss_two = logged_losses(one), logged_losses(two)
     assert sorted(loss_one) == sorted(loss_two) == list(range(1, 7))
     assert max(abs(loss_one[s] - loss_two[s]) for s in loss_one) <= 1e-5
@@ -183,6 +203,8 @@ def test_zero2_rank_death_then_exact_resume(tiny, one_process: Path, tmp_path: P
     text = result.stdout.replace("\n", " ")
     assert result.returncode == 137, result.stdout[-3000:]
     assert "training process 1 of 2 failed (killed by SIGKILL)" in text
+    log = Path(text.split("Its output: ")[1].split()[0].rstrip("."))
+    assert log.is_file() and log.name == "stderr.log" and log.parent.name == "1"  # the failed rank's own log
     assert "error (process 0): process 0 of 2: a collective operation failed at step 3" in text
     assert "checkpoints/step-00000002) is intact" in text
     result = _train(tiny["alternate"], drilled, **common)

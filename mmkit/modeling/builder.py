@@ -186,12 +186,26 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
     placeholder_ids = {m: tokenizer.convert_tokens_to_ids(specs[m].markers.placeholder) for m in specs}
     model = MultimodalLM(lora.model if lora else llm, encoders, projectors, placeholder_ids, embeddings, lora,
                          train_encoders=config.encoder_lora)
+    _to_compute_dtype(model, config)
     prompts = PromptBuilder(tokenizer, {m: specs[m].markers for m in specs},
                             {m: components[m]["tokens_per_input"] for m in specs},
                             template=config.template, max_length=config.max_length)
     # the resolved template (a name, or a file's text) is saved with the run: chat / eval / load render alike
     config = attrs.evolve(config, first_new_token_id=first_new, template=prompts.template_ref)
     return Assembled(model, tokenizer, prompts, config, first_new, components)
+
+
+def _to_compute_dtype(model: nn.Module, config: ModelConfig) -> None:
+    """Projectors, LoRA adapters and marker embeddings in the run's dtype, like the loaded weights:
+    DeepSpeed keeps the fp32 master copies of the trainable ones, and under ZeRO-3 (zero.Init) it
+    does not cast the module itself, so one dtype must hold for every trainable partition.
+    Quantized runs keep peft's choice (norms in fp32)."""
+    if config.quantize is not None or config.precision == "fp32":
+        return
+    dtype = torch_dtype(config.precision)
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
 
 
 def _prepare_encoder(encoder: nn.Module, name: str, config: ModelConfig) -> None:

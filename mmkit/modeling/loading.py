@@ -135,3 +135,24 @@ def gathered(params: Sequence[Any]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def zero3_settings(llm: str | None, max_live_parameters: int) -> dict[str, Any]:
+    """ZeRO-3 bucket sizes from the LLM's hidden size, as the Hugging Face Trainer's ``auto`` values
+    (reduce bucket hidden^2, prefetch 0.9 hidden^2, parameters under 10 x hidden stay whole), instead of
+    DeepSpeed's fixed 5e8 / 5e7 / 1e5 meant for large GPUs; and the gathered-parameter bound."""
+    out: dict[str, Any] = {"stage3_max_live_parameters": int(max_live_parameters),
+                           "stage3_max_reuse_distance": int(max_live_parameters)}
+    hidden = None
+    if llm is not None:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(llm)
+            hidden = getattr(config, "hidden_size", None) or getattr(config.get_text_config(), "hidden_size", None)
+        except (OSError, ValueError):
+            hidden = None  # the LLM is reported unreadable when it loads
+    if hidden:
+        out.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                   stage3_param_persistence_threshold=10 * hidden)
+    return out

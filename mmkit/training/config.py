@@ -208,6 +208,10 @@ class TrainConfig:
         1_000_000_000, resume=IGNORED, check=at_least(0),
         help="ZeRO-3: most parameters gathered at once, and the reuse distance within which a gathered one is kept "
              "(DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance); lower it to trade speed for memory.")
+    zero3_max_live_parameters: int = option(
+        1_000_000_000, resume=IGNORED, check=at_least(0),
+        help="ZeRO-3: most parameters gathered at once, and the reuse distance within which a gathered one is kept "
+             "(DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance); lower it to trade speed for memory.")
     precision: str = option("fp32", resume=MUST_MATCH, flag=True, check=one_of("fp32", "bf16", "fp16"),
                             help="fp32, bf16 or fp16.")
     gradient_checkpointing: bool = option(False, resume=MAY_CHANGE, flag=True,

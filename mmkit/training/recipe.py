@@ -216,6 +216,8 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    from mmkit.modeling.loading import zero3_settings
+
     grad_accum, global_batch = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                                               global_batch_size=cfg.global_batch_size, world_size=world_size)
     config: dict[str, Any] = {
@@ -223,7 +225,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": global_batch,
         "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage,
+                              **(zero3_settings(cfg.llm, cfg.zero3_max_live_parameters) if cfg.zero_stage == 3 else {})},
         # On CPU, torch's AdamW: DeepSpeed's CPU FusedAdam keeps its bias-correction powers in the
         # C++ op (beta^t built by repeated multiplication), which a checkpoint cannot restore, so a
         # resumed run would drift from an uninterrupted one by float rounding.
