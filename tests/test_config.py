@@ -189,6 +189,28 @@ def test_broken_tokenizer_json_is_named_before_loading(cli, tiny_llm, tmp_path):
     refused(cli("--llm", llm, "--data", data), f"llm {llm}: tokenizer.json is not valid JSON (line 1")
 
 
+def test_config_errors_need_neither_torch_nor_a_model(tmp_path):
+    """The command's path to a config error imports no torch (so it cannot have loaded a model)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from mmkit_cli.train_cmd import _train\n"
+            "for options in ({'set_': ['micro_batch_size=eight']}, {'llm': 'org/m', 'data': ['missing.json']}):\n"
+            "    try:\n"
+            "        _train(options)\n"
+            "    except Exception as exc:  # typer.Exit\n"
+            "        assert exc.exit_code == 2, exc\n"
+            "    else:\n"
+            "        raise AssertionError('accepted')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "micro_batch_size 'eight'" in done.stderr and "data: missing.json: file not found" in done.stderr
+
+
 def test_recipe_runs_the_preflight_before_anything_loads_or_is_written(tmp_path, monkeypatch, tiny_llm):
     from mmkit.training import recipe
 
@@ -278,6 +300,8 @@ def test_dotted_set_reaches_nested_options(cli, tmp_path, monkeypatch):
     assert cfg.encoder_options == {"image": {"pretrained_size": 224, "feature_layer": -2},
                                    "pointcloud": {"points": 1024}}
     assert cfg.projector_options == {"image": {"depth": 2}} and cfg.encoders == {"image": "clip"}
+    path.write_text(path.read_text() + "projector_options.image.depth: 3\n")  # dotted keys in YAML too
+    assert resolve_config(path, {}).projector_options == {"image": {"depth": 3}}
     with pytest.raises(ConfigError, match=r"lr is 0.001, not a mapping"):
         resolve_config(None, {"lr": 1e-3, **parse_assignments(["lr.x=1"])})
     with pytest.raises(ConfigError, match=r"unknown option 'encoder_option' \(did you mean 'encoder_options'\?\)"):
