@@ -130,12 +130,22 @@ def predict(model: Any, recipe: Recipe, items: Sequence[Item], *, batch_size: in
     """Answers in item order: greedy generation in batches, or the most likely option."""
     predictions: list[str] = []
     if recipe.mode == "choice":
-        from mmkit.evaluation.choice import choose
+        from mmkit.evaluation.choice import batch_log_likelihoods, best
 
-        for item in items:
-            k = choose(model, item.sample, item.options)
-            predictions.append(f"({chr(ord('A') + k)}) {item.options[k]}" if item.lettered else item.options[k])
-            advance(1)
+        # questions packed until their options fill a batch of `batch_size` rows (one row per option)
+        start = 0
+        while start < len(items):
+            end, rows = start, 0
+            while end < len(items) and (end == start or rows + len(items[end].options) <= batch_size):
+                rows += len(items[end].options)
+                end += 1
+            chunk = items[start:end]
+            for item, scores in zip(chunk, batch_log_likelihoods(model, [(i.sample, i.options) for i in chunk]),
+                                    strict=True):
+                k = best(scores)
+                predictions.append(f"({chr(ord('A') + k)}) {item.options[k]}" if item.lettered else item.options[k])
+            advance(len(chunk))
+            start = end
         return predictions
     for start in range(0, len(items), batch_size):
         chunk = [item.sample for item in items[start:start + batch_size]]

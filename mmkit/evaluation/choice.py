@@ -24,20 +24,26 @@ def _answer_turns(sample: Sample, option: str) -> tuple[Turn, ...]:
 
 def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str]) -> list[float]:
     """``model`` is a :class:`mmkit.inference.MultimodalModel`; one forward pass for all options."""
+    return batch_log_likelihoods(model, [(sample, options)])[0]
+
+
+def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence[str]]]) -> list[list[float]]:
+    """Every option of every question scored in one padded batch (one row per option)."""
     import torch
 
     from mmkit.data.batching import Collator
     from mmkit.modeling.lora import route_for_sample
 
-    inputs = {m: [model.preprocess[m](Path(p)) for p in paths] for m, paths in sample.inputs.items()}
-    adapter = route_for_sample(sample.modalities, model.adapters or ["-"])
     items = []
-    for option in options:
-        encoded = model.prompts.encode_sample(Sample(id=sample.id, turns=_answer_turns(sample, option),
-                                                     inputs=sample.inputs, system=sample.system,
-                                                     source=sample.source, index=sample.index))
-        items.append({"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                      "inputs": inputs, "adapter": adapter})
+    for sample, options in questions:
+        inputs = {m: [model.preprocess[m](Path(p)) for p in paths] for m, paths in sample.inputs.items()}
+        adapter = route_for_sample(sample.modalities, model.adapters or ["-"])
+        for option in options:
+            encoded = model.prompts.encode_sample(Sample(id=sample.id, turns=_answer_turns(sample, option),
+                                                         inputs=sample.inputs, system=sample.system,
+                                                         source=sample.source, index=sample.index))
+            items.append({"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                          "inputs": inputs, "adapter": adapter})
     batch = Collator(pad_id=model.tokenizer.pad_token_id)(items)
     net = model.model
     was_training = net.training
@@ -52,10 +58,18 @@ def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str]) -
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return [float(v) for v in (logp * mask).sum(-1)]
+    flat = [float(v) for v in (logp * mask).sum(-1)]
+    out_scores, start = [], 0
+    for _, options in questions:
+        out_scores.append(flat[start:start + len(options)])
+        start += len(options)
+    return out_scores
+
+
+def best(scores: Sequence[float]) -> int:
+    """Index of the most likely option (the first on a tie)."""
+    return max(range(len(scores)), key=lambda k: (scores[k], -k))
 
 
 def choose(model: Any, sample: Sample, options: Sequence[str]) -> int:
-    """Index of the most likely option (the first on a tie)."""
-    scores = option_log_likelihoods(model, sample, options)
-    return max(range(len(options)), key=lambda k: (scores[k], -k))
+    return best(option_log_likelihoods(model, sample, options))
