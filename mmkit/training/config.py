@@ -60,6 +60,8 @@ class Check:
     ok: Callable[[Any], bool]
     text: str
     choices: tuple[Any, ...] = ()
+    #: what is wrong with a refused value, when "out of range" would not say it
+    explain: Callable[[Any], str] | None = None
 
     def __call__(self, value: Any) -> bool:
         return self.ok(value)
@@ -89,6 +91,8 @@ def option(default: Any = attrs.NOTHING, *, help: str, resume: str, check: Check
            factory: Callable[[], Any] | None = None, flag: bool | str = False) -> Any:
     """A :class:`TrainConfig` field. ``flag``: the field has its own ``mmkit train`` option
     (``True``: ``--field-name``; a string: that option name), else it is set with ``--set``."""
+    if resume not in RESUME_RULES:
+        raise ValueError(f"resume={resume!r}: use one of {RESUME_RULES}")
     metadata = {"help": help, "resume": resume, "check": check, "flag": flag}
     if factory is not None:
         return attrs.field(factory=factory, metadata=metadata)
@@ -116,7 +120,9 @@ def _bad_weights(entries: tuple[str, ...]) -> list[str]:
     return bad
 
 
-_WEIGHTS = Check(_data_weight, "FILE or FILE:WEIGHT with a finite WEIGHT > 0")
+_WEIGHTS = Check(_data_weight, "FILE or FILE:WEIGHT with a finite WEIGHT > 0",
+                 explain=lambda entries: f"{', '.join(map(repr, _bad_weights(entries)))}: the weight is not a "
+                                         "finite number > 0")
 
 
 # -- the configuration ----------------------------------------------------------------------------
@@ -204,10 +210,6 @@ class TrainConfig:
                                   help="Gradient clipping norm (0: no clipping).")
     zero_stage: int = option(0, resume=IGNORED, flag=True, check=one_of(0, 1, 2, 3),  # see the process-count note
                              help="DeepSpeed ZeRO stage 0-3.")
-    zero3_max_live_parameters: int = option(
-        1_000_000_000, resume=IGNORED, check=at_least(0),
-        help="ZeRO-3: most parameters gathered at once, and the reuse distance within which a gathered one is kept "
-             "(DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance); lower it to trade speed for memory.")
     zero3_max_live_parameters: int = option(
         1_000_000_000, resume=IGNORED, check=at_least(0),
         help="ZeRO-3: most parameters gathered at once, and the reuse distance within which a gathered one is kept "
@@ -322,10 +324,6 @@ attrs.resolve_types(TrainConfig)
 FIELDS = {f.name for f in attrs.fields(TrainConfig)}
 
 
-def field_info(name: str) -> attrs.Attribute:
-    return getattr(attrs.fields(TrainConfig), name)
-
-
 def fields_with_rule(rule: str) -> tuple[str, ...]:
     """The fields whose resume rule is ``rule`` (one of :data:`RESUME_RULES`), in definition order."""
     if rule not in RESUME_RULES:
@@ -346,7 +344,7 @@ _UNSET = {"none", "null", "auto", "~", ""}
 
 def accepted(field: attrs.Attribute) -> str:
     """The values a field accepts, in words (for errors and --help)."""
-    tp, optional = base_type(field.type)
+    tp, _ = base_type(field.type)
     check: Check | None = field.metadata.get("check")
     if check is not None and check.choices:
         return check.text
@@ -424,9 +422,8 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
             close = difflib.get_close_matches(str(value), [str(c) for c in check.choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _Bad(f"{name} {value!r}: use {check.text}{hint}")
-        if field.name == "data":
-            raise _Bad(f"data {', '.join(map(repr, _bad_weights(value)))}: the weight is not a finite number > 0; "
-                       f"use {check.text}")
+        if check.explain is not None:
+            raise _Bad(f"{name} {check.explain(value)}; use {check.text}")
         shown = raw.strip() if isinstance(raw, str) else repr(raw)  # "-5" from the command line: -5
         raise _Bad(f"{name} {shown}: out of range; use {accepted(field)}")
     return value
