@@ -1,7 +1,7 @@
 """Export a trained run to formats other tools load: ``mmkit export RUN --to FORMAT OUT``.
 
 Formats come from the ``mmkit_exporters`` hook (:class:`mmkit.specs.ExporterSpec`): mmkit registers
-``peft`` and ``merged``; a modality plugin adds the format its community uses (the image plugin's
+``peft`` and ``merged``; a modality plugin adds the format its community uses (the vision plugin's
 ``llava-hf``). Importing this package is cheap (no torch); :func:`export_run` imports what it needs.
 """
 
@@ -62,9 +62,9 @@ def export_run(run: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
 
 def _group_readable(root: Path) -> None:
     """Give the export the permissions of any other output under the user's umask: the temporary
-    directory it is built in is created private (0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
+    directory it is built in is created private (0700), and plugins may write files privately."""
+    from mmkit.training.atomic import default_mode
+
+    root.chmod(default_mode(directory=True))
     for path in root.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(default_mode(directory=path.is_dir()))
