@@ -194,8 +194,9 @@ class ModalityContract:
 
         task = resolve(spec.demo.build)(tmp_path, seed=0, **self.probe_demo_options)
         key = spec.data_keys[0]
-        train = demo_examples(task.train, key, tmp_path)[:self.probe_max_records]
-        test = demo_examples(task.test, key, tmp_path)[:self.probe_max_records]
+        # a seeded random subset of each split (demo records are often ordered by class)
+        train = _spread(demo_examples(task.train, key, tmp_path), self.probe_max_records)
+        test = _spread(demo_examples(task.test, key, tmp_path), self.probe_max_records)
         result = linear_probe(encoder, resolve(spec.load), train, test)
         assert result.test_accuracy >= self.separability_threshold, (
             f"a linear probe on the frozen {self.modality} features reaches {result.test_accuracy:.2f} held-out "
@@ -212,6 +213,16 @@ class ModalityContract:
 
         load = resolve(spec.load)
         return torch.stack([encoder.preprocess(load(p)) for p in files])
+
+
+def _spread(items: list, limit: int) -> list:
+    """A seeded random subset of at most ``limit`` items, in their order."""
+    import random
+
+    if len(items) <= limit:
+        return items
+    keep = sorted(random.Random(0).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
 
 
 def _no_grad():

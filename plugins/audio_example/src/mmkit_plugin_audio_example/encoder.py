@@ -10,13 +10,12 @@ Pipeline: waveform --(linear resampling)--> 16 kHz --(WhisperFeatureExtractor)--
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
-from mmkit.modeling import ModalityEncoder
+from mmkit.modeling import ModalityEncoder, seeded, weights_sha256
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperPreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -146,7 +145,7 @@ def build_encoder(*, pretrained: str | None = None, num_tokens: int = 32, revisi
                             f"not with pretrained={pretrained!r}")
         model, extractor = _load_pretrained(pretrained, revision)
         # The weights' hash, not just the name: a local folder can be overwritten with new weights.
-        source = {"pretrained": pretrained, "revision": revision, "weights_sha256": weights_fingerprint(model)}
+        source = {"pretrained": pretrained, "revision": revision, "weights_sha256": weights_sha256(model)}
         return WhisperAudioEncoder(model, extractor, num_tokens=num_tokens, source=source)
     opts: dict[str, Any] = {k: (RANDOM_INIT[k] if v is None else v) for k, v in given.items()}
     extractor = WhisperFeatureExtractor(feature_size=opts["num_mel_bins"], sampling_rate=opts["sampling_rate"],
@@ -157,10 +156,7 @@ def build_encoder(*, pretrained: str | None = None, num_tokens: int = 32, revisi
                            encoder_ffn_dim=opts["encoder_ffn_dim"], num_mel_bins=opts["num_mel_bins"],
                            max_source_positions=extractor.nb_max_frames // 2, init_std=opts["init_std"],
                            decoder_layers=1)  # decoder fields are unused; keep them small
-    # Seed a private RNG stream: the random encoder is a function of the options alone, and the
-    # caller's global RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(opts["seed"])
+    with seeded(opts["seed"]):  # the random encoder is a function of the options (mmkit passes the run's seed)
         model = WhisperEncoderOnly(config)
     return WhisperAudioEncoder(model.eval(), extractor, num_tokens=num_tokens,
                                source={"pretrained": None, "seed": opts["seed"], "init_std": opts["init_std"]})
@@ -176,15 +172,6 @@ def _load_pretrained(source: str, revision: str | None) -> tuple[WhisperEncoderO
     extractor = WhisperFeatureExtractor.from_pretrained(source, revision=revision or "main")
     # float32 whatever dtype the checkpoint was stored in (some Whisper repos hold fp16 weights).
     return model.float().eval(), extractor
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, in name order (about 1 s per GB of weights)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
-    return digest.hexdigest()[:16]
 
 
 def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:

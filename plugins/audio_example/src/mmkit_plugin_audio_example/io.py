@@ -1,6 +1,6 @@
 """Reading and writing WAV files: the modality's ``load`` function and the demo's writer.
 
-Only numpy and the standard library: this module runs in data-loader workers and wherever a
+Only numpy, the standard library and :mod:`mmkit.io`: this module runs in data-loader workers and wherever a
 dataset's files are validated, where importing torch would be wasted time.
 
 Plain PCM (8/16/24/32-bit) is read with the stdlib :mod:`wave` module. What ``wave`` rejects as an
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from mmkit import InputError
+from mmkit.io import check_file, check_finite
 
 _PCM, _FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 _PCM_WIDTHS = (1, 2, 3, 4)  # bytes per sample
@@ -48,10 +49,7 @@ class _Format:
 def load_wav(path: str | Path) -> Audio:
     """Decode a WAV file to mono float32; raise :class:`mmkit.InputError` if it is unusable."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
-    if not path.is_file():
-        raise InputError(path, "not a regular file")
+    check_file(path)  # exists, a regular file, not empty
     with path.open("rb") as f:
         head = f.read(12)
     _check_magic(path, head)
@@ -62,8 +60,7 @@ def load_wav(path: str | Path) -> Audio:
     samples = _decode(path, frames, fmt)
     if samples.shape[0] == 0:
         raise InputError(path, "contains no audio samples (zero-length data chunk)")
-    if not np.isfinite(samples).all():
-        raise InputError(path, "contains NaN or infinite samples")
+    check_finite(path, samples)
     # Down-mix: the encoder sees one channel; averaging keeps the level of correlated channels.
     mono = samples.mean(axis=1) if fmt.channels > 1 else samples[:, 0]
     return Audio(np.ascontiguousarray(mono, dtype=np.float32), fmt.sample_rate)
