@@ -105,7 +105,7 @@ def test_lamm_3d_records(tmp_path):
     assert "<pcl>" not in chair.turns[0].text
     assert chair.system == LAMM_SYSTEM_MESSAGES["classification3d"]
     assert chair.meta["task_type"] == "classification3d" and chair.meta["src_dataset"] == "ModelNet40"
-    assert scene.system == LAMM_SYSTEM_MESSAGES["normal"]  # unknown task types fall back
+    assert scene.system is None  # "normal" and unknown task types: the chat template's system message, as in LAMM
     assert scene.turns[0].text == "Describe <pointcloud>"
     assert vqa.system == LAMM_SYSTEM_MESSAGES["VQA"] and vqa.inputs == {"image": (str(tmp_path / "a.png"),)}
 

@@ -10,18 +10,26 @@ from typing import Any
 from mmkit.data.records import ReadContext, Sample, parse_record
 from mmkit.errors import DataError
 
-# System messages selected by LAMM's ``task_type`` (paraphrased from the LAMM paper's task
-# descriptions; LAMM keeps one per task family).
+# System messages selected by LAMM's ``task_type`` (paraphrased from the task descriptions of LAMM's
+# conversation_dict, one per task family, under LAMM's task names). LAMM's "normal" task uses the
+# chat template's own system message, and so does mmkit (no entry here).
 LAMM_SYSTEM_MESSAGES = {
-    "normal": "You are a helpful assistant. Answer the user's question about the input.",
     "conversation": "You are a helpful assistant. Hold a conversation about the input with the user.",
+    "conversation3d": "You are a helpful assistant. Hold a conversation about the 3D input with the user.",
+    "description": "You are a helpful assistant. Describe the input in detail.",
     "detailed_description": "You are a helpful assistant. Describe the input in detail.",
+    "description3d": "You are a helpful assistant. Describe the 3D input in detail.",
     "classification": "Identify the main object in the input and answer with its category.",
     "classification3d": "Identify the object in the point cloud and answer with its category.",
     "detection": "Find the objects in the image and give each one's class and normalized box [x1, y1, x2, y2].",
     "detection3d": "Find the objects in the scene and give each one's class and box [cx, cy, cz, l, w, h] in metres.",
+    "visual_grounding3d": "Locate the object the user describes and give its box [cx, cy, cz, l, w, h] in metres.",
+    "keypoint_detection": "Locate the person's keypoints the user asks for and give each as normalized [x, y].",
     "VQA": "Answer the question about the input; for multiple choice, answer with the option's letter.",
     "VQA3d": "Answer the question about the 3D scene.",
+    "VQA3D": "Answer the question about the 3D scene.",
+    "commomsenseqa": "Answer the question about the input, using knowledge beyond it where needed.",
+    "commomsenseqa3d": "Answer the question about the 3D input, using knowledge beyond it where needed.",
     "counting": "Count the objects the user asks about and answer with a number.",
     "caption": "Describe the input in one sentence.",
 }
@@ -150,9 +158,8 @@ def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
     already in the text, as LAMM's newer framework writes, is used as it stands)."""
 
     def system_for(obj: Any) -> str | None:
-        if isinstance(obj, dict):
-            return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal")), LAMM_SYSTEM_MESSAGES["normal"])
-        return None
+        # "normal" (and a task LAMM does not name): the chat template's system message, as in LAMM
+        return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal"))) if isinstance(obj, dict) else None
 
     return _read(Path(path), context, system_for=system_for, implicit_placeholders=True)
 

@@ -119,18 +119,15 @@ def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int,
                  system: str | None = None, allowed_keys: set[str] | None = None,
-                 implicit_placeholders: bool = False, drop_leading_assistant: bool = False) -> Sample:
+                 implicit_placeholders: bool = False) -> Sample:
     """Validate one raw record and normalise it. Raises :class:`DataError` naming the record (file,
     index and, when the record has one, its id) with a ``kind`` for reports.
 
     ``implicit_placeholders``: a modality whose inputs have no placeholder anywhere in the text gets
-    them at the start of the first user turn (where LAMM's loader puts the vision tokens).
-    ``drop_leading_assistant``: a conversation opening with an assistant turn loses that turn (as
-    LLaVA's preprocessing does for such ShareGPT records)."""
+    them at the start of the first user turn (where LAMM's loader puts the vision tokens)."""
     try:
         return _parse_record(obj, ctx=ctx, base=base, source=source, index=index, system=system,
-                             allowed_keys=allowed_keys, implicit_placeholders=implicit_placeholders,
-                             drop_leading_assistant=drop_leading_assistant)
+                             allowed_keys=allowed_keys, implicit_placeholders=implicit_placeholders)
     except DataError as exc:
         if exc.record_id is None and isinstance(obj, dict) and "id" in obj:
             raise DataError(exc.source, exc.record, exc.reason, record_id=str(obj["id"]), kind=exc.kind) from None
@@ -138,8 +135,7 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 
 def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int, system: str | None,
-                  allowed_keys: set[str] | None, implicit_placeholders: bool = False,
-                  drop_leading_assistant: bool = False) -> Sample:
+                  allowed_keys: set[str] | None, implicit_placeholders: bool = False) -> Sample:
     if not isinstance(obj, dict):
         raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}", kind="schema")
     conv = obj.get("conversations", obj.get("messages"))
@@ -172,8 +168,6 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
                                            f"{json.dumps(text)[:40]}", kind="schema")
         if not isinstance(text, str) or not text.strip():
             raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
-        if drop_leading_assistant and not turns and role == ASSISTANT:
-            continue
         expected = USER if len(turns) % 2 == 0 else ASSISTANT
         if role != expected:
             raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
