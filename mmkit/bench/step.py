@@ -230,7 +230,9 @@ def step_config(preset: str, root: Path, modalities: Sequence[str], host: Any) -
     from mmkit.demo.task import prepare_demo
     from mmkit.training.config import DEMO_DEFAULTS, resolve_config
     from mmkit.training.recipe import RunPlan
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-shard save bars are noise in a benchmark's output
     data = prepare_demo(host, modalities, root / "demo_data")
     base = {"modalities": list(modalities), "output_dir": str(root / preset), "tensorboard": False,
             "resume": "never", "log_every": DEMO_DEFAULTS["log_every"]}

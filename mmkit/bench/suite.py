@@ -42,6 +42,8 @@ def plan_for(preset: str, quick: bool) -> Plan:
         return Plan(rounds=1, min_seconds=0.01, batch_sizes=(2,), steps=2, max_samples=48, small_steps=2)
     if preset == "real":
         return Plan(rounds=3, min_seconds=0.5, batch_sizes=(1, 4), steps=4, max_samples=256, small_steps=3)
+    if preset == "small":  # compute-bound steps of a ~110M LLM: seconds each on a CPU
+        return Plan(rounds=3, min_seconds=0.2, batch_sizes=(1, 8, 32), steps=3, max_samples=256, small_steps=3)
     return Plan(rounds=5, min_seconds=0.2, batch_sizes=(1, 8, 32), steps=8, max_samples=512, small_steps=3)
 
 
@@ -107,6 +109,8 @@ def _encoders(preset: str, plan: Plan, host: Any, chosen: Sequence[str], dev: to
     from mmkit.bench.components import bench_components, wrapper_overhead
 
     hidden = 64 if preset == "tiny" else 4096  # the demo LLM's width; a 7B LLM's
+    # realistic sizes on a GPU run in bf16, as they would be trained; CPUs and the tiny preset in fp32
+    dtype = torch.bfloat16 if preset == "real" and dev.type == "cuda" else torch.float32
     for m in chosen:
         if preset == "tiny":
             presets: list[str | None] = [None]
@@ -116,10 +120,10 @@ def _encoders(preset: str, plan: Plan, host: Any, chosen: Sequence[str], dev: to
             label = p or "demo"
             progress(f"{m} encoder ({label}) and projector")
             rows = bench_components(host, m, batch_sizes=plan.batch_sizes, hidden=hidden, rounds=plan.rounds,
-                                    min_seconds=plan.min_seconds, preset=p, device=dev)
+                                    min_seconds=plan.min_seconds, preset=p, device=dev, dtype=dtype)
             for r in rows:
                 key = f"{m}/{label}/bs{r['batch_size']}"
-                info = {"encoder": r["encoder"], "projector": r["projector"], "hidden": hidden}
+                info = {"encoder": r["encoder"], "projector": r["projector"], "hidden": hidden, "dtype": r["dtype"]}
                 figures.add(f"encoder/{key}/inputs_per_s", r["encoder_inputs_per_s"], **info)
                 figures.add(f"encoder/{key}/tokens_per_s", r["encoder_tokens_per_s"], **info)
                 figures.add(f"projector/{key}/inputs_per_s", r["projector_inputs_per_s"], **info)
