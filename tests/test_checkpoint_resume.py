@@ -318,3 +318,29 @@ def test_a_file_the_manifest_does_not_list_is_refused(uninterrupted: Path, tmp_p
     shutil.copytree(uninterrupted / "checkpoints" / "step-00000008", checkpoint)
     (checkpoint / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"planted")
     assert "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt is not listed" in ckpt.verify(checkpoint, 0)
+
+
+@pytest.mark.slow
+def test_resuming_on_another_base_model_is_refused_before_anything_is_written(uninterrupted: Path, tmp_path: Path,
+                                                                               mm_host) -> None:
+    from mmkit.training.config import TrainConfig
+    from mmkit.training.rundir import admit
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    saved = _saved(uninterrupted)["config"]
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k != "output_dir"}, output_dir=str(out))
+    assert admit(cfg, mm_host, cfg.modalities, prepare_demo=None).notes == []  # the same base: admitted
+    for step in ("step-00000006", "step-00000008"):  # as if the base's weights had been replaced in place
+        meta_path = out / "checkpoints" / step / "model" / "mmkit.json"
+        meta = json.loads(meta_path.read_text())
+        meta["llm"]["fingerprint"]["weights"] = "0" * 64
+        meta_path.write_text(json.dumps(meta))
+    before = sorted(p.as_posix() for p in out.rglob("*"))
+    with pytest.raises(CheckpointMismatchError, match=r"same shapes, but its weights differ.*--allow-different-base"):
+        admit(cfg, mm_host, cfg.modalities, prepare_demo=None)
+    assert sorted(p.as_posix() for p in out.rglob("*")) == before
+    import attrs
+
+    notes = admit(attrs.evolve(cfg, allow_base_mismatch=True), mm_host, cfg.modalities, prepare_demo=None).notes
+    assert any("weights differ" in n and "allowed by --allow-different-base" in n for n in notes)

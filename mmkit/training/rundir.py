@@ -5,7 +5,9 @@
   holder exits, however it exits (SIGKILL included), so a stale lock never blocks a rerun.
 - :func:`check_output_dir`: an output directory that is a file, or that cannot be written, is a
   clear error before anything else happens.
-- :func:`protected_outputs`: what an earlier run left that a new run must not silently damage.
+- :func:`admit`: every check that can refuse the run, before anything in the directory changes; the
+  demo data is generated into a hidden staging directory and moved in only when the run is admitted
+  (and only when it differs from what is there).
 """
 
 from __future__ import annotations
@@ -125,18 +127,6 @@ def _read_holder(fd: int) -> dict[str, Any]:
         return {}
 
 
-def protected_outputs(output_dir: Path) -> list[str]:
-    """Results of an earlier run in ``output_dir`` that a new run would replace."""
-    out = Path(output_dir)
-    found = []
-    if (out / "model" / "mmkit.json").is_file():
-        found.append(str(out / "model"))
-    from mmkit.training.checkpoint import list_checkpoints
-
-    found += [str(p) for p in list_checkpoints(out)]
-    return found
-
-
 # -- admitting a run: every check that can refuse it, before anything in the output directory changes --
 DEMO = "demo_data"
 
@@ -192,7 +182,7 @@ def admit(cfg: Any, host: Any, modalities: tuple[str, ...], *, prepare_demo: Any
     for candidate in candidates:  # the newest readable one; verification later may fall back to older ones
         try:
             saved = read_state(candidate)
-        except (OSError, ValueError, RecursionError):
+        except (OSError, ValueError, RecursionError, MmkitError):
             continue
         check_same_run(saved, config)
         if not cfg.is_demo:
