@@ -97,9 +97,13 @@ def seeded(seed: int) -> Iterator[None]:
 
 def weights_sha256(module: nn.Module) -> str:
     """SHA-256 over every parameter and buffer in name order, as float32 (so the run's precision does
-    not change it); first 16 hex digits. About 1 s per GB of weights."""
+    not change it); first 16 hex digits. About 1 s per GB of weights. ``"meta"`` for a module built
+    without weights (``mmkit train --dry-run``)."""
+    state = module.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return "meta"
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

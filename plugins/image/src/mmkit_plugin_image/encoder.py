@@ -6,7 +6,6 @@ LLaVA takes the penultimate layer's patch tokens (``feature_layer=-2``); LAMM ta
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from mmkit.errors import ConfigError
-from mmkit.modeling import ModalityEncoder
+from mmkit.modeling import ModalityEncoder, seeded, weights_sha256
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionModel
@@ -74,7 +73,7 @@ class CLIPImageEncoder(ModalityEncoder):
         self.num_tokens = (size // patch) ** 2 + (0 if self.drop_cls else 1)
         self.output_dim = int(config.hidden_size)
         self._check_processor_output()
-        self._weights_sha256 = _weights_digest(self.model)
+        self._weights_sha256 = weights_sha256(self.model)
 
     # -- ModalityEncoder -------------------------------------------------------------------------
     def preprocess(self, raw: Any) -> torch.Tensor:
@@ -171,9 +170,7 @@ def build_encoder(*, pretrained: str | None = None, feature_layer: int = -2, dro
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         config = CLIPVisionConfig(**tiny_config)
-        # Seed a private RNG stream: same options -> same weights, without disturbing the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):  # same options -> same weights (mmkit passes the run's seed)
             model = CLIPVisionModel(config)
         size = _square_size(config.image_size)
         processor = processor_cls(
@@ -216,17 +213,6 @@ def _square_size(value: Any) -> int:
             raise ConfigError(f"image encoder: only square sizes are supported, got {value!r}")
         value = value[0]
     return int(value)
-
-
-def _weights_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    if any(t.is_meta for t in model.state_dict().values()):
-        return "meta"  # built without weights (``mmkit train --dry-run``): nothing to hash
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
-    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
