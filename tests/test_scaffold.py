@@ -11,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmkit.plugins import PluginHost
@@ -167,3 +168,73 @@ def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
         assert "all 6 plugins OK" in checked.stdout
     finally:
         _pip("uninstall", "-y", distribution)
+
+
+def _installed_on_path(target: Path, site: Path, entry: str) -> dict[str, str]:
+    """The environment of a subprocess that sees a generated plugin as installed, without pip: its
+    ``src`` on PYTHONPATH and a dist-info folder declaring the ``mmkit`` entry point."""
+    package = target.name.replace("-", "_")
+    info = site / f"{package}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {target.name}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[mmkit]\n{entry} = {package}.plugin\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(site), str(target / "src")]), "MMKIT_PLUGINS": entry,
+            "MMKIT_CACHE": str(site.parent / "cache"), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_scaffold_trains_on_own_data_offline_skips_a_bad_record_and_reloads(tmp_path):
+    """Acceptance of the plugin-author issue: a scaffolded plugin whose ``preprocess`` raises on one
+    record trains on the author's own data with ``--llm tiny`` (offline) and ``--skip-bad-records``,
+    the record named in ``skipped.jsonl``; without the flag the error names plugin, record and file in
+    one line; the trained run reloads (random-init encoder seeded) and answers in ``mmkit chat``."""
+    target = create_plugin("mmkit-plugin-sonar", tmp_path)
+    encoder_py = target / "src" / "mmkit_plugin_sonar" / "encoder.py"
+    source = encoder_py.read_text()
+    anchor = "        signal = np.asarray(raw, dtype=np.float64)\n"
+    assert anchor in source
+    encoder_py.write_text(source.replace(anchor, anchor + "        if np.abs(signal).max() > 1e3:\n"
+                                         "            raise ValueError('amplitude above 1000: not a sonar return')\n"))
+    env = _installed_on_path(target, tmp_path / "site", "sonar")
+
+    data = tmp_path / "own"
+    (data / "sig").mkdir(parents=True)
+    t = np.linspace(0, 1, 200)
+    records = []
+    for i in range(8):
+        kind = ("sine", "square")[i % 2]
+        wave = np.sin(2 * np.pi * (3 + i) * t)
+        np.save(data / "sig" / f"{i}.npy", (wave if kind == "sine" else np.sign(wave)).astype(np.float32))
+        records.append({"id": f"r{i}", "sonar": f"sig/{i}.npy", "conversations": [
+            {"from": "human", "value": "<sonar>\nWhich waveform is this?"}, {"from": "gpt", "value": kind}]})
+    np.save(data / "sig" / "loud.npy", (1e6 * np.sin(t)).astype(np.float32))
+    records.insert(3, {"id": "loud", "sonar": "sig/loud.npy", "conversations": [
+        {"from": "human", "value": "<sonar>\nWhich waveform is this?"}, {"from": "gpt", "value": "sine"}]})
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    mmkit = str(Path(sys.executable).with_name("mmkit"))
+    train = [mmkit, "train", "--llm", "tiny", "--modalities", "sonar", "--data", str(data / "train.jsonl"),
+             "--max-steps", "2", "--micro-batch-size", "4"]
+    run = tmp_path / "run"
+    ok = subprocess.run([*train, "--output-dir", str(run), "--skip-bad-records"], capture_output=True, text=True,
+                        env=env, timeout=600)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert [s["record"] for s in skipped] == [f"{data / 'train.jsonl'} record 3 (id loud)"]
+    assert "plugin sonar, modality sonar: preprocess raised ValueError: amplitude above 1000" in skipped[0]["reason"]
+    assert str(data / "sig" / "loud.npy") in skipped[0]["reason"]
+    assert "unknown token" not in ok.stdout  # --llm tiny's byte-level tokenizer spells any answer
+
+    failed = subprocess.run([*train, "--output-dir", str(tmp_path / "strict")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert failed.returncode == 1
+    error = [line for line in (failed.stdout + failed.stderr).splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    for part in ("record 3 (id loud)", "sig/loud.npy", "plugin sonar", "ValueError: amplitude above 1000"):
+        assert part in error[0], (part, error[0])
+
+    chat = subprocess.run([mmkit, "chat", str(run), "--sonar", str(data / "sig" / "0.npy"), "--max-new-tokens", "2",
+                           "Which waveform is this?"], capture_output=True, text=True, env=env, timeout=600)
+    assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
+    assert chat.stdout.strip()
