@@ -30,6 +30,12 @@ class DemoData:
     train_file: Path
     test_files: dict[str, Path]  # modality -> held-out file
     tasks: dict[str, DemoTask]
+    text_only: int = 0  # text-only records added to the training file (said at the start of a demo run)
+
+    def note(self) -> str:
+        return (f"the demo trains on {sum(len(t.train) for t in self.tasks.values())} records of its modalities plus "
+                f"{self.text_only} text-only ones (questions like {TEXT_QA[0][0]!r}) that keep the shared LLM "
+                "answering turns without an input; a run on --data trains on your records only")
 
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -74,4 +80,4 @@ def prepare_demo(host: PluginHost, modalities: Sequence[str], root: Path, *, see
     corpus = [turn["value"] for rec in train for turn in rec["conversations"]]
     corpus += [turn["value"] for task in tasks.values() for rec in task.test for turn in rec["conversations"]]
     llm_dir = build_tiny_llm(root / "base_llm", corpus, seed=seed)
-    return DemoData(llm_dir, train_file, test_files, tasks)
+    return DemoData(llm_dir, train_file, test_files, tasks, text_only=n_text)

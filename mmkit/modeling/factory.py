@@ -22,11 +22,13 @@ def encoder_options(host: PluginHost, modality: ModalitySpec, *, encoder_name: s
         merged.update(spec.tiny)
         if modality.demo is not None and (encoder_name in (None, modality.encoder)):
             merged.update(modality.demo.encoder_options)
-        if takes_seed(spec.build):
-            # Random init is seeded, and the seed is recorded with the options: a reload rebuilds
-            # the same weights (same identity) before the saved ones are loaded.
-            merged.setdefault("seed", DEFAULT_SEED)
     merged.update(options or {})
+    if pretrained is None and takes_seed(spec.build):
+        # Random init is seeded (the run passes its seed), and the seed is recorded with the options:
+        # a reload rebuilds the same weights (same identity) before the saved ones are loaded.
+        merged.setdefault("seed", DEFAULT_SEED)
+    elif "seed" in merged and not takes_seed(spec.build):
+        del merged["seed"]  # the run's seed, offered to every builder; this one has no random init to seed
     return merged
 
 

@@ -84,10 +84,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _seeded(cfg: TrainConfig, modality: str) -> dict[str, Any]:
+    """The encoder options, with the run's seed for a random-init encoder whose builder takes one
+    (recorded with the options, so a reload rebuilds the same weights); explicit options win."""
+    options = dict(cfg.encoder_options.get(modality, {}))
+    if cfg.encoder_pretrained.get(modality) is None:
+        options.setdefault("seed", cfg.seed)
+    return options
+
+
 def model_config(cfg: TrainConfig, plan: RunPlan) -> ModelConfig:
     choices = tuple(
         ModalityChoice(name=m, encoder=cfg.encoders.get(m), encoder_pretrained=cfg.encoder_pretrained.get(m),
-                       encoder_options=dict(cfg.encoder_options.get(m, {})), projector=cfg.projectors.get(m),
+                       encoder_options=_seeded(cfg, m), projector=cfg.projectors.get(m),
                        projector_options=dict(cfg.projector_options.get(m, {})))
         for m in plan.modalities)
     lora = None

@@ -198,7 +198,8 @@ def admit(cfg: Any, host: Any, modalities: tuple[str, ...], *, prepare_demo: Any
         os.chmod(staged, default_mode(directory=True))
         admission.demo_staged = staged
         try:
-            prepare_demo(host, modalities, staged, seed=cfg.seed)
+            demo = prepare_demo(host, modalities, staged, seed=cfg.seed)
+            admission.notes.append(demo.note())  # the text-only records are said, not silent
             existing = out / DEMO
             admission.demo_changed = not (existing.is_dir() and same_tree(existing, staged))
             if admission.demo_changed and existing.exists():
