@@ -51,7 +51,7 @@ def sampling_share(rig) -> None:
     from mmkit_plugin_pointcloud.sampling import farthest_point_sample, gather_points, knn
 
     enc = rig.assembled.model.encoders["pointcloud"]
-    cfg = enc.config
+    cfg = getattr(enc, "cfg", None) or enc.config  # PointNet2Config
     x = torch.randn(rig.cfg.micro_batch_size, *enc.input_shape)
 
     def sampling() -> None:
