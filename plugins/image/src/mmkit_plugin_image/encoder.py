@@ -83,8 +83,8 @@ class CLIPImageEncoder(ModalityEncoder):
             raw = raw.detach().cpu().numpy()
         if isinstance(raw, np.ndarray):
             if raw.dtype != np.uint8 or raw.ndim not in (2, 3) or (raw.ndim == 3 and raw.shape[2] not in (1, 3, 4)):
-                raise TypeError(f"image encoder: an array image must be uint8 H x W or H x W x 1/3/4, "
-                                f"got {raw.dtype} {raw.shape}")
+                raise TypeError(f"image encoder: preprocess expects a PIL image or a uint8 H x W [x 1/3/4] "
+                                f"array, got {raw.dtype} {raw.shape}")
             raw = Image.fromarray(raw[..., 0] if raw.ndim == 3 and raw.shape[2] == 1 else raw)
         if not isinstance(raw, Image.Image):
             raise TypeError(f"image encoder: preprocess expects a PIL image, got {type(raw).__name__}")
