@@ -121,11 +121,12 @@ def test_align_then_instruct_starts_from_the_align_projectors(tmp_path, demo_hos
     seen = {}
     real_start_from = recipe.start_from
 
-    def spy(assembled, init_from):
+    def spy(assembled, init_from, **options):
         seen["fresh"] = {n: p.detach().clone() for n, p in assembled.model.named_parameters() if n in align_state}
-        real_start_from(assembled, init_from)
+        notes = real_start_from(assembled, init_from, **options)
         seen["started"] = {n: p.detach().clone() for n, p in assembled.model.named_parameters()
                            if n in align_state}
+        return notes
 
     monkeypatch.setattr(recipe, "start_from", spy)
     instruct_out = tmp_path / "instruct"
