@@ -4,11 +4,15 @@ few steps in 2 processes under ZeRO-3 and bf16 (``mmkit train --num-procs 2``).
 
     python benchmarks/real_shape.py [--steps 3] [--workdir DIR] [--json]
 
-Reports each training process's peak resident memory (VmHWM, read from /proc while it runs)
-against the full fp32 model size (all parameters x 4 bytes) and the dry run's model-state
-estimate for ZeRO-3 on 2 processes, the tokens/s the run logged, and its losses. Under ZeRO-3 the
-LLM is created partitioned (``zero.Init``); rank 0 additionally reads the checkpoint (bf16) while it
-loads. Needs the ``image`` plugin, ~6 GB of free memory and several minutes on 2 cores.
+Reports each training process's peak resident memory (VmHWM, read from /proc while it runs),
+once the model is loaded and the engine built and at the end of training, against the full fp32
+model size (all parameters x 4 bytes), the libraries' own footprint, and the dry run's
+model-state estimate for ZeRO-3 on 2 processes; the tokens/s the run logged, and its losses.
+Under ZeRO-3 the LLM is created partitioned (``zero.Init``); transformers' ZeRO-3 loader has rank 0
+read the whole checkpoint (bf16 here) and hand each layer to the partitions, so rank 0 peaks
+higher while loading. ``--max-live`` bounds the parameters ZeRO-3 keeps gathered (DeepSpeed's
+default, 1e9, would keep this whole model gathered in every process). Needs the ``image``
+plugin, ~8 GB of free memory and several minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ class PeakMemory:
 
         while not self._stop.is_set():
             try:
-                children = psutil.Process(self.root).children(recursive=True)
+                # the workers are the launcher's own children (their forks keep the command line)
+                children = psutil.Process(self.root).children(recursive=False)
             except psutil.Error:
                 children = []
             for child in children:
@@ -160,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     estimate = json.loads(dry.stdout)
     params = estimate["parameters_all"]["total"]
 
+    # what a worker holds before any model: the libraries (torch, transformers, deepspeed, peft, plugins)
+    probe = ("import torch, deepspeed, transformers, peft; from mmkit.training import recipe; "
+             "from mmkit.plugins import get_host; get_host(); import re; "
+             "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+    baseline = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+                   .stdout.split()[-1]) * 1024
+
     t0 = time.monotonic()
     proc = subprocess.Popen(_mmkit("train", *options), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -188,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                              for pid, b in sorted(loaded.items(), key=lambda kv: memory.ranks.get(kv[0], ""))},
         "peak_rss_gib_per_process": {f"rank{memory.ranks.get(pid, '?')}": round(b / gib, 3)
                                      for pid, b in sorted(memory.peaks.items(), key=lambda kv: memory.ranks.get(kv[0], ""))},
+        "library_baseline_rss_gib": round(baseline / gib, 3),
         "below_full_fp32": bool(memory.peaks) and max(memory.peaks.values()) < params * 4,
         "loading_below_full_fp32": bool(loaded) and max(loaded.values()) < params * 4,
         "zero3_max_live_parameters": args.max_live, "gradient_checkpointing": True,

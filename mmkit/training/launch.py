@@ -32,16 +32,19 @@ LAUNCHED_ENV = "MMKIT_LAUNCHED"
 GRACE_S = 10.0
 
 MULTI_NODE = """\
-On each of NODES machines (same code, data paths and config; MASTER = the first machine's address):
+On every one of NODES machines (same code, data paths and options; MASTER = the first machine's
+address; run.yaml holds the `mmkit train` options, or give them as flags):
 
   torchrun --nnodes NODES --nproc-per-node GPUS_PER_NODE \\
       --rdzv-backend c10d --rdzv-endpoint MASTER:29500 --rdzv-id RUN_NAME \\
-      -m mmkit.training.launch run.yaml
+      --log-dir OUTPUT_DIR/logs --tee 3 \\
+      -m mmkit_cli train --config run.yaml
 
-where run.yaml is a `mmkit train` configuration (e.g. a launch_config.yaml written by a run). With
-DeepSpeed's launcher and a hostfile ("host slots=N" per line), from the first machine:
+Or from the first machine with DeepSpeed's launcher and a hostfile ("HOST slots=GPUS" per line):
 
-  deepspeed --hostfile hostfile --no_local_rank --module mmkit.training.launch run.yaml
+  deepspeed --hostfile hostfile --no_local_rank --module mmkit_cli train --config run.yaml
+
+The process count comes from the launcher (--num-procs is then ignored).
 """
 
 
@@ -89,7 +92,7 @@ def launch(config: Any, *, console: Any = None, env: dict[str, str] | None = Non
     os.environ.setdefault("OMP_NUM_THREADS", str(thread_limit(n)))
     try:
         launch_config, entrypoint, cmd_args = config_from_args(args)
-        launch_config.log_line_prefix_template = "[rank{rank}]:"
+        launch_config.log_line_prefix_template = "[rank${rank}]:"  # string.Template
         _quiet_agent_logs()
         elastic_launch(launch_config, entrypoint)(*cmd_args)
         return 0
@@ -122,7 +125,7 @@ def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
     """Name the rank that failed first (the root cause), its log, and how the others ended."""
     rank, failure = exc.get_first_failure()
     others = [f"process {r} {_describe(f.exitcode)}" for r, f in sorted(exc.failures.items()) if r != rank]
-    log = _rank_log(failure)
+    log = _rank_log(out / "logs", rank)
     message = (f"training process {rank} of {n} failed ({_describe(failure.exitcode)})"
                + (f"; {', '.join(others)}" if others else "; the other processes were stopped")
                + (f". Its output: {log}" if log else "")
@@ -135,14 +138,10 @@ def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
     return code if code > 0 else 128 - code
 
 
-def _rank_log(failure: Any) -> str | None:
-    """The failed rank's stderr log (next to torch's error file for that rank)."""
-    error_file = getattr(failure, "error_file", None)
-    if error_file:
-        candidate = Path(error_file).parent / "stderr.log"
-        if candidate.is_file():
-            return str(candidate)
-    return None
+def _rank_log(log_dir: Path, rank: int) -> str | None:
+    """The failed rank's stderr log: torchrun's layout, ``LOG_DIR/<run id>/attempt_K/<rank>/``, newest run."""
+    logs = sorted(log_dir.glob(f"*/attempt_*/{rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    return str(logs[-1]) if logs else None
 
 
 # -- the worker -----------------------------------------------------------------------------------
