@@ -110,6 +110,14 @@ def test_lamm_benchmark_records_become_prompts_with_the_modality_first(mm_host, 
                         "metrics": ["accuracy"]}, "v.yaml")
     with pytest.raises(DataError, match="record 0 .*no field.*label"):
         load_items(bad, mm_host, ["image"], data_root=None, run_dir=None, work_dir=tmp_path)
+    # a model without the input's modality is told so; the input is never silently dropped
+    with pytest.raises(DataError, match="needs modality image; the model has pointcloud"):
+        load_items(recipe, mm_host, ["pointcloud"], data_root=tmp_path, run_dir=None, work_dir=tmp_path)
+    (meta / "no_input.json").write_text(json.dumps([{"query": "q", "label": "x"}]))
+    needs = parse_recipe({"name": "n", "data": str(meta / "no_input.json"), "format": "lamm", "modality": "image",
+                          "metrics": ["accuracy"]}, "n.yaml")
+    with pytest.raises(DataError, match="no image input"):
+        load_items(needs, mm_host, ["image"], data_root=None, run_dir=None, work_dir=tmp_path)
 
 
 # -- mmkit eval score ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.records import ASSISTANT, USER, ReadContext, Sample, Turn, resolve_path
+from mmkit.data.records import USER, ReadContext, Sample, Turn, resolve_path
 from mmkit.errors import ConfigError, DataError
 from mmkit.evaluation.recipe import Generated, Recipe
 from mmkit.plugins import PluginHost
@@ -74,6 +74,10 @@ def _lamm_items(recipe: Recipe, path: Path, ctx: ReadContext, input_root: Path) 
             values = value if isinstance(value, list) else [value]
             inputs[spec.name] = tuple(resolve_path(v, ctx=ctx, base=input_root, source=source, index=index)
                                       for v in values)
+        if recipe.modality is not None and recipe.modality not in inputs:
+            keys = ", ".join(ctx.modalities[recipe.modality].data_keys) if recipe.modality in ctx.modalities else "?"
+            raise DataError(source, index, f"no {recipe.modality} input (expected under: {keys})", record_id=rec_id,
+                            kind="schema")
         prefix = "".join((ctx.modalities[m].markers.placeholder + "\n") * len(p) for m, p in inputs.items())
         question = recipe.instruction.format_map({k: rec[k] for k in needed})
         reference = (rec[recipe.reference] if isinstance(recipe.reference, str)
@@ -112,7 +116,8 @@ def load_items(recipe: Recipe, host: PluginHost, modalities: Sequence[str], *, d
     path = data_file(recipe, data_root=data_root, run_dir=run_dir, work_dir=work_dir)
     root = data_root or run_dir or Path.cwd()
     input_root = (root / recipe.input_root) if recipe.input_root is not None else path.parent
-    ctx = ReadContext(modalities={m: host.modality(m) for m in modalities},
+    # Every installed modality, so an input the model cannot take is reported, not silently dropped.
+    ctx = ReadContext(modalities=dict(host.modalities()),
                       data_root=input_root if recipe.input_root is not None else None)
     if recipe.format == "lamm":
         items = _lamm_items(recipe, path, attrs.evolve(ctx, data_root=input_root), input_root)
@@ -122,6 +127,12 @@ def load_items(recipe: Recipe, host: PluginHost, modalities: Sequence[str], *, d
         items = items[:limit]
     if not items:
         raise ConfigError(f"benchmark {recipe.name}: no items in {path}")
+    for item in items:  # the model's modalities: an input it cannot take is an error, never dropped
+        extra = sorted(set(item.sample.modalities) - set(modalities))
+        if extra:
+            raise DataError(item.sample.source, item.sample.index,
+                            f"needs modality {', '.join(extra)}; the model has {', '.join(modalities)}",
+                            record_id=item.sample.id)
     return items
 
 
@@ -188,11 +199,6 @@ def run_benchmark(model: Any, recipes: Sequence[Recipe], out_dir: Path, host: Pl
     for recipe in recipes:
         items = load_items(recipe, host, model.modalities, data_root=data_root, run_dir=run_dir,
                            work_dir=out_dir, limit=limit)
-        for item in items:
-            extra = sorted(set(item.sample.modalities) - set(model.modalities))
-            if extra:
-                raise DataError(item.sample.source, item.sample.index,
-                                f"needs modality {', '.join(extra)}; the model has {', '.join(model.modalities)}")
         advance: Callable[[int], None] = lambda n: None
         if progress is not None:
             task_id = progress.add_task(recipe.name, total=len(items))
