@@ -73,7 +73,8 @@ def validate(
     with err.status("validating", spinner="dots") as status:
         report = run_validation([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
                                 allow_outside_root=allow_outside_root, data_format=data_format, lengths=lengths,
-                                decode_files=decode, workers=workers, status=lambda msg: status.update(msg))
+                                decode_files=decode, workers=workers, status=lambda msg: status.update(msg),
+                                preprocess=decode)  # load + the tiny encoder's preprocess, as training runs them
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:

@@ -71,7 +71,8 @@ def test_encoders_get_the_plugins_tiny_configs_and_explicit_options_win(assemble
     assembled = assemble_model(("image", "pointcloud"))
     for name in ("image", "pointcloud"):
         spec = mm_host.modality(name)
-        expected = {**mm_host.encoder(spec.encoder).tiny, **spec.demo.encoder_options}
+        # the random-init seed (mmkit passes the run's; 0 by default) is recorded with the options
+        expected = {**mm_host.encoder(spec.encoder).tiny, **spec.demo.encoder_options, "seed": 0}
         assert assembled.components[name]["encoder_options"] == expected
         assert assembled.components[name]["encoder_pretrained"] is None
         encoder = assembled.model.encoders[name]

@@ -333,12 +333,14 @@ class FileChecker:
 def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Sequence[str] | None = None,
              data_root: str | Path | None = None, allow_outside_root: bool = False, data_format: str | None = None,
              lengths: PromptLengths | None = None, decode_files: bool = True, workers: int | None = None,
-             status: Callable[[str], None] | None = None) -> Report:
+             status: Callable[[str], None] | None = None, preprocess: bool = False) -> Report:
     """Check every record of ``files``; see the module docstring for the checks.
 
     ``lengths`` (see :func:`prompt_lengths_for`) enables the token-length check against its
     ``max_length``; without it the check is skipped and the report says so. ``decode_files=False``
-    only checks that input files exist.
+    only checks that input files exist. ``preprocess=True`` (``mmkit data validate``) also runs each
+    decoded input through the modality's tiny encoder's ``preprocess`` (imports torch), so a file that
+    validates does not fail at training.
     """
     from mmkit.data.sources import pick_reader
     from mmkit.plugins import get_host
@@ -357,6 +359,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
 
     checker = FileChecker(decode=decode_files, workers=workers,
                           processes=all(isinstance(spec.load, str) for spec in specs.values()))
+    checker.preprocess = preprocess  # decode with load + the tiny encoder's preprocess (mmkit.data.preprocess_check)
     users: dict[str, list[tuple[str, int, str]]] = {}  # input file -> records using it
     seen_ids: dict[str, tuple[str, int]] = {}
     to_measure: list[Sample] = []
@@ -449,7 +452,7 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
         seen_ids[sample.id] = (sample.source, sample.index)
     for modality, paths in sample.inputs.items():
         for path in paths:
-            checker.add(path, _decoder(specs[modality]))
+            checker.add(path, _decoder(specs[modality]) if checker.preprocess else specs[modality].load)
             users.setdefault(path, []).append((sample.source, sample.index, sample.id))
 
 
