@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmkit.specs import DemoTask
+from mmkit import DemoTask
 
 ANSWERS = tuple(str(d) for d in range(10))
 TEST_PER_CLASS = 30  # 300 held-out images, 30 of each digit

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmkit.errors import InputError
+from mmkit import InputError
 
 #: Modes holding more than 8 bits per sample; ``Image.convert("RGB")`` would clip them to 255.
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mmkit.specs import DemoTask
+from mmkit import DemoTask
 from mmkit_plugin_pointcloud.io import save_point_cloud
 from mmkit_plugin_pointcloud.shapes import SHAPES, sample_shape
 

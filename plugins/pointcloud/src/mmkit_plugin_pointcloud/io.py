@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mmkit.errors import InputError
+from mmkit import InputError
 from mmkit.io import read_array
 
 FILE_TYPES: tuple[str, ...] = (".npy", ".ply", ".pcd", ".xyz", ".txt")
