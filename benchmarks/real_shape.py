@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and runs here (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default, which raises the "
+                             "threshold as blocks are freed and keeps ZeRO-3's freed gather buffers resident)")
     parser.add_argument("--max-live", type=int, default=100_000_000,
                         help="zero3_max_live_parameters (DeepSpeed's default 1e9 keeps this whole model gathered)")
     args = parser.parse_args(argv)
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "COLUMNS": "200"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MMKIT_LAUNCHED"):
         env.pop(key, None)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
 
     t0 = time.monotonic()
     models = write_models(root)
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "library_baseline_rss_gib": round(baseline / gib, 3),
         "below_full_fp32": bool(memory.peaks) and max(memory.peaks.values()) < params * 4,
         "loading_below_full_fp32": bool(loaded) and max(loaded.values()) < params * 4,
-        "zero3_max_live_parameters": args.max_live, "gradient_checkpointing": True,
+        "zero3_max_live_parameters": args.max_live, "malloc_mmap_threshold": args.malloc_mmap_threshold or "glibc default", "gradient_checkpointing": True,
         "tokens_per_s": float(rate.group(1)) if rate else None,
         "losses": [round(r["loss"], 4) for r in losses],
         "steps": args.steps, "train_wall_s": round(wall, 1), "prepare_s": round(prepare_s, 1),

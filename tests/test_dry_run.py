@@ -88,7 +88,8 @@ def test_instruct_counts_lora_and_json_on_stdout(llava_configs, mm_host, tmp_pat
     app.callback()(lambda: None)  # a group, so the command is called as `train`
     train_cmd.register(app)
     result = CliRunner().invoke(app, ["train", "--dry-run", "--json", "--llm", str(llava_configs["llm"]),
-                                      "--modalities", "image", "--precision", "bf16", "--lora-r", "128", "--template", "vicuna_v1",
+                                      "--modalities", "image", "--precision", "bf16", "--lora-r", "128",
+                                      "--template", "vicuna_v1",
                                       "--encoder-pretrained", f"image={llava_configs['clip']}",
                                       "--num-procs", "8", "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output

@@ -105,10 +105,15 @@ ZERO3_SCRIPT = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
 
     init_distributed()
-    llm_dir = sys.argv[1]
+    llm_dir, clip_dir = sys.argv[1], sys.argv[2]
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from mmkit_plugin_image.encoder import _processor_class
+    from mmkit_plugin_image.plugin import TINY_CLIP
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(clip_dir)  # a saved encoder, loaded by path
+    _processor_class()(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(clip_dir)
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "zero_optimization": {"stage": 3},
           "bf16": {"enabled": True}}
-    cfg = ModelConfig(llm=llm_dir, modalities=(ModalityChoice("image"),), precision="bf16",
+    cfg = ModelConfig(llm=llm_dir, modalities=(ModalityChoice("image", encoder_pretrained=clip_dir),), precision="bf16",
                       lora=LoraSettings(r=2, alpha=4, dropout=0.0))
     assembled = assemble(cfg, get_host(), deepspeed_config=ds)
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -129,6 +134,12 @@ ZERO3_SCRIPT = textwrap.dedent("""
         "max_diff": diff,
         "zero3_still_enabled": is_deepspeed_zero3_enabled(),
         "new_tokens_finite": bool(assembled.model.embeddings.new_tokens.float().isfinite().all()),
+        # the encoder is built whole: its identity hashes real weights (a reload must find the same)
+        "encoder_partitioned": any(hasattr(p, "ds_id") for p in assembled.model.encoders["image"].parameters()),
+        "encoder_identity": assembled.components["image"]["encoder_identity"]["weights_sha256"],
+        "reference_identity": assemble(
+            ModelConfig(llm=llm_dir, modalities=(ModalityChoice("image", encoder_pretrained=clip_dir),)),
+            get_host()).components["image"]["encoder_identity"]["weights_sha256"],
     }))
 """)
 
@@ -140,8 +151,8 @@ def test_zero3_loads_the_llm_into_partitions(tiny_llm, tmp_path: Path) -> None:
     llm_dir = tiny_llm("llama")
     script = tmp_path / "zero3_load.py"
     script.write_text(ZERO3_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(llm_dir)], capture_output=True, text=True,
-                            timeout=300, env=child_env())
+    result = subprocess.run([sys.executable, str(script), str(llm_dir), str(tmp_path / "clip")], capture_output=True,
+                            text=True, timeout=300, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["partitioned"] and out["empty_data"]  # built inside zero.Init: no full copy kept
@@ -150,3 +161,4 @@ def test_zero3_loads_the_llm_into_partitions(tiny_llm, tmp_path: Path) -> None:
     assert out["max_diff"] == 0.0  # the partitions hold the checkpoint's values
     assert out["new_tokens_finite"]
     assert not out["zero3_still_enabled"]  # later loads (evaluation on rank 0) are ordinary ones
+    assert not out["encoder_partitioned"] and out["encoder_identity"] == out["reference_identity"]

@@ -116,15 +116,18 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
                           "them); it applies with encoder_lora only")
     if tokenizer_path is None:  # the prompt template resolves (or names the likely one) before the LLM loads
         check_early(config.llm, config.template)
-    with zero3_loading(deepspeed_config):
-        return _assemble(config, host, tokenizer_path=tokenizer_path)
+    return _assemble(config, host, tokenizer_path=tokenizer_path, deepspeed_config=deepspeed_config)
 
 
-def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None) -> Assembled:
+def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None,
+              deepspeed_config: dict[str, Any] | None) -> Assembled:
     from transformers import AutoTokenizer
 
-    llm, tokenizer = load_llm(config.llm, precision=config.precision, attn_implementation=config.attn_implementation,
-                              quantize=config.quantize)
+    # Only the LLM loads partitioned. Encoders are built whole (and partitioned when DeepSpeed wraps
+    # the model): their identity hashes their weights, which a partitioned build would not hold.
+    with zero3_loading(deepspeed_config):
+        llm, tokenizer = load_llm(config.llm, precision=config.precision,
+                                  attn_implementation=config.attn_implementation, quantize=config.quantize)
     if tokenizer_path is not None:  # reload: the saved tokenizer already holds the markers
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     llm.requires_grad_(False)
