@@ -258,3 +258,22 @@ def test_unknown_answer_words_are_warned_about():
     warning = unknown_words_warning(narrow, samples)
     assert warning and "1 answer word(s)" in warning and "'sawtooth'" in warning and "--llm tiny" in warning
     assert unknown_words_warning(build_general_tokenizer(), samples) is None
+
+
+def test_an_encoder_fault_in_training_names_the_batch_records():
+    from mmkit.data.batching import in_batch
+    from mmkit.training.loop import forward_batch
+
+    host = _host(WrongWidth.build)
+    encoder = build_encoder(host, host.modality("sonar"))
+
+    def engine(**inputs):
+        return encoder(inputs["inputs"]["sonar"])
+
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.zeros(2, 3, dtype=torch.long), "inputs": {"sonar": torch.zeros(2, 6)},
+             "adapters": ["-", "-"], "ids": ["rec-1", "rec-2"]}
+    with pytest.raises(PluginError, match=r"plugin acme, modality sonar.*declared .* \(in the batch of records "
+                                          r"rec-1, rec-2\)"):
+        forward_batch(engine, batch, "cpu")
+    assert str(in_batch(PluginError("x"), {"ids": list(range(10))})).endswith("records 0, 1, 2, 3, 4, 5, 6, 7 and 2 more)")

@@ -395,3 +395,15 @@ def write_skipped(path: Path, records: Sequence[dict[str, str]]) -> Path:
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     os.replace(tmp, path)
     return path
+
+
+def in_batch(exc: Exception, batch: Mapping[str, Any]) -> Exception:
+    """An encoder fault (:class:`~mmkit.errors.PluginError` from ``ModalityEncoder.__call__``) with
+    the records of the batch it happened in, so the user can find and check their files."""
+    from mmkit.errors import PluginError
+
+    ids = [str(i) for i in batch.get("ids", [])]
+    if not ids:
+        return exc
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    return PluginError(f"{exc} (in the batch of records {shown})")

@@ -34,9 +34,13 @@ from mmkit.training.metrics_log import batch_slots, window_rates
 
 def forward_batch(engine: Any, batch: dict[str, Any], dev: Any) -> Any:
     """One forward pass of the DeepSpeed engine on a collated batch."""
-    from mmkit.data.batching import model_inputs  # packed batches add position/segment ids, cached ones features
+    from mmkit.data.batching import in_batch, model_inputs  # packed/cached batches add their own keys
+    from mmkit.errors import PluginError
 
-    return engine(**model_inputs(batch, dev))
+    try:
+        return engine(**model_inputs(batch, dev))
+    except PluginError as exc:  # an encoder fault: also name the records it met
+        raise in_batch(exc, batch) from exc
 
 
 def _stand_in_batch(loader: Any) -> dict[str, Any]:
