@@ -359,3 +359,17 @@ def test_llava_hf_linear_projector_and_kept_cls(mm_host, tiny_llm, input_files, 
         hf = model(**inputs).logits[0].float()
     vocab = mm.assembled.first_new_token_id
     assert (hf[:, :vocab] - logits[:, :vocab]).abs().max().item() < TOL
+
+
+def test_run_and_export_files_have_the_umask_mode(image_run, tmp_path, mm_host):
+    """safetensors writes 0600 files; a run and its exports are read like any other output."""
+    from mmkit.export import export_run
+    from mmkit.training.atomic import default_mode
+
+    export_run(image_run, "peft", tmp_path / "peft", host=mm_host)
+    for root in (image_run / "model", tmp_path / "peft"):
+        paths = [root, *root.rglob("*")]
+        assert any(p.suffix == ".safetensors" for p in paths)
+        wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths
+                 if stat.S_IMODE(p.stat().st_mode) != default_mode(directory=p.is_dir())}
+        assert wrong == {}

@@ -68,6 +68,8 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
         os.chmod(tmp, default_mode(directory=True))
         for child in tmp.rglob("*"):
             if child.is_file():
+                # safetensors' save_file writes 0600 whatever the umask: files of a run are read by the group
+                os.chmod(child, default_mode())
                 with open(child, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None

@@ -48,7 +48,7 @@ import attrs
 
 from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import distributed as dist_util
-from mmkit.training.atomic import _fsync_dir, atomic_write_text
+from mmkit.training.atomic import _fsync_dir, atomic_write_text, default_mode
 from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
 from mmkit.training.faults import (
     TrainingError,
@@ -219,6 +219,7 @@ def _write_rng(directory: Path, rank: int, step: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = rng_state()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    os.chmod(path, default_mode())  # safetensors writes 0600; files of a run are read by the group
 
 
 def _write_manifest(directory: Path, step: int) -> None:
