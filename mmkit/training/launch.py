@@ -123,7 +123,9 @@ def _describe(exitcode: int) -> str:
 
 def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
     """Name the rank that failed first (the root cause), its log, and how the others ended."""
-    rank, failure = exc.get_first_failure()
+    # the root cause: a process killed by a signal if any (its peers then fail in their collectives,
+    # possibly within the same poll of the launcher), else the first to fail
+    rank, failure = min(exc.failures.items(), key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp, rf[0]))
     others = [f"process {r} {_describe(f.exitcode)}" for r, f in sorted(exc.failures.items()) if r != rank]
     log = _rank_log(out / "logs", rank)
     message = (f"training process {rank} of {n} failed ({_describe(failure.exitcode)})"
