@@ -32,6 +32,8 @@ class ModalityEncoder(nn.Module):
     - ``identity() -> dict``: a JSON-serialisable description of everything that changes the
       features (class, pretrained id, configuration, preprocessing). Checkpoints record it and the
       feature cache keys on it, so it must change whenever the output would.
+    - ``legacy_identities() -> list[dict]`` (optional): when a release changes the identity format,
+      the identities earlier releases recorded for this same encoder, so their runs still load.
 
     Calling the encoder checks what ``forward`` returned against the declared ``num_tokens`` and
     ``output_dim``, and turns an exception from it into a :class:`PluginError` naming the plugin.
@@ -46,6 +48,13 @@ class ModalityEncoder(nn.Module):
 
     def identity(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def legacy_identities(self) -> list[dict[str, Any]]:
+        """What earlier releases of this encoder recorded as ``identity()`` for exactly these features
+        (same class, configuration, weights and preprocessing), in their own formats, so a run they
+        trained still loads after the identity format changed. Compute each from this encoder (never
+        accept a saved identity by its shape alone): a different encoder must still not match."""
+        return []
 
     def blank_input(self, batch_size: int = 1) -> torch.Tensor:
         """A zero input: used for the ablation in evaluation and for the dummy pass that keeps

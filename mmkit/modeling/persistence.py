@@ -278,12 +278,44 @@ def check_fingerprint(meta: dict[str, Any], model: MultimodalLM, components: dic
     saved_mods, now_mods = set(meta["modalities"]), set(components)
     if saved_mods != now_mods:
         raise CheckpointMismatchError(f"modalities differ: checkpoint {sorted(saved_mods)}, model {sorted(now_mods)}")
-    for m in now_mods:
-        if meta["modalities"][m]["encoder_identity"] != components[m]["encoder_identity"]:
-            raise CheckpointMismatchError(f"the {m} encoder differs from the one the checkpoint was trained with")
+    for m in sorted(now_mods):
+        notes += _compare_encoder(m, meta["modalities"][m]["encoder_identity"], components[m]["encoder_identity"],
+                                  model.encoders[m])
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes
+
+
+def _compare_encoder(modality: str, saved: Any, now: dict[str, Any], encoder: Any) -> list[str]:
+    """The saved encoder identity must be this encoder's, in the current format or in one an earlier
+    release of its plugin recorded (``legacy_identities()``, computed from this encoder: a run trained
+    before the format changed still loads; a different encoder matches neither)."""
+    if saved == now:
+        return []
+    legacy = getattr(encoder, "legacy_identities", None)
+    candidates = [now, *(json.loads(json.dumps(old, sort_keys=True)) for old in (legacy() if callable(legacy) else []))]
+    if saved in candidates[1:]:
+        return [f"the {modality} encoder's identity was recorded in an earlier format; it matches this encoder"]
+    if isinstance(saved, dict):
+        # Name what differs against the format closest to the saved one (not its format's own fields).
+        differs = [([k for k in sorted(set(saved) | set(c)) if saved.get(k, _ABSENT) != c.get(k, _ABSENT)], c)
+                   for c in candidates if isinstance(c, dict)]
+        differ, closest = min(differs, key=lambda pair: len(pair[0]))
+        detail = ", ".join(f"{k}: checkpoint {_short(saved.get(k, _ABSENT))}, now {_short(closest.get(k, _ABSENT))}"
+                           for k in differ[:4]) + (", ..." if len(differ) > 4 else "")
+    else:
+        detail = f"checkpoint recorded {_short(saved)}"
+    raise CheckpointMismatchError(
+        f"the {modality} encoder differs from the one the checkpoint was trained with ({detail}). Build it with "
+        "the options, pretrained weights and plugin version the run was trained with")
+
+
+_ABSENT = "(absent)"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if value is _ABSENT else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str,

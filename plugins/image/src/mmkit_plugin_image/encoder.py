@@ -121,6 +121,11 @@ class CLIPImageEncoder(ModalityEncoder):
         # Round-trip so enums, tuples and numpy scalars become plain JSON values.
         return json.loads(json.dumps(ident, sort_keys=True, default=_jsonable))
 
+    def legacy_identities(self) -> list[dict[str, Any]]:
+        """Releases up to 0.1.0 hashed the weights with their dtype and shape, full length; the rest of
+        the identity was the same. Recomputed from these weights, so only the same weights match."""
+        return [{**self.identity(), "weights_sha256": _legacy_weights_digest(self.model)}]
+
     # -- helpers ---------------------------------------------------------------------------------
     def _check_processor_output(self) -> None:
         # A non-square probe image: the processor must still produce exactly the model's input size,
@@ -213,6 +218,18 @@ def _square_size(value: Any) -> int:
             raise ConfigError(f"image encoder: only square sizes are supported, got {value!r}")
         value = value[0]
     return int(value)
+
+
+def _legacy_weights_digest(model: nn.Module) -> str:
+    """The weights hash of releases up to 0.1.0 (kept so their runs still load)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 too)
+    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -29,8 +29,10 @@ class PointNet2Encoder(PretrainedEncoder):
     persistence, the weights hash and ``identity()``."""
 
     def __init__(self, config: dict[str, Any]):
+        config, legacy_seed = _unwrap_legacy(config)
         cfg = PointNet2Config.from_dict(config)  # validated; refuses unknown options
         super().__init__(cfg.to_dict())
+        self._legacy_seed = legacy_seed  # set when loaded from a folder saved by releases up to 0.1.0
         self.cfg = cfg
         self.num_tokens = cfg.num_tokens
         self.output_dim = cfg.output_dim
@@ -108,6 +110,21 @@ class PointNet2Encoder(PretrainedEncoder):
             tokens = self.transformer(tokens)
         return self.norm(tokens)
 
+    def legacy_identities(self) -> list[dict[str, Any]]:
+        """The identity releases up to 0.1.0 recorded: the seed inside the config, an ``init`` line, the
+        plugin version, and as ``weights_sha256`` the saved weights file's hash (none for random init:
+        a run stores those weights itself, in its hash-checked ``encoders.safetensors``)."""
+        if self.pretrained is None and self.seed is not None:
+            seed, weights = self.seed, None
+        elif self.pretrained is not None and self._legacy_seed is not None:
+            seed, weights = self._legacy_seed, _file_sha256(self._locate(self.pretrained)[1])
+        else:
+            return []  # a folder in the current layout: no earlier release could have read it
+        ident = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "pretrained": self.pretrained,
+                 "weights_sha256": weights, "init": "pretrained" if self.pretrained else f"random (seed {seed})",
+                 "config": {**self.config, "seed": seed}, "preprocessing": self.describe_preprocessing()}
+        return [{**ident, "plugin_version": version} for version in _LEGACY_VERSIONS]
+
     def describe_preprocessing(self) -> dict[str, Any]:
         return {"centre": "centroid", "scale": "unit sphere (max radius 1)",
                 "resample": f"farthest-point sampling from point 0, or cyclic repeat, to {self.cfg.num_points}",
@@ -120,6 +137,32 @@ class AppendEdgeLength(nn.Module):
 
     def forward(self, message: Tensor) -> Tensor:
         return torch.cat([message, message[:, -3:].norm(dim=-1, keepdim=True)], dim=-1)
+
+
+#: ``plugin_version`` values in identities of the earlier format ("unknown": run from a source tree).
+_LEGACY_VERSIONS = ("0.1.0", "unknown")
+_LEGACY_FORMAT = "mmkit-pointnet2"
+
+
+def _unwrap_legacy(config: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A ``config.json`` saved by releases up to 0.1.0 nests the options under ``config`` (with the
+    random-init ``seed`` among them) beside ``format``/``encoder``/``plugin_version``: read it as the
+    options (plus any overrides) and that seed, so such a folder still loads."""
+    if config.get("format") != _LEGACY_FORMAT or not isinstance(config.get("config"), dict):
+        return dict(config), None
+    overrides = {k: v for k, v in config.items() if k not in ("format", "encoder", "plugin_version", "config")}
+    options = {**config["config"], **overrides}
+    return options, int(options.pop("seed", 0))
+
+
+def _file_sha256(path: Any) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 #: The ``EncoderSpec.build`` entry: seeded random init from the options, or ``from_pretrained``
