@@ -210,6 +210,15 @@ def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_trim_metrics_drops_the_end_summary_a_rerun_writes_again(tmp_path: Path) -> None:
+    # a finished run rerun (resume at its last step) must not append a second summary line per rerun
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2)] + [json.dumps({"step": 2, "skipped_records": 0})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    ckpt.trim_metrics(tmp_path, 2)
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}]
+
+
 # -- trust: tampering, unpickling, signatures ------------------------------------------------------------------
 class _Planted:
     """Unpickling this runs code: it creates the file named in ``marker``."""

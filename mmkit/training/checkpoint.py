@@ -622,14 +622,17 @@ def load_engine_state(checkpoint: Path, engine: Any, *, trust: bool = False) -> 
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` lines past ``step`` (a resumed run writes them again)."""
+    """Drop ``metrics.jsonl`` lines past ``step`` (a resumed run writes them again), and the end-of-run
+    summary line at ``step`` (a run resumed at its end writes it again, rather than once per rerun)."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            entry = json.loads(line)
+            at = entry.get("step", 0)
+            if at < step or (at == step and "skipped_records" not in entry):
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill

@@ -420,8 +420,11 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     _storage_guard(lambda: save_model(out, assembled, stage=cfg.stage, write=is_main), f"{out / 'model'}", last[0])
     _barrier()
     if is_main:
-        console.print(f"saved {out / 'model'} ({summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                      f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_records']} skipped records)")
+        if summary["steps_this_run"]:
+            console.print(f"saved {out / 'model'} ({summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+                          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_records']} skipped records)")
+        else:  # resumed at its end: no loss or rate was measured in this run
+            console.print(f"saved {out / 'model'} ({summary['steps']} steps, none trained in this run)")
     if is_main and plan.eval_sources:
         from mmkit.evaluation.evaluate import evaluate_run, print_eval
 
