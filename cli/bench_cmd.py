@@ -24,7 +24,7 @@ def bench(
     threshold: Annotated[float, typer.Option(help="Tolerated slow-down for --compare (0.2: 20%).")] = 0.2,
 ) -> None:
     """Measure encoders, projectors and the training step on this machine, each figure repeated
-    (median [min-max], items/s), with ratios measured in the same run. For the pytest-benchmark
+    (median and min-max, items/s), with ratios measured in the same run. For the pytest-benchmark
     suite: pytest benchmarks/ --benchmark-json out.json."""
     import json
     from pathlib import Path
