@@ -98,7 +98,9 @@ def build_tiny_llm(out_dir: Path, corpus: Iterable[str], *, architecture: str = 
     """
     import torch
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-shard save bar is noise at the start of the demo's output
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(corpus)
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, intermediate_size=hidden_size * 3, max_position_embeddings=max_positions,
