@@ -66,6 +66,29 @@ def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
     RunLock(out).acquire().release()
 
 
+def test_a_lock_held_after_its_recorded_holder_exited_says_so(tmp_path: Path) -> None:
+    """A SIGKILLed run's forked data-loader worker keeps the flock a few seconds after the run's pid is gone."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a process that has exited
+    record = json.dumps({"pid": gone.pid, "host": socket.gethostname()})
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, sys.argv[2].encode()); "
+            "print('locked', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(out / LOCK), record], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match=rf"pid {gone.pid} on host .*that process has exited.*retry"):
+            RunLock(out).acquire()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_refused_run_removes_the_directory_it_created(tmp_path: Path) -> None:
     out = tmp_path / "new"
     lock = RunLock(out).acquire()

@@ -86,6 +86,8 @@ class RunLock:
             who = (f"pid {holder.get('pid')} on host {holder.get('host')}"
                    + (f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['started']))}"
                       if isinstance(holder.get("started"), (int, float)) else "")) if holder else "an unknown process"
+            if holder and _exited(holder):  # killed: a data-loader worker it forked holds the lock a few s more
+                who += "; that process has exited and the processes it started are finishing: retry in a few seconds"
             raise RunInUseError(f"--output-dir {self.output_dir} is in use by another mmkit run ({who}): wait for "
                                 "it to finish, stop it, or give another --output-dir. Nothing was changed.") from None
         self._fd = fd
@@ -118,6 +120,20 @@ class RunLock:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self.release()
+
+
+def _exited(holder: dict[str, Any]) -> bool:
+    """Whether the lock's recorded holder is a process of this host that no longer exists."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
