@@ -29,6 +29,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        own_port = "MASTER_PORT" not in os.environ
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":  # NCCL reports a timed-out collective as an error instead of blocking
@@ -39,7 +40,16 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
             _default_group_timeout(kwargs["timeout"])
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+        for attempt in range(5):
+            try:
+                deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+                break
+            except dist.DistNetworkError:
+                # A lone process picked a free port, but another process may take it before the
+                # store binds it: pick another (a port given by a launcher is never changed).
+                if not own_port or attempt == 4:
+                    raise
+                os.environ["MASTER_PORT"] = str(free_port())
     return dist.get_rank(), dist.get_world_size()
 
 

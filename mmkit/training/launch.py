@@ -121,12 +121,20 @@ def _describe(exitcode: int) -> str:
     return f"exit status {exitcode}"
 
 
+def _describe_peer(exitcode: int) -> str:
+    # The launcher stops the surviving processes with SIGTERM once one has failed: that is not a fault
+    # of theirs (a Python worker reports it as -15 or, through its handler, as 128 + 15).
+    if exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM):
+        return "stopped"
+    return _describe(exitcode)
+
+
 def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
     """Name the rank that failed first (the root cause), its log, and how the others ended."""
     # the root cause: a process killed by a signal if any (its peers then fail in their collectives,
     # possibly within the same poll of the launcher), else the first to fail
     rank, failure = min(exc.failures.items(), key=lambda rf: (rf[1].exitcode >= 0, rf[1].timestamp, rf[0]))
-    others = [f"process {r} {_describe(f.exitcode)}" for r, f in sorted(exc.failures.items()) if r != rank]
+    others = [f"process {r} {_describe_peer(f.exitcode)}" for r, f in sorted(exc.failures.items()) if r != rank]
     log = _rank_log(out / "logs", rank)
     message = (f"training process {rank} of {n} failed ({_describe(failure.exitcode)})"
                + (f"; {', '.join(others)}" if others else "; the other processes were stopped")
