@@ -142,7 +142,7 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
     distribution = "mmkit-plugin-scaffoldcheck"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    env = _clean_env()
     target = create_plugin(distribution, tmp_path)
     _pip("uninstall", "-y", distribution)  # a leftover from an interrupted run
     try:
@@ -170,6 +170,16 @@ def test_generated_plugin_installs_and_passes_its_own_tests(tmp_path):
         _pip("uninstall", "-y", distribution)
 
 
+# An in-process training test leaves this pytest process's rendezvous variables in os.environ, its store
+# still listening on MASTER_PORT: a child `mmkit train` inheriting them would take that port as a
+# launcher's and fail to bind it (EADDRINUSE).
+_PROCESS_GROUP = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_") and k not in _PROCESS_GROUP}
+
+
 def _installed_on_path(target: Path, site: Path, entry: str) -> dict[str, str]:
     """The environment of a subprocess that sees a generated plugin as installed, without pip: its
     ``src`` on PYTHONPATH and a dist-info folder declaring the ``mmkit`` entry point."""
@@ -178,7 +188,7 @@ def _installed_on_path(target: Path, site: Path, entry: str) -> dict[str, str]:
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {target.name}\nVersion: 0.1.0\n")
     (info / "entry_points.txt").write_text(f"[mmkit]\n{entry} = {package}.plugin\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MMKIT_")}
+    env = _clean_env()
     return {**env, "PYTHONPATH": os.pathsep.join([str(site), str(target / "src")]), "MMKIT_PLUGINS": entry,
             "MMKIT_CACHE": str(site.parent / "cache"), "HF_HUB_OFFLINE": "1"}
 
