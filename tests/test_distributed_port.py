@@ -34,3 +34,7 @@ def test_a_port_given_by_a_launcher_is_never_changed() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "DistNetworkError" in result.stderr
+    # a clear error naming the port and what to do, not torch's raw exception
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("mmkit.errors.ConfigError: cannot open the process group") and "unset MASTER_PORT" in error
+    assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=" in error and "address already in use" in error

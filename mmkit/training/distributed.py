@@ -44,11 +44,20 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
             try:
                 deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
                 break
-            except dist.DistNetworkError:
+            except dist.DistNetworkError as exc:
                 # A lone process picked a free port, but another process may take it before the
                 # store binds it: pick another (a port given by a launcher is never changed).
                 if not own_port or attempt == 4:
-                    raise
+                    from mmkit.errors import ConfigError
+
+                    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                    given = ("MASTER_PORT came from the environment (a launcher's, or inherited from a parent "
+                             "process that trained in-process): if that port is in use, free it, or unset "
+                             "MASTER_PORT for a single-process run" if not own_port
+                             else "five free ports were each taken before the store could bind them")
+                    raise ConfigError(f"cannot open the process group at MASTER_ADDR={os.environ['MASTER_ADDR']} "
+                                      f"MASTER_PORT={os.environ['MASTER_PORT']} (DistNetworkError: {reason}); "
+                                      f"{given}") from None
                 os.environ["MASTER_PORT"] = str(free_port())
     return dist.get_rank(), dist.get_world_size()
 
