@@ -220,6 +220,9 @@ def test_peft_adapters_load_with_peft_and_merged_llm_matches_mmkit(image_run, lo
             "projectors.safetensors", "markers.safetensors", "mmkit_export.json"} <= set(files)
     index = json.loads((tmp_path / "peft" / "mmkit_export.json").read_text())
     base_path = index["base_llm"]
+    named = json.loads((tmp_path / "peft" / "adapters" / "shared" / "adapter_config.json").read_text())
+    assert Path(named["base_model_name_or_path"]).is_absolute()  # loads from any working directory
+    assert Path(named["base_model_name_or_path"]).resolve() == Path(base_path).resolve()
     peft_llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
                                          str(tmp_path / "peft" / "adapters" / "shared")).eval()
     with torch.no_grad():

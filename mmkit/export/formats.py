@@ -30,6 +30,8 @@ def export_peft(model: Any, out: Path, *, adapter: str | None = None) -> None:
         raise ConfigError("this run has no LoRA adapters: use --to merged for its LLM, projectors and markers")
     names = [choose_adapter(model, adapter)] if adapter is not None else list(lora.adapters)
     base = model.assembled.config.llm
+    if Path(base).is_dir():  # a local folder named from the export's cwd: absolute, so the adapters load anywhere
+        base = str(Path(base).resolve())
     for name in names:
         folder = out / "adapters" / name
         folder.mkdir(parents=True)
