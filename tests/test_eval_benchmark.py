@@ -365,3 +365,17 @@ def test_lamm_bench_recipes_run_on_lamms_published_layout(saved_run, tmp_path):
     rows = [json.loads(line) for line in (run / "eval" / "lamm2d" / "lamm_sqaimage_ppl.predictions.jsonl")
             .read_text().splitlines()]
     assert {r["prediction"] for r in rows} <= {"(A) red", "(B) blue"}
+
+
+def test_a_named_task_of_a_modality_the_model_lacks_is_refused_before_its_data(mm_host, tmp_path):
+    """`mmkit eval RUN --benchmark TASK` on a run without TASK's modality says so (suites skip such
+    tasks), rather than reporting the task's data file as missing."""
+    from types import SimpleNamespace
+
+    from mmkit.evaluation.benchmark import run_benchmark
+
+    recipe = parse_recipe({"name": "needs_image", "data": "nowhere/test.jsonl", "modality": "image",
+                           "metrics": ["accuracy"]}, "needs_image.yaml")
+    with pytest.raises(ConfigError, match="benchmark needs_image .*needs modality image; the model has pointcloud"):
+        run_benchmark(SimpleNamespace(modalities=["pointcloud"]), [recipe], tmp_path / "out", mm_host,
+                      run_dir=tmp_path)

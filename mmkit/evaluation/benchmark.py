@@ -192,9 +192,12 @@ def run_benchmark(model: Any, recipes: Sequence[Recipe], out_dir: Path, host: Pl
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise ConfigError(f"two benchmark tasks share a name: {', '.join(sorted(names))}")
-    for recipe in recipes:  # fail on an unknown metric before any generation
+    for recipe in recipes:  # fail on an unknown metric or a task the model cannot run before any generation
         for metric in recipe.metrics:
             host.metric(metric)
+        if recipe.modality is not None and recipe.modality not in model.modalities:
+            raise ConfigError(f"benchmark {recipe.name} ({recipe.source}) needs modality {recipe.modality}; the "
+                              f"model has {', '.join(model.modalities)}")
     results: dict[str, Any] = {}
     for recipe in recipes:
         items = load_items(recipe, host, model.modalities, data_root=data_root, run_dir=run_dir,
