@@ -3,7 +3,7 @@ modality is measured with no change to it).
 
 Sizes: the ``tiny`` preset measures the encoders the demo trains (the modality's demo options,
 projected to the demo LLM's width); the ``real`` preset measures each encoder's own
-``EncoderSpec.presets`` (realistic random-init configurations the plugin names, e.g. CLIP ViT-L/14-336),
+``EncoderSpec.presets`` (realistic random-init configurations the plugin names, e.g. a published encoder's shape),
 projected to a 7B LLM's width.
 """
 

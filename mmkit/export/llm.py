@@ -71,6 +71,8 @@ def standalone_llm(model: Any, adapter: str | None) -> Any:
     state = merged_llm_state(model, adapter)
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(hf.config)
+    # Not strict only so tied weights (absent from the state by design) can be told apart; every
+    # other missing or unexpected key is refused just below.
     missing, unexpected = llm.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if _is_tied(llm, k)}
     if set(missing) - tied or unexpected:
