@@ -88,7 +88,7 @@ def evaluate(
         if to_stdout:
             typer.echo(text)
         else:
-            from mmkit.training.atomic import atomic_write_text
+            from mmkit.atomic import atomic_write_text
 
             atomic_write_text(Path(json_out), text)
 

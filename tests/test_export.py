@@ -367,7 +367,7 @@ def test_llava_hf_linear_projector_and_kept_cls(mm_host, tiny_llm, input_files, 
 def test_run_and_export_files_have_the_umask_mode(image_run, tmp_path, mm_host):
     """safetensors writes 0600 files; a run and its exports are read like any other output."""
     from mmkit.export import export_run
-    from mmkit.training.atomic import default_mode
+    from mmkit.atomic import default_mode
 
     export_run(image_run, "peft", tmp_path / "peft", host=mm_host)
     for root in (image_run / "model", tmp_path / "peft"):

@@ -24,7 +24,7 @@ from mmkit.modeling.persistence import (
     read_meta,
     save_model,
 )
-from mmkit.training.atomic import atomic_directory, atomic_write_text
+from mmkit.atomic import atomic_directory, atomic_write_text
 
 
 def train_a_few_steps(assembled, kit, steps: int = 3) -> None:
@@ -302,7 +302,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         tmp.write_text("partial")
         raise RuntimeError("interrupted")
 
-    from mmkit.training.atomic import atomic_write
+    from mmkit.atomic import atomic_write
 
     with pytest.raises(RuntimeError):
         atomic_write(path, fail)

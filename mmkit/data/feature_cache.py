@@ -205,7 +205,7 @@ class FeatureStore:
                 "checksums": json.dumps({k: checksum(t) for k, t in self._pending.items()})}
         try:
             save_file(self._pending, str(tmp), metadata=meta)
-            from mmkit.training.atomic import default_mode
+            from mmkit.atomic import default_mode
 
             os.chmod(tmp, default_mode())  # safetensors writes 0600; a shared cache is read by the group
             with open(tmp, "rb") as fh:

@@ -171,7 +171,7 @@ def score(metrics: Sequence[str], predictions: Sequence[str], references: Sequen
 
 
 def write_predictions(path: Path, items: Sequence[Item], predictions: Sequence[str]) -> None:
-    from mmkit.training.atomic import atomic_write_text
+    from mmkit.atomic import atomic_write_text
 
     lines = []
     for item, prediction in zip(items, predictions, strict=True):
@@ -186,7 +186,7 @@ def run_benchmark(model: Any, recipes: Sequence[Recipe], out_dir: Path, host: Pl
                   data_root: Path | None = None, run_dir: Path | None = None, limit: int | None = None,
                   batch_size: int = 64, progress: Any = None) -> dict[str, Any]:
     """Run every recipe; writes ``<out_dir>/<task>.predictions.jsonl`` and ``<out_dir>/scores.json``."""
-    from mmkit.training.atomic import atomic_write_text
+    from mmkit.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [r.name for r in recipes]

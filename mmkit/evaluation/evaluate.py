@@ -62,7 +62,7 @@ def evaluate_run(output_dir: Path, sources: Mapping[str, Path], *, chance: Mappi
     file; writes ``<out_dir>/eval.json`` (default: the run directory, as at the end of training)
     and, with ``out_dir``, each file's answers as ``<out_dir>/<name>.predictions.jsonl``."""
     from mmkit.inference import load
-    from mmkit.training.atomic import atomic_write_text
+    from mmkit.atomic import atomic_write_text
 
     host = host or get_host()
     model = load(output_dir, host=host)

@@ -44,7 +44,7 @@ def export_run(run: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
             raise ExportRefused(f"{run}: the {fmt} format cannot hold this run: {reason}")
 
     from mmkit.inference import load
-    from mmkit.training.atomic import atomic_directory
+    from mmkit.atomic import atomic_directory
 
     model = load(run, host=host)
     export = resolve(spec.export)
@@ -63,7 +63,7 @@ def export_run(run: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str
 def _group_readable(root: Path) -> None:
     """Give the export the permissions of any other output under the user's umask: the temporary
     directory it is built in is created private (0700), and plugins may write files privately."""
-    from mmkit.training.atomic import default_mode
+    from mmkit.atomic import default_mode
 
     root.chmod(default_mode(directory=True))
     for path in root.rglob("*"):

@@ -185,7 +185,7 @@ class PretrainedEncoder(ModalityEncoder):
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
         save_file(state, str(directory / self.weights_name), metadata={"class": type(self).__qualname__})
-        from mmkit.training.atomic import default_mode
+        from mmkit.atomic import default_mode
 
         (directory / self.weights_name).chmod(default_mode())  # safetensors writes 0600 whatever the umask
         (directory / self.config_name).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")

@@ -376,7 +376,7 @@ def build_meta(assembled: Any, directory: Path, *, stage: str) -> dict[str, Any]
 def save_model(directory: Path, assembled: Any, *, stage: str, write: bool = True) -> None:
     """Write the reloadable model files into ``directory`` (each file atomically; ``mmkit.json``
     last, so a reader never sees metadata that does not match the weights)."""
-    from mmkit.training.atomic import atomic_directory
+    from mmkit.atomic import atomic_directory
 
     directory = Path(directory)
     state = trainable_state(assembled.model)

@@ -48,7 +48,7 @@ import attrs
 
 from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import distributed as dist_util
-from mmkit.training.atomic import _fsync_dir, atomic_write_text, default_mode
+from mmkit.atomic import _fsync_dir, atomic_write_text, default_mode
 from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
 from mmkit.training.faults import (
     TrainingError,

@@ -614,6 +614,6 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    from mmkit.training.atomic import atomic_write_text
+    from mmkit.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

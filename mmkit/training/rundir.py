@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from mmkit.errors import ConfigError, MmkitError
-from mmkit.training.atomic import default_mode
+from mmkit.atomic import default_mode
 
 LOCK = ".lock"
 
