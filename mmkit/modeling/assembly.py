@@ -17,6 +17,7 @@ from torch import nn
 from mmkit.errors import ConfigError, DataError
 from mmkit.generation import GenerationOptions
 from mmkit.modeling.encoder import ModalityEncoder
+from mmkit.modeling.loading import full_shape
 from mmkit.modeling.lora import RoutedLora
 from mmkit.modeling.tokens import ExtendedEmbedding
 
@@ -34,8 +35,7 @@ class MultimodalLM(nn.Module):
         self.modalities = tuple(encoders)
         self.lora = lora
         self.train_encoders = train_encoders
-        self.hidden_size = getattr(llm.get_input_embeddings().weight, "ds_shape", (0, 0))[1] or \
-            llm.get_input_embeddings().weight.shape[1]  # ds_shape: the full shape of a ZeRO-3 partitioned weight
+        self.hidden_size = full_shape(llm.get_input_embeddings().weight)[1]
         for encoder in self.encoders.values():
             encoder.requires_grad_(False)
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mmkit.errors import CheckpointMismatchError
 from mmkit.modeling.assembly import MultimodalLM
+from mmkit.modeling.loading import full_shape
 
 FORMAT = 1
 META = "mmkit.json"
@@ -52,11 +53,11 @@ def llm_fingerprint(llm: torch.nn.Module, path: str | Path | None = None) -> dic
     """Shapes of the base LLM and, when its directory is known (``path``: a local directory or a
     hub id in the local cache), digests of its weights, tokenizer and chat template."""
     config = llm.config
+    vocab_size, hidden_size = full_shape(llm.get_input_embeddings().weight)
     fingerprint: dict[str, Any] = {
         "model_type": config.model_type,
-        # ds_shape: the full shape of a ZeRO-3 partitioned weight (its data is then empty)
-        "hidden_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[1]),
-        "vocab_size": int(getattr(llm.get_input_embeddings().weight, "ds_shape", llm.get_input_embeddings().weight.shape)[0]),
+        "hidden_size": int(hidden_size),
+        "vocab_size": int(vocab_size),
         "num_hidden_layers": int(getattr(config, "num_hidden_layers", -1)),
     }
     if path is not None:
