@@ -44,12 +44,17 @@ def _metavar(tp: Any) -> str:
     return {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "TEXT")
 
 
+def _flag_name(field: Any) -> str:
+    """A flagged field's option: ``flag=`` when it names one, else the field's name with dashes."""
+    flag = field.metadata["flag"]
+    return "--" + (flag if isinstance(flag, str) else field.name.replace("_", "-"))
+
+
 def _option(field: Any) -> tuple[Any, Any]:
     """``(annotation, typer.Option)`` of a TrainConfig field with a flag."""
     from mmkit.training.config import DEMO_DEFAULTS, base_type, accepted
 
-    flag = field.metadata["flag"]
-    name = "--" + (flag if isinstance(flag, str) else field.name.replace("_", "-"))
+    name = _flag_name(field)
     tp, _ = base_type(field.type)
     help_text = field.metadata["help"]
     origin = typing.get_origin(tp)
@@ -122,8 +127,7 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
             continue
         tp, _ = base_type(field.type)
         if typing.get_origin(tp) is dict:
-            flag = field.metadata["flag"]
-            value = _keyed(value, "--" + (flag if isinstance(flag, str) else field.name.replace("_", "-")))
+            value = _keyed(value, _flag_name(field))
         elif field.name == "modalities":
             value = _split(value)  # --modalities a,b or --modalities a --modalities b
         out[field.name] = value
