@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from mmkit.bench.stats import timed
+
 PEAK_FILE = "matmul_peak.json"
 
 
@@ -74,14 +76,7 @@ def measure_peak(device: torch.device, dtype: torch.dtype, *, size: int | None =
     _sync(device)
     best = 0.0
     for _ in range(rounds):
-        calls, start = 0, time.perf_counter()
-        while True:
-            torch.mm(a, b)
-            calls += 1
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
+        calls, elapsed = timed(lambda: torch.mm(a, b), min_seconds=min_seconds, sync=lambda: _sync(device))
         best = max(best, 2.0 * n**3 * calls / elapsed)
     return best
 

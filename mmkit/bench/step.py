@@ -19,9 +19,6 @@ from typing import Any
 import attrs
 import torch
 
-PHASES = ("data", "encoders", "projectors", "llm_forward", "backward", "optimizer", "logging", "other")
-
-
 class Recorder:
     """Per-step wall time split into phases, plus the batch sizes each step consumed."""
 
@@ -89,6 +86,11 @@ class Recorder:
                 self.add(phase, time.perf_counter() - start)
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def hook_model(self, model: torch.nn.Module, modalities: Sequence[str]) -> list[Any]:
+        """:meth:`hook` on every modality's encoder and projector."""
+        return [h for m in modalities for part in ("encoders", "projectors")
+                for h in self.hook(getattr(model, part)[m], part)]
 
 
 class TimedLoader:
@@ -193,7 +195,6 @@ class Rig:
     param_groups: list[dict[str, Any]]
     log: Any
     root: Path
-    hooks: list[Any] = attrs.field(factory=list)
     variants: dict[str, Variant] = attrs.field(factory=dict)
     plain: Any = None
     plain_rec: Recorder | None = None
@@ -321,8 +322,7 @@ def run_variant(rig: Rig, name: str, steps: int) -> None:
 
     v = rig.variants[name]
     rec = v.rec
-    hooks = [h for m in rig.modalities for h in rec.hook(rig.assembled.model.encoders[m], "encoders")]
-    hooks += [h for m in rig.modalities for h in rec.hook(rig.assembled.model.projectors[m], "projectors")]
+    hooks = rec.hook_model(rig.assembled.model, rig.modalities)
     quiet = Console(file=io.StringIO(), width=120)
     try:
         rec.start_round()
@@ -340,9 +340,7 @@ def run_plain(rig: Rig, steps: int) -> None:
     assert rec is not None and plain is not None
     sampler = rig.variants["padded"].sampler
     batches = _next_batches(sampler, rig.plain_state, steps)
-    model = rig.assembled.model
-    hooks = [h for m in rig.modalities for h in rec.hook(model.encoders[m], "encoders")]
-    hooks += [h for m in rig.modalities for h in rec.hook(model.projectors[m], "projectors")]
+    hooks = rec.hook_model(rig.assembled.model, rig.modalities)
     dataset = rig.variants["padded"].loader.dataset
     try:
         rec.start_round()

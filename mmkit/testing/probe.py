@@ -37,6 +37,8 @@ def linear_probe(encoder: Any, load: Callable[[Path], Any], train: Sequence[tupl
     tokens) and standardised, and report its accuracy on ``test``. Seeded; seconds on CPU."""
     import torch
 
+    from mmkit.modeling import seeded
+
     def features(examples: Sequence[tuple[Path, str]]) -> torch.Tensor:
         rows = []
         with torch.no_grad():
@@ -54,8 +56,7 @@ def linear_probe(encoder: Any, load: Callable[[Path], Any], train: Sequence[tupl
     y_test = torch.tensor([index[label] for _, label in test])
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         head = torch.nn.Linear(x_train.shape[1], len(classes))
         opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
