@@ -72,14 +72,20 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
                 os.chmod(child, default_mode())
                 with open(child, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(staged: Path, final: Path) -> None:
+    """Replace the directory ``final`` by ``staged`` (same filesystem: renames), never leaving
+    neither in place."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

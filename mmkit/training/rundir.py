@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from mmkit.errors import ConfigError, MmkitError
-from mmkit.atomic import default_mode
+from mmkit.atomic import default_mode, swap_in
 
 LOCK = ".lock"
 
@@ -168,7 +168,7 @@ class Admission:
                 console.print(f"resume: never: removed {' and '.join(removed)} of an earlier run in {self.output_dir}")
         if self.demo_staged is not None:
             if self.demo_changed:
-                _swap_in(self.demo_staged, self.output_dir / DEMO)
+                swap_in(self.demo_staged, self.output_dir / DEMO)
             else:
                 shutil.rmtree(self.demo_staged, ignore_errors=True)
         self.committed = True
@@ -258,13 +258,3 @@ def same_tree(a: Path, b: Path) -> bool:
         if path.stat().st_size != other.stat().st_size or not filecmp.cmp(path, other, shallow=False):
             return False
     return True
-
-
-def _swap_in(staged: Path, final: Path) -> None:
-    """Replace ``final`` by ``staged`` (same filesystem: renames), never leaving neither in place."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staged, final)
-    shutil.rmtree(old, ignore_errors=True)
