@@ -127,16 +127,8 @@ class PlainLlavaLoop:
         embeds, attention, labels = self.splice(batch, self.features(batch["inputs"]))
         return self.model.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False).loss
 
-    def step(self, batch: dict[str, Any], *, backward: Callable[[torch.Tensor], None] | None = None,
-             optimize: Callable[[Callable[[], None]], None] | None = None) -> float:
-        """One optimizer step on one batch; ``backward`` / ``optimize`` let a caller time those phases."""
-        self.model.train()
-        loss = self.loss(batch)
-        (backward or (lambda t: t.backward()))(loss)
-        (optimize or (lambda f: f()))(self._update)
-        return float(loss.detach())
-
-    def _update(self) -> None:
+    def update(self) -> None:
+        """The optimizer step after ``loss(batch).backward()``."""
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         if self.scheduler is not None:

@@ -354,7 +354,7 @@ def run_plain(rig: Rig, steps: int) -> None:
             finally:
                 rec.in_forward = False
             rec.timed("backward", loss.backward)
-            rec.timed("optimizer", plain._update)
+            rec.timed("optimizer", plain.update)
             rec.end_step()
     finally:
         for h in hooks:
