@@ -272,7 +272,7 @@ def _read_pcd(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return xyz, rgb
 
 
-# -- .xyz / .txt --------------------------------------------------------------------------------------
+# -- by suffix ---------------------------------------------------------------------------------------
 _READERS: dict[str, Callable[[Path], tuple[np.ndarray, np.ndarray | None]]] = {
     ".npy": _read_npy, ".ply": _read_ply, ".pcd": _read_pcd, ".xyz": _read_text, ".txt": _read_text,
 }
