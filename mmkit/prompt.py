@@ -284,8 +284,7 @@ class PromptBuilder:
 
     def encode_prompt(self, turns: Sequence[Turn], system: str | None = None) -> EncodedSample:
         """Inference: the conversation so far, ending with the generation prompt."""
-        text = self.render(self.messages(turns, system), add_generation_prompt=True)
-        ids, _ = self._tokenize(text)
+        ids, _ = self._tokenize(self.prompt_text(turns, system))
         ids, labels = self._bos_once(ids, [IGNORE_INDEX] * len(ids))
         input_ids, labels, counts = self._expand(ids, labels)
         return EncodedSample(input_ids, labels, counts)

@@ -116,7 +116,8 @@ def inspect_record(prompts: PromptBuilder, sample: Sample) -> dict[str, Any]:
         encoded = prompts.encode_sample(sample)
     except DataError as exc:
         return {**base, "error": exc.reason, "kind": exc.kind}
-    prompt = prompts.encode_prompt(inference_turns(sample), sample.system)
+    turns = inference_turns(sample)
+    prompt = prompts.encode_prompt(turns, sample.system)
     runs = supervised_runs(encoded)
     return {
         **base,
@@ -126,7 +127,7 @@ def inspect_record(prompts: PromptBuilder, sample: Sample) -> dict[str, Any]:
         "slots": slots_per_input(prompts, encoded),
         "tokens": len(encoded.input_ids),
         "supervised_tokens": sum(len(run) for run in runs),
-        "prompt": prompts.prompt_text(inference_turns(sample), sample.system),
+        "prompt": prompts.prompt_text(turns, sample.system),
         "prompt_tokens": len(prompt.input_ids),
         "_encoded": encoded,
     }

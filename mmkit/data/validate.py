@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from mmkit.data import vocab
 from mmkit.data.records import ReadContext, Sample
 from mmkit.errors import DataError, InputError, MmkitError
 from mmkit.specs import LazyRef, resolve
@@ -161,7 +162,6 @@ class PromptLengths:
 
     def __init__(self, prompts: Any):
         self.prompts = prompts
-        self.max_length = prompts.max_length
 
     def check(self, samples: Sequence[Sample]) -> list[Any]:
         """Per sample: its :class:`~mmkit.prompt.EncodedSample`, or the :class:`DataError` training
@@ -392,7 +392,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
                 _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities())
                 if lengths is not None:
                     to_measure.append(sample)
-                    if len(vocab_probe) < 2000:
+                    if len(vocab_probe) < vocab.MAX_TEXTS:
                         vocab_probe.append(sample)
                     if len(to_measure) >= 1024:
                         _length_checks(lengths, to_measure, add)
@@ -417,9 +417,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     if lengths is not None and to_measure:
         _length_checks(lengths, to_measure, add)
     if lengths is not None and vocab_probe:
-        from mmkit.data.vocab import unknown_words_warning
-
-        warning = unknown_words_warning(lengths.prompts.tokenizer, vocab_probe)
+        warning = vocab.unknown_words_warning(lengths.prompts.tokenizer, vocab_probe)
         if warning:
             add(Issue(vocab_probe[0].source, None, None, WARNING, "unknown_words", warning))
 

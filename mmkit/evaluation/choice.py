@@ -33,6 +33,7 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
 
     from mmkit.data.batching import Collator
     from mmkit.modeling.lora import route_for_sample
+    from mmkit.prompt import IGNORE_INDEX
 
     items = []
     for sample, options in questions:
@@ -56,7 +57,7 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
         net.train(was_training)
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     flat = [float(v) for v in (logp * mask).sum(-1)]
     out_scores, start = [], 0
@@ -69,7 +70,3 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
 def best(scores: Sequence[float]) -> int:
     """Index of the most likely option (the first on a tie)."""
     return max(range(len(scores)), key=lambda k: (scores[k], -k))
-
-
-def choose(model: Any, sample: Sample, options: Sequence[str]) -> int:
-    return best(option_log_likelihoods(model, sample, options))
