@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from mmkit.data.batching import Collator, make_preprocessor
@@ -135,11 +136,7 @@ class MultimodalModel:
         Example: ``mmkit.load("runs/demo").generate("What digit is shown?", {"image": "4.png"},
         sample=True, temperature=0.7)``.
         """
-        options = options or GenerationOptions(**decoding)
-        if max_new_tokens is not None:
-            import attrs
-
-            options = attrs.evolve(options, max_new_tokens=max_new_tokens)
+        options = _options(options or GenerationOptions(**decoding), max_new_tokens)
         given = {m: as_input_list(v) for m, v in (inputs or {}).items()}
         given = {m: v for m, v in given.items() if v}
         if isinstance(question, str):
@@ -157,11 +154,7 @@ class MultimodalModel:
         """Answer each sample's conversation (all turns up to the last user turn), in one batch.
         Modalities in ``ablate`` get blank (all-zero) inputs instead of their files. Greedy unless
         ``options`` says otherwise."""
-        options = options or GenerationOptions()
-        if max_new_tokens is not None:
-            import attrs
-
-            options = attrs.evolve(options, max_new_tokens=max_new_tokens)
+        options = _options(options or GenerationOptions(), max_new_tokens)
         items = []
         for sample in samples:
             tensors = {}
@@ -196,6 +189,11 @@ class MultimodalModel:
             self.model.train(was_training)
         answers = [self.tokenizer.decode(seq, skip_special_tokens=True) for seq in sequences]
         return [_cut_at_stop(a, options.stop).strip() for a in answers]
+
+
+def _options(options: GenerationOptions, max_new_tokens: int | None) -> GenerationOptions:
+    """``options`` with ``max_new_tokens`` (when given) in place of its own."""
+    return options if max_new_tokens is None else attrs.evolve(options, max_new_tokens=max_new_tokens)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
