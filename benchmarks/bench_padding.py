@@ -27,7 +27,7 @@ import torch
 
 from mmkit.data.batching import Collator
 from mmkit.data.packing import GroupedBatchSampler, PackedBatchSampler, PackedView, PackingCollator
-from mmkit.training.sampler import GlobalBatchSampler
+from mmkit.data.sampler import GlobalBatchSampler
 
 
 class _Items(torch.utils.data.Dataset):
@@ -76,10 +76,10 @@ def compare(lengths: Sequence[int], groups: Sequence[str], *, batch_size: int, p
 def demo_lengths(root: Path) -> tuple[list[int], list[str]]:
     """The embedded demo's training records, measured by its prompt builder."""
     from mmkit.data.packing import modality_group, sample_lengths
-    from mmkit.data.records import ReadContext
+    from mmkit.records import ReadContext
     from mmkit.data.sources import DataSource, read_mixture
     from mmkit.demo.task import prepare_demo
-    from mmkit.modeling.builder import assemble
+    from mmkit.modeling.assemble import assemble
     from mmkit.plugins import get_host
     from mmkit.training.config import resolve_config
     from mmkit.training.recipe import RunPlan, default_modalities, model_config

@@ -214,7 +214,7 @@ def find_problems(host: PluginHost, *, deep: bool = False) -> list[str]:
                             "(are its functions decorated with @mmkit.hookimpl?)")
     if deep:
         problems += host.verify_lazy()
-        from mmkit.modeling.factory import check_encoders  # builds each tiny encoder once: shapes, identity()
+        from mmkit.modeling.components import check_encoders  # builds each tiny encoder once: shapes, identity()
 
         problems += check_encoders(host)
     return [_name_distribution(problem, host) for problem in problems]

@@ -1,4 +1,4 @@
-"""Decoding options shared by ``MultimodalModel.generate``, ``mmkit chat`` and evaluation.
+"""Decoding options shared by ``LoadedModel.generate``, ``mmkit chat`` and evaluation.
 
 Cheap to import (no torch): the CLI validates options before loading a model.
 """

@@ -136,7 +136,7 @@ def mmkit_exporters() -> Sequence[ExporterSpec]:
     """Register export formats for trained runs (``mmkit export RUN --to NAME OUT``).
 
     Return a list of :class:`mmkit.specs.ExporterSpec`. ``export(model, out, *, adapter, **options)``
-    receives the loaded :class:`mmkit.inference.MultimodalModel` and an empty directory to fill, and
+    receives the loaded :class:`mmkit.inference.LoadedModel` and an empty directory to fill, and
     raises :class:`mmkit.export.ExportRefused` with the reason when the format cannot hold the run
     exactly. mmkit's own ``peft`` and ``merged`` formats are registered through this hook too.
 

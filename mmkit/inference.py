@@ -12,10 +12,10 @@ import attrs
 import torch
 
 from mmkit.data.batching import Collator, make_preprocessor
-from mmkit.data.records import USER, Sample, Turn
+from mmkit.records import USER, Sample, Turn
 from mmkit.errors import InputError, MmkitError
 from mmkit.generation import GenerationOptions
-from mmkit.modeling.builder import Assembled
+from mmkit.modeling.assemble import Assembled
 from mmkit.modeling.lora import route_for_sample
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
@@ -42,7 +42,7 @@ def _describe(value: Any) -> str:
     return f"<in-memory {type(value).__name__}{' ' + str(tuple(shape)) if shape is not None else ''}>"
 
 
-class MultimodalModel:
+class LoadedModel:
     """A model ready to answer: ``generate("What digit is shown?", {"image": "a.png"})``."""
 
     def __init__(self, assembled: Assembled, host: PluginHost | None = None):
@@ -202,7 +202,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def load(output_dir: str | Path, *, host: PluginHost | None = None, allow_different_base: bool = False
-         ) -> MultimodalModel:
+         ) -> LoadedModel:
     """Rebuild a trained model from its output directory on top of its base models.
     ``allow_different_base``: accept a base LLM of the same shapes whose weights, tokenizer or chat
     template differ from the one it was trained on (a deliberate swap; refused otherwise)."""
@@ -210,4 +210,4 @@ def load(output_dir: str | Path, *, host: PluginHost | None = None, allow_differ
 
     host = host or get_host()
     assembled = load_model(Path(output_dir), host, allow_base_mismatch=allow_different_base)
-    return MultimodalModel(assembled, host)
+    return LoadedModel(assembled, host)

@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.records import ASSISTANT, Sample, Turn
+from mmkit.records import ASSISTANT, Sample, Turn
 from mmkit.errors import ConfigError, DataError
 from mmkit.specs import MarkerSpec
 from mmkit.templates import ChatTemplate, resolve

@@ -80,7 +80,7 @@ class MarkerSpec:
 class DemoTask:
     """A small, fully offline task for tests and ``mmkit train`` with no data argument.
 
-    Records are in mmkit's generic format (see ``mmkit.data.records``) with paths relative to the
+    Records are in mmkit's generic format (see ``mmkit.records``) with paths relative to the
     folder the demo builder wrote into. ``answers`` is the closed set of answers, so chance accuracy
     is ``1 / len(answers)``.
     """
@@ -217,7 +217,7 @@ def _check_format_name(_instance: Any, attribute: attrs.Attribute, value: str) -
 class ExporterSpec:
     """An export format for trained runs (``mmkit export RUN --to NAME OUT``).
 
-    ``export(model: mmkit.inference.MultimodalModel, out: pathlib.Path, *, adapter: str | None,
+    ``export(model: mmkit.inference.LoadedModel, out: pathlib.Path, *, adapter: str | None,
     **options) -> None`` writes the format into ``out`` (a fresh, empty directory; mmkit swaps it into
     place when ``export`` returns). A run the format cannot express exactly is refused by raising
     :class:`mmkit.export.ExportRefused` with the reason, never exported approximately.

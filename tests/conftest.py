@@ -169,7 +169,7 @@ def assemble_model(mm_host: PluginHost, tiny_llm: Callable[..., Path]) -> Callab
     assembled tiny model on the installed plugins' tiny random-init encoders (seeded torch)."""
     import torch
 
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     def make(modalities=("image", "pointcloud"), *, architecture: str = "llama", mode: str = "per_modality",
@@ -225,7 +225,7 @@ class BatchKit:
 
     @staticmethod
     def sample(text: str, answer: str = "a cube", **inputs: Any) -> Any:
-        from mmkit.data.records import Sample, Turn
+        from mmkit.records import Sample, Turn
 
         return Sample(id=text[:12], turns=(Turn("user", text), Turn("assistant", answer)),
                       inputs={m: tuple(v) for m, v in inputs.items()})

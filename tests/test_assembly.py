@@ -9,10 +9,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from mmkit.data.batching import Collator, SampleDataset, make_preprocessor
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.default_plugins.lora_targets import TARGETS
 from mmkit.errors import ConfigError, DataError
-from mmkit.modeling.builder import trainable_parameters
+from mmkit.modeling.assemble import trainable_parameters
 from mmkit.specs import resolve
 
 ARCHITECTURES = ["llama", "qwen2", "gpt_neox"]
@@ -55,7 +55,7 @@ def test_default_lora_targets_come_from_the_plugin_hook(assemble_model, architec
 
 
 def test_explicit_lora_targets_win(mm_host, tiny_llm):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     cfg = ModelConfig(llm=str(tiny_llm("llama")), modalities=(ModalityChoice("image"),),
@@ -66,7 +66,7 @@ def test_explicit_lora_targets_win(mm_host, tiny_llm):
 
 
 def test_encoders_get_the_plugins_tiny_configs_and_explicit_options_win(assemble_model, mm_host, tiny_llm):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
 
     assembled = assemble_model(("image", "pointcloud"))
     for name in ("image", "pointcloud"):
@@ -187,14 +187,14 @@ def test_markers_are_atomic_tokens_with_a_trainable_table(assemble_model):
 
 
 def test_no_modality_is_a_config_error(mm_host, tiny_llm):
-    from mmkit.modeling.builder import ModelConfig, assemble
+    from mmkit.modeling.assemble import ModelConfig, assemble
 
     with pytest.raises(ConfigError, match="at least one modality"):
         assemble(ModelConfig(llm=str(tiny_llm("llama")), modalities=()), mm_host)
 
 
 def test_unloadable_llm_is_a_config_error(mm_host, tmp_path: Path):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
 
     with pytest.raises(ConfigError, match="cannot load the LLM"):
         assemble(ModelConfig(llm=str(tmp_path / "nothing_here"), modalities=(ModalityChoice("image"),)), mm_host)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmkit.data.records import ReadContext
+from mmkit.records import ReadContext
 from mmkit.data.sources import iter_samples, pick_reader
 from mmkit.data.validate import validate
 from mmkit.errors import DataError

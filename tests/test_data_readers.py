@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mmkit.data.readers import LAMM_SYSTEM_MESSAGES, iter_raw_records, read_generic, read_lamm, read_llava
-from mmkit.data.records import ReadContext, Sample
+from mmkit.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, iter_samples, pick_reader, read_mixture
 from mmkit.errors import DataError
 from mmkit.specs import MarkerSpec, ModalitySpec

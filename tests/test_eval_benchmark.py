@@ -151,7 +151,7 @@ def saved_run(tmp_path_factory, mm_host, tiny_llm):
     """A saved tiny two-modality run (random LoRA, no training) and a held-out file for it."""
     import torch
 
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
     from mmkit.modeling.persistence import save_model
 
@@ -204,7 +204,7 @@ def test_benchmark_reproduces_the_held_out_evaluation_and_eval_score_reproduces_
 
     rows = [json.loads(line) for line in (out / "held.predictions.jsonl").read_text().splitlines()]
     # the very answers of the training-time evaluation, in order, with their references
-    from mmkit.data.records import ReadContext
+    from mmkit.records import ReadContext
     from mmkit.data.sources import iter_samples
 
     model = load(run, host=mm_host)
@@ -229,7 +229,7 @@ def test_benchmark_reproduces_the_held_out_evaluation_and_eval_score_reproduces_
 def test_choice_mode_picks_the_most_likely_option(saved_run, mm_host, tmp_path):
     import torch
 
-    from mmkit.data.records import ReadContext
+    from mmkit.records import ReadContext
     from mmkit.data.sources import iter_samples
     from mmkit.evaluation.choice import _answer_turns, option_log_likelihoods
     from mmkit.inference import load

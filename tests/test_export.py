@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmkit.data.records import Turn
+from mmkit.records import Turn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -27,11 +27,11 @@ TEXT_PROMPT = "hello world , what about this one ?"
 def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
     """A few real optimizer steps on the instruct stage (projectors, marker rows, LoRA)."""
     from mmkit.data.batching import Collator
-    from mmkit.inference import MultimodalModel
-    from mmkit.modeling.builder import trainable_parameters
+    from mmkit.inference import LoadedModel
+    from mmkit.modeling.assemble import trainable_parameters
     from mmkit.modeling.lora import route_for_sample
 
-    mm = MultimodalModel(assembled, mm_host)
+    mm = LoadedModel(assembled, mm_host)
     model = assembled.model
     params = [p for group in trainable_parameters(model, "instruct").values() for p in group]
     optimizer = torch.optim.AdamW(params, lr=3e-2)
@@ -56,13 +56,13 @@ def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
 
 
 def _sample(sid, text, answer, **inputs):
-    from mmkit.data.records import Sample
+    from mmkit.records import Sample
 
     return Sample(sid, (Turn("user", text), Turn("assistant", answer)), {m: tuple(map(str, v)) for m, v in inputs.items()})
 
 
 def _make_run(tmp_path_factory, mm_host, tiny_llm, input_files, modalities, mode, name):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
     from mmkit.modeling.persistence import save_model
 
@@ -332,7 +332,7 @@ def test_llava_hf_linear_projector_and_kept_cls(mm_host, tiny_llm, input_files, 
 
     from mmkit.export import export_run
     from mmkit.inference import load
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
     from mmkit.modeling.persistence import save_model
 

@@ -21,7 +21,7 @@ from mmkit.data.feature_cache import (
     open_training_cache,
     plugin_descriptions,
 )
-from mmkit.modeling.factory import build_encoder
+from mmkit.modeling.components import build_encoder
 from mmkit.specs import resolve
 
 

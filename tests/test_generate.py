@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.errors import ConfigError, InputError
 from mmkit.generation import GenerationOptions
 
@@ -20,14 +20,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 @pytest.fixture
 def mm(assemble_model, randomize_lora, mm_host):
     """Image + point cloud, per-modality adapters, each distinct (so a mis-routed row shows)."""
-    from mmkit.inference import MultimodalModel
+    from mmkit.inference import LoadedModel
 
     assembled = assemble_model(("image", "pointcloud"), mode="per_modality")
     randomize_lora(assembled.model)
     with torch.no_grad():
         for p in assembled.model.projectors.parameters():  # features that change the answer
             p.mul_(20.0)
-    return MultimodalModel(assembled, mm_host)
+    return LoadedModel(assembled, mm_host)
 
 
 def _samples(input_files):

@@ -13,16 +13,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.errors import CheckpointMismatchError
-from mmkit.inference import MultimodalModel
+from mmkit.inference import LoadedModel
 from mmkit.modeling.persistence import META, check_fingerprint, load_model, read_meta, save_model
 
 PREVIOUS = json.loads((Path(__file__).parent / "data" / "previous_release_identities.json").read_text())["modalities"]
 
 
 def build(mm_host, modality: str, **changes):
-    from mmkit.modeling.factory import build_encoder
+    from mmkit.modeling.components import build_encoder
 
     recorded = PREVIOUS[modality]
     return build_encoder(mm_host, mm_host.modality(modality), encoder_name=recorded["encoder"],
@@ -33,7 +33,7 @@ def build(mm_host, modality: str, **changes):
 def previous_run(tmp_path_factory, mm_host, tiny_llm, kit):
     """A trained run on the encoder options the previous release recorded, whose ``mmkit.json`` then
     carries the previous release's encoder identities (the rest of the format is unchanged)."""
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     torch.manual_seed(0)
@@ -69,8 +69,8 @@ def test_a_previous_release_run_loads_with_identical_outputs(previous_run, mm_ho
     img, pcl = [str(p) for p in input_files["image"]], [str(p) for p in input_files["pointcloud"]]
     samples = [Sample("a", (Turn("user", "<image> What is shown here ?"),), {"image": (img[0],)}),
                Sample("b", (Turn("user", "<pointcloud> Which shape is it ?"),), {"pointcloud": (pcl[1],)})]
-    assert (MultimodalModel(loaded, mm_host).generate_batch(samples, max_new_tokens=6)
-            == MultimodalModel(original, mm_host).generate_batch(samples, max_new_tokens=6))
+    assert (LoadedModel(loaded, mm_host).generate_batch(samples, max_new_tokens=6)
+            == LoadedModel(original, mm_host).generate_batch(samples, max_new_tokens=6))
 
 
 @pytest.mark.parametrize("modality", ["image", "pointcloud"])

@@ -98,7 +98,7 @@ def test_encoder_checkpointing_needs_a_trained_encoder(assemble_model) -> None:
 ZERO3_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
     from mmkit.plugins import get_host
     from mmkit.training.distributed import init_distributed

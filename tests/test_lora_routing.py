@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmkit.data.records import Sample, Turn
-from mmkit.inference import MultimodalModel
-from mmkit.modeling.builder import trainable_parameters
+from mmkit.records import Sample, Turn
+from mmkit.inference import LoadedModel
+from mmkit.modeling.assemble import trainable_parameters
 from mmkit.modeling.lora import SHARED_ADAPTER, TEXT_ADAPTER, adapter_names_for, route_for_sample
 
 
@@ -194,7 +194,7 @@ def test_routes_must_be_set_and_known(routed):
 
 
 def test_generation_is_the_same_batched_and_alone(routed, mm_host, input_files):
-    mm = MultimodalModel(routed, mm_host)
+    mm = LoadedModel(routed, mm_host)
     img, pcl = [str(p) for p in input_files["image"]], [str(p) for p in input_files["pointcloud"]]
     samples = [
         Sample("a", (Turn("user", "<image> What is shown here ?"), Turn("assistant", "7")), {"image": (img[0],)}),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmkit.errors import ConfigError
-from mmkit.training.sampler import GlobalBatchSampler, batch_geometry
+from mmkit.data.sampler import GlobalBatchSampler, batch_geometry
 
 TIMEOUT = 300
 

@@ -20,9 +20,9 @@ from mmkit.data.packing import (
     PackingCollator,
     best_fit_decreasing,
     modality_group,
-    packed_attention_mask,
     sample_lengths,
 )
+from mmkit.modeling.attention import packed_attention_mask
 from mmkit.errors import DataError
 from mmkit.prompt import IGNORE_INDEX
 from mmkit.specs import resolve

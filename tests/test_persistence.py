@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.errors import CheckpointMismatchError, ConfigError
-from mmkit.inference import MultimodalModel
-from mmkit.modeling.builder import trainable_parameters
+from mmkit.inference import LoadedModel
+from mmkit.modeling.assemble import trainable_parameters
 from mmkit.modeling.persistence import (
     ENCODERS,
     META,
@@ -42,7 +42,7 @@ def train_a_few_steps(assembled, kit, steps: int = 3) -> None:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, mm_host, tiny_llm, kit):
     """A trained image + point-cloud model saved to ``<run>/model``; returns (run dir, assembled)."""
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     torch.manual_seed(0)
@@ -108,8 +108,8 @@ def test_reload_is_bit_exact(saved, mm_host, input_files, which):
         assert torch.equal(dict(loaded.model.encoders.named_parameters())[name], param), name
     assert loaded.tokenizer.get_vocab() == original.tokenizer.get_vocab()
     samples = prompts(input_files)
-    before = MultimodalModel(original, mm_host).generate_batch(samples, max_new_tokens=6)
-    after = MultimodalModel(loaded, mm_host).generate_batch(samples, max_new_tokens=6)
+    before = LoadedModel(original, mm_host).generate_batch(samples, max_new_tokens=6)
+    after = LoadedModel(loaded, mm_host).generate_batch(samples, max_new_tokens=6)
     assert after == before
 
 
@@ -163,7 +163,7 @@ def test_other_architecture_is_refused(copy_of, mm_host, tiny_llm):
 
 def test_other_llm_rebuilt_at_the_same_path_is_refused(tmp_path, mm_host):
     from mmkit.demo.llm import build_tiny_llm
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     corpus = ["What is shown here ? a cube"]
@@ -187,7 +187,7 @@ def test_other_modalities_are_refused(saved, assemble_model):
 
 
 def test_other_encoder_is_refused(saved, mm_host, tiny_llm):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
 
     run, _ = saved
     other = assemble(ModelConfig(llm=str(tiny_llm("llama")), lora=None, modalities=(
@@ -315,7 +315,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def image_run(tmp_path, mm_host):
     """A model saved on its own tiny base LLM (which the tests then swap)."""
     from mmkit.demo.llm import build_tiny_llm
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
     from mmkit.modeling.lora import LoraSettings
 
     corpus = ["What is shown here ? a cube"]

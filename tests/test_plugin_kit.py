@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from mmkit import InputError, MmkitError
-from mmkit.data.batching import SampleDataset, make_preprocessor, skipped_records, write_skipped
+from mmkit.data.batching import SampleDataset, make_preprocessor
+from mmkit.training.skipped import skipped_records, write_skipped
 from mmkit.errors import DataError, PluginError
 from mmkit.io import load_array, save_array
 from mmkit.modeling import ModalityEncoder, PretrainedEncoder
-from mmkit.modeling.factory import build_encoder, check_encoders, encoder_options
+from mmkit.modeling.components import build_encoder, check_encoders, encoder_options
 from mmkit.plugins import PluginHost
 from mmkit.specs import EncoderSpec, MarkerSpec, ModalitySpec
 
@@ -197,7 +198,7 @@ def test_preprocess_errors_name_file_plugin_and_record(tmp_path: Path):
     with pytest.raises(InputError, match="plugin acme, modality sonar: preprocess raised IndexError: index 6"):
         make_preprocessor(np.load, crashes, modality="sonar", plugin="acme")(good)
 
-    from mmkit.data.records import Sample, Turn
+    from mmkit.records import Sample, Turn
 
     sample = Sample(id="rec-7", turns=(Turn("user", "<sonar>"), Turn("assistant", "x")), inputs={"sonar": (str(bad),)},
                     source="train.jsonl", index=7)
@@ -249,7 +250,7 @@ def test_linear_probe_separates_what_the_encoder_separates(tmp_path: Path):
 
 
 def test_unknown_answer_words_are_warned_about():
-    from mmkit.data.records import Sample, Turn
+    from mmkit.records import Sample, Turn
     from mmkit.data.vocab import unknown_words_warning
     from mmkit.demo.llm import build_general_tokenizer, build_tokenizer
 

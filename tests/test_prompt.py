@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.demo.llm import build_tokenizer
 from mmkit.errors import ConfigError, DataError
 from mmkit.modeling.tokens import add_marker_tokens

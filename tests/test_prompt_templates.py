@@ -17,7 +17,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mmkit.data.records import Sample, Turn
+from mmkit.records import Sample, Turn
 from mmkit.errors import ConfigError
 from mmkit.prompt import IGNORE_INDEX, PromptBuilder
 from mmkit.specs import MarkerSpec

@@ -112,7 +112,7 @@ def generated_on_path(tmp_path, monkeypatch):
 def test_generated_plugin_registers_cleanly_and_its_demo_builds(generated_on_path, tmp_path):
     import importlib
 
-    from mmkit.data.records import ReadContext, parse_record
+    from mmkit.records import ReadContext, parse_record
     from mmkit.errors import InputError
     from mmkit.specs import resolve
 

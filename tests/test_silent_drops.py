@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from mmkit.data.readers import iter_raw_records
-from mmkit.data.records import ReadContext
+from mmkit.records import ReadContext
 from mmkit.data.sources import iter_samples
 from mmkit.errors import DataError
 

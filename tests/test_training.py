@@ -18,7 +18,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 import mmkit
-from mmkit.data.records import ReadContext
+from mmkit.records import ReadContext
 from mmkit.data.sources import iter_samples
 from mmkit.errors import DataError
 from mmkit.evaluation.evaluate import predict

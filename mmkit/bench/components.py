@@ -18,7 +18,7 @@ import torch
 from mmkit.bench.stats import Stat, interleaved, rate, ratio
 from mmkit.errors import PluginError
 from mmkit.modeling.encoder import ModalityEncoder
-from mmkit.modeling.factory import build_encoder, build_projector
+from mmkit.modeling.components import build_encoder, build_projector
 from mmkit.plugins import PluginHost
 from mmkit.specs import resolve
 
@@ -118,7 +118,7 @@ def wrapper_overhead(host: PluginHost, modality: str, *, batch_size: int, hidden
     """Throughput of the encoder + projector as mmkit's step calls them (``MultimodalLM.encode``:
     device/dtype handling, no-grad encoder, projector) over the same two modules called directly,
     interleaved: 1.0 means the wrapper costs nothing."""
-    from mmkit.modeling.assembly import MultimodalLM
+    from mmkit.modeling.model import MultimodalLM
 
     c = components(host, modality, batch_size=batch_size, hidden=hidden)
     holder = _encode_only(MultimodalLM, modality, c.encoder, c.projector)

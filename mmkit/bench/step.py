@@ -255,10 +255,11 @@ def build_rig(preset: str, root: Path, *, modalities: Sequence[str] | None = Non
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    from mmkit.modeling.builder import assemble, trainable_parameters
+    from mmkit.modeling.assemble import assemble, trainable_parameters
     from mmkit.plugins import get_host
     from mmkit.training import recipe
-    from mmkit.training.distributed import device, init_distributed
+    from mmkit.modeling.loading import device
+    from mmkit.training.distributed import init_distributed
     from mmkit.training.metrics_log import MetricsLog
 
     host = host or get_host()

@@ -76,7 +76,7 @@ def run(preset: str = "tiny", *, modalities: Sequence[str] | None = None, quick:
     threads_before = torch.get_num_threads()
     figures = Figures()
     notes: list[str] = []
-    from mmkit.training.distributed import device
+    from mmkit.modeling.loading import device
 
     dev = device()
     try:

@@ -1,5 +1,5 @@
 """Instruction data: normalised samples, readers, validation and batching."""
 
-from mmkit.data.records import ReadContext, Sample, Turn
+from mmkit.records import ReadContext, Sample, Turn
 
 __all__ = ["ReadContext", "Sample", "Turn"]

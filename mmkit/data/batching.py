@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import torch
 
-from mmkit.data.records import Sample
+from mmkit.records import Sample
 from mmkit.errors import DataError, InputError
 from mmkit.modeling.lora import route_for_sample
 from mmkit.prompt import IGNORE_INDEX, EncodedSample, PromptBuilder
@@ -370,31 +370,6 @@ def _background(iterable: Any, depth: int):
                 box.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
-
-
-def skipped_records(*groups: Sequence[Skipped], world: int = 1) -> list[dict[str, str]]:
-    """Every distinct skipped record (``where``, ``reason``) of ``groups``, over all processes
-    (a collective call when ``world`` > 1: every rank must make it), in a stable order."""
-    found = {s.where: s.reason for group in groups for s in group}
-    if world > 1:
-        from mmkit.training.distributed import all_gather_objects
-
-        for part in all_gather_objects(sorted(found.items())):
-            found.update(dict(part))
-    return [{"record": where, "reason": reason} for where, reason in sorted(found.items())]
-
-
-def write_skipped(path: Path, records: Sequence[dict[str, str]]) -> Path:
-    """``skipped.jsonl``: one line per record left out under ``--skip-bad-records``, naming the
-    record (file, index, id) and why. Written whole into a temporary file, then renamed."""
-    import json
-    import os
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
-    return path
 
 
 def in_batch(exc: Exception, batch: Mapping[str, Any]) -> Exception:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.records import ReadContext, Sample
+from mmkit.records import ReadContext, Sample
 from mmkit.errors import ConfigError, DataError
 
 SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.records import ASSISTANT, ReadContext, Sample
+from mmkit.records import ASSISTANT, ReadContext, Sample
 from mmkit.errors import DataError
 from mmkit.prompt import IGNORE_INDEX, EncodedSample, PromptBuilder
 

@@ -28,7 +28,7 @@ def check(modality: str, host: Any = None) -> Any:
     an :class:`~mmkit.errors.InputError` naming the file, the plugin and the reason)."""
     if modality not in _CHECKS:
         from mmkit.data.batching import make_preprocessor
-        from mmkit.modeling.factory import build_encoder
+        from mmkit.modeling.components import build_encoder
         from mmkit.plugins import get_host
         from mmkit.specs import resolve
 

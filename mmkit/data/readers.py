@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.records import ReadContext, Sample, parse_record
+from mmkit.records import ReadContext, Sample, parse_record
 from mmkit.errors import DataError
 
 # System messages selected by LAMM's ``task_type`` (paraphrased from the task descriptions of LAMM's

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from mmkit.data.readers import head_records
-from mmkit.data.records import ReadContext, Sample
+from mmkit.records import ReadContext, Sample
 from mmkit.errors import DataError
 from mmkit.plugins import PluginHost
 from mmkit.specs import resolve

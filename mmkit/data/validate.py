@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 
 from mmkit.data import vocab
-from mmkit.data.records import ReadContext, Sample
+from mmkit.records import ReadContext, Sample
 from mmkit.errors import DataError, InputError, MmkitError
 from mmkit.specs import LazyRef, resolve
 
@@ -213,7 +213,7 @@ def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, 
     ``--tokens-per-input`` for them."""
     import torch
 
-    from mmkit.modeling.factory import build_encoder, build_projector
+    from mmkit.modeling.components import build_encoder, build_projector
 
     out = {}
     with torch.random.fork_rng(devices=[]):

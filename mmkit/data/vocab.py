@@ -37,7 +37,7 @@ def unknown_answer_words(tokenizer: Any, answers: Iterable[str], *, limit: int =
 
 
 def sample_answers(samples: Iterable[Any]) -> Iterable[str]:
-    """The assistant turns of samples (:class:`mmkit.data.records.Sample`)."""
+    """The assistant turns of samples (:class:`mmkit.records.Sample`)."""
     for sample in samples:
         for turn in sample.turns:
             if turn.role != "user" and turn.role != "system":

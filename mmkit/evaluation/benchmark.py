@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.records import USER, ReadContext, Sample, Turn, resolve_path
+from mmkit.records import USER, ReadContext, Sample, Turn, resolve_path
 from mmkit.errors import ConfigError, DataError
 from mmkit.evaluation.recipe import Generated, Recipe
 from mmkit.plugins import PluginHost

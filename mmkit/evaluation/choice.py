@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.records import ASSISTANT, USER, Sample, Turn
+from mmkit.records import ASSISTANT, USER, Sample, Turn
 
 
 def _answer_turns(sample: Sample, option: str) -> tuple[Turn, ...]:
@@ -23,7 +23,7 @@ def _answer_turns(sample: Sample, option: str) -> tuple[Turn, ...]:
 
 
 def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str]) -> list[float]:
-    """``model`` is a :class:`mmkit.inference.MultimodalModel`; one forward pass for all options."""
+    """``model`` is a :class:`mmkit.inference.LoadedModel`; one forward pass for all options."""
     return batch_log_likelihoods(model, [(sample, options)])[0]
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.records import ASSISTANT, ReadContext, Sample
+from mmkit.records import ASSISTANT, ReadContext, Sample
 from mmkit.data.sources import iter_samples
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve

@@ -15,6 +15,7 @@ and ZeRO-3 partitioned loading.
 from __future__ import annotations
 
 import contextlib
+import os
 import importlib.util
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -156,3 +157,12 @@ def zero3_settings(llm: str | None, max_live_parameters: int) -> dict[str, Any]:
         out.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
                    stage3_param_persistence_threshold=10 * hidden)
     return out
+
+
+def device() -> "torch.device":  # noqa: F821 - torch imported lazily
+    """This process's compute device: its local GPU under a launcher, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

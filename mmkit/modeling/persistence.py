@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmkit.errors import CheckpointMismatchError
-from mmkit.modeling.assembly import MultimodalLM
+from mmkit.modeling.model import MultimodalLM
 from mmkit.modeling.loading import full_shape
 
 FORMAT = 1
@@ -390,7 +390,7 @@ def save_model(directory: Path, assembled: Any, *, stage: str, write: bool = Tru
 
 
 def model_config_from_meta(meta: dict[str, Any], directory: Path, *, with_lora: bool = True):
-    from mmkit.modeling.builder import ModalityChoice, ModelConfig
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig
     from mmkit.modeling.lora import LoraSettings
 
     llm = meta["llm"]["name_or_path"]
@@ -419,7 +419,7 @@ def model_dir(output_dir: Path) -> Path:
 
 
 def load_model(output_dir: Path, host: Any, *, allow_base_mismatch: bool = False) -> Any:
-    from mmkit.modeling.builder import assemble
+    from mmkit.modeling.assemble import assemble
 
     directory = model_dir(output_dir)
     meta = read_meta(directory)
@@ -454,7 +454,7 @@ def _check_architecture(meta: dict[str, Any], llm: str) -> None:
 
 def load_into(assembled: Any, directory: Path, meta: dict[str, Any], *, stage: str, allow_missing: bool = False) -> None:
     """Load encoder (random-init) and trainable weights into an assembled model, strictly."""
-    from mmkit.modeling.builder import trainable_parameters
+    from mmkit.modeling.assemble import trainable_parameters
 
     encoder_state = load_weights(directory, ENCODERS, meta)
     if encoder_state:

@@ -69,7 +69,7 @@ class ModalityContract:
     @pytest.fixture(scope="class")
     @classmethod
     def encoder(cls, host, spec):
-        from mmkit.modeling.factory import build_encoder
+        from mmkit.modeling.components import build_encoder
 
         torch = pytest.importorskip("torch")
         torch.manual_seed(0)
@@ -169,7 +169,7 @@ class ModalityContract:
     def test_demo_task_builds(self, host, spec, tmp_path):
         if spec.demo is None:
             pytest.skip("no demo task")
-        from mmkit.data.records import ReadContext, parse_record
+        from mmkit.records import ReadContext, parse_record
         from mmkit.specs import DemoTask, resolve
 
         task = resolve(spec.demo.build)(tmp_path, seed=0)

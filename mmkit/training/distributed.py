@@ -128,9 +128,3 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def device() -> "torch.device":  # noqa: F821 - torch imported lazily
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")

@@ -73,8 +73,8 @@ def build_meta_model(cfg: Any, host: Any) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mmkit.modeling.builder import _add_encoder_lora, linear_module_names
-    from mmkit.modeling.factory import build_encoder, build_projector
+    from mmkit.modeling.assemble import _add_encoder_lora, linear_module_names
+    from mmkit.modeling.components import build_encoder, build_projector
     from mmkit.modeling.loading import torch_dtype
     from mmkit.modeling.lora import LoraSettings, RoutedLora, adapter_names_for
     from mmkit.training.recipe import default_modalities

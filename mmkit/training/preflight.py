@@ -269,7 +269,7 @@ def library_template_names() -> list[str] | None:
 
 
 def _geometry(cfg: TrainConfig, world_size: int, problems: Problems) -> None:
-    from mmkit.training.sampler import batch_geometry
+    from mmkit.data.sampler import batch_geometry
 
     try:
         batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,

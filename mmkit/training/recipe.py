@@ -11,12 +11,11 @@ from typing import Any
 
 import attrs
 
-from mmkit.data.batching import (Batches, Collator, SampleDataset, Skipped, make_preprocessor, skipped_records,
-                                  write_skipped)
-from mmkit.data.records import ReadContext, Sample
+from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
+from mmkit.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, ignored_key_reason, read_mixture
 from mmkit.errors import ConfigError, DataError, MmkitError
-from mmkit.modeling.builder import Assembled, ModalityChoice, ModelConfig, assemble, trainable_parameters
+from mmkit.modeling.assemble import Assembled, ModalityChoice, ModelConfig, assemble, trainable_parameters
 from mmkit.modeling.lora import LoraSettings
 from mmkit.modeling.persistence import check_fingerprint, load_into, model_dir, read_meta, save_model
 from mmkit.plugins import PluginHost, get_host
@@ -24,12 +23,14 @@ from mmkit.specs import resolve
 from mmkit.training.checkpoint import TrainState, plan_resume, save_checkpoint, trim_metrics
 from mmkit.training.config import TrainConfig, save_config
 from mmkit.training.faults import TrainingError, is_storage_error, storage_error
-from mmkit.training.distributed import device, init_distributed
+from mmkit.modeling.loading import device
+from mmkit.training.distributed import init_distributed
+from mmkit.training.skipped import skipped_records, write_skipped
 from mmkit.training.loop import train_loop
 from mmkit.training.metrics_log import MetricsLog
 from mmkit.training.preflight import preflight
 from mmkit.training.rundir import DEMO, Admission, RunLock, admit
-from mmkit.training.sampler import GlobalBatchSampler, batch_geometry
+from mmkit.data.sampler import GlobalBatchSampler, batch_geometry
 
 
 @attrs.frozen

@@ -111,7 +111,7 @@ def _fit_probe(train: torch.Tensor, y_train: torch.Tensor, test: torch.Tensor, y
 
 
 def test_frozen_demo_features_keep_the_digits(demo) -> None:
-    from mmkit.modeling.factory import build_encoder
+    from mmkit.modeling.components import build_encoder
     from mmkit.plugins import PluginHost
 
     root, task, _ = demo

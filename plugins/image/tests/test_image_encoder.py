@@ -185,7 +185,7 @@ def test_bad_options_are_clear_errors() -> None:
 
 
 def test_core_factory_builds_it_and_reports_bad_options() -> None:
-    from mmkit.modeling.factory import build_encoder as core_build
+    from mmkit.modeling.components import build_encoder as core_build
     from mmkit.plugins import PluginHost
 
     host = PluginHost()

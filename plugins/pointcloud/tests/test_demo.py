@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmkit.data.records import ReadContext, parse_record
-from mmkit.modeling.factory import build_encoder
+from mmkit.records import ReadContext, parse_record
+from mmkit.modeling.components import build_encoder
 from mmkit.plugins import PluginHost
 from mmkit.specs import resolve
 from mmkit_plugin_pointcloud.demo import build_demo

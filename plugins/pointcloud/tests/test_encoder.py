@@ -135,7 +135,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_load_through_the_mmkit_factory(tmp_path: Path) -> None:
-    from mmkit.modeling.factory import build_encoder as factory_build
+    from mmkit.modeling.components import build_encoder as factory_build
     from mmkit.plugins import PluginHost
 
     host = PluginHost()

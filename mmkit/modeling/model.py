@@ -16,6 +16,7 @@ from torch import nn
 
 from mmkit.errors import ConfigError, DataError
 from mmkit.generation import GenerationOptions
+from mmkit.modeling.attention import packed_attention_mask
 from mmkit.modeling.encoder import ModalityEncoder
 from mmkit.modeling.loading import full_shape
 from mmkit.modeling.lora import RoutedLora
@@ -113,8 +114,6 @@ class MultimodalLM(nn.Module):
             self.lora.set_routes(adapters, input_ids.device)
         embeds = self.embed(input_ids, inputs or {}, features)
         if segment_ids is not None:
-            from mmkit.data.packing import packed_attention_mask
-
             attention_mask = packed_attention_mask(segment_ids, embeds.dtype,
                                                    getattr(self.llm.config, "_attn_implementation", None))
         if position_ids is None:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from mmkit.errors import ConfigError
-from mmkit.modeling.assembly import MultimodalLM
-from mmkit.modeling.factory import build_encoder, build_projector, encoder_options
-from mmkit.modeling.loading import (attention_candidates, check_quantize, full_shape, quantization_config,
+from mmkit.modeling.model import MultimodalLM
+from mmkit.modeling.components import build_encoder, build_projector, encoder_options
+from mmkit.modeling.loading import (attention_candidates, check_quantize, device, full_shape, quantization_config,
                                     torch_dtype, zero3_loading)
 from mmkit.modeling.lora import LoraSettings, RoutedLora, adapter_names_for
 from mmkit.modeling.tokens import ExtendedEmbedding, add_marker_tokens
@@ -78,8 +78,6 @@ def load_llm(path_or_id: str, *, precision: str = "fp32", attn_implementation: s
     path_or_id = resolve_llm(path_or_id)  # "tiny": a small random-init LLM with a general tokenizer, offline
     kwargs: dict[str, Any] = {"dtype": torch_dtype(precision)}
     if quantize is not None:
-        from mmkit.training.distributed import device
-
         kwargs["quantization_config"] = quantization_config(quantize, precision)
         kwargs["device_map"] = {"": device()}  # k-bit weights are quantized on the GPU as they load
     try:
