@@ -2,6 +2,10 @@
 
 LLaVA takes the penultimate layer's patch tokens (``feature_layer=-2``); LAMM takes the last layer
 (``feature_layer=-1``); both drop the CLS token. Both choices are options here.
+
+With ``anyres: true`` the encoder is variable-size (contract 1.1), as LLaVA-NeXT: a base view plus a
+grid of crops chosen by aspect ratio (:mod:`mmkit_plugin_image.anyres`), so the token count follows
+the image's shape. Off by default: the fixed ``[B, 3, S, S] -> [B, num_tokens, hidden]`` path is unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from torch import nn
 
 from mmkit.errors import ConfigError
 from mmkit.modeling import ModalityEncoder, seeded, weights_sha256
+from mmkit.modeling.features import RaggedFeatures
+from mmkit_plugin_image.anyres import (AnyresBatch, AnyresImage, AnyresLayout, check_pinpoints, default_pinpoints,
+                                       grid_shape, pack, tile)
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionModel
@@ -38,10 +45,12 @@ _FEATURE_VERSION = 1
 
 
 class CLIPImageEncoder(ModalityEncoder):
-    """Patch-token features of a CLIP vision tower: ``[B, 3, S, S] -> [B, num_tokens, hidden]``."""
+    """Patch-token features of a CLIP vision tower: ``[B, 3, S, S] -> [B, num_tokens, hidden]``; with
+    ``anyres`` a variable number per image (:class:`AnyresImage` -> :class:`RaggedFeatures`)."""
 
     def __init__(self, model: CLIPVisionModel, processor: Any, *, pretrained: str | None, feature_layer: int,
-                 drop_cls: bool, init_seed: int | None):
+                 drop_cls: bool, init_seed: int | None, anyres: bool = False,
+                 grid_pinpoints: Any = None, anyres_pool: int | None = None, anyres_unpad: bool | None = None):
         super().__init__()
         config = model.config
         depth = int(config.num_hidden_layers)
@@ -73,12 +82,47 @@ class CLIPImageEncoder(ModalityEncoder):
         self.num_tokens = (size // patch) ** 2 + (0 if self.drop_cls else 1)
         self.output_dim = int(config.hidden_size)
         self._check_processor_output()
+        self._size, self._side = size, size // patch
+        self.anyres = self._init_anyres(anyres, grid_pinpoints, anyres_pool, anyres_unpad)
         self._weights_sha256 = weights_sha256(self.model)
 
+    def _init_anyres(self, anyres: Any, grid_pinpoints: Any, pool: Any, unpad: Any) -> bool:
+        if not isinstance(anyres, bool):
+            raise ConfigError(f"image encoder: anyres={anyres!r}; use true or false")
+        # The projector owns a learned newline (LLaVA-NeXT's image_newline) only for anyres encoders;
+        # off, nothing changes from 1.0 (same parameters, same checkpoints).
+        self.uses_separators = anyres
+        if not anyres:
+            given = [k for k, v in (("grid_pinpoints", grid_pinpoints), ("anyres_pool", pool),
+                                    ("anyres_unpad", unpad)) if v is not None]
+            if given:
+                raise ConfigError(f"image encoder: {', '.join(given)} only apply with anyres: true")
+            return False
+        if not self.drop_cls:
+            raise ConfigError("image encoder: anyres lays patch features out on a grid, which has no place for "
+                              "the CLS token; use drop_cls: true (as LLaVA-NeXT)")
+        pool = 1 if pool is None else pool
+        if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+            raise ConfigError(f"image encoder: anyres_pool={pool!r}; use 1 (no pooling) or a window side such "
+                              "as 2 (2x2 average pooling of each crop's patch grid)")
+        unpad = True if unpad is None else unpad
+        if not isinstance(unpad, bool):
+            raise ConfigError(f"image encoder: anyres_unpad={unpad!r}; use true or false")
+        size = self._size
+        self.grid_pinpoints = (default_pinpoints(size) if grid_pinpoints is None
+                               else check_pinpoints(grid_pinpoints, size))
+        self.anyres_pool = pool
+        self.layout = AnyresLayout(side=-(-self._side // pool), unpad=unpad)
+        # Contract 1.1: the count follows each image (num_tokens_for), any object goes in.
+        self.num_tokens = None  # type: ignore[assignment]
+        self.input_shape = None  # type: ignore[assignment]
+        return True
+
     # -- ModalityEncoder -------------------------------------------------------------------------
-    def preprocess(self, raw: Any) -> torch.Tensor:
+    def preprocess(self, raw: Any) -> torch.Tensor | AnyresImage:
         """One PIL image (or an ``H x W [x C]`` uint8 array / tensor, as from memory) ->
-        ``FloatTensor[3, S, S]``: resize, centre-crop, CLIP normalisation."""
+        ``FloatTensor[3, S, S]``: resize, centre-crop, CLIP normalisation. With ``anyres``: an
+        :class:`AnyresImage` (base view + crops, each normalised the same way)."""
         if isinstance(raw, torch.Tensor):
             raw = raw.detach().cpu().numpy()
         if isinstance(raw, np.ndarray):
@@ -89,16 +133,77 @@ class CLIPImageEncoder(ModalityEncoder):
         if not isinstance(raw, Image.Image):
             raise TypeError(f"image encoder: preprocess expects a PIL image, got {type(raw).__name__}")
         rgb = raw if raw.mode == "RGB" else raw.convert("RGB")
-        pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"][0]
-        return pixels.to(torch.float32)
+        if not self.anyres:
+            return self._square(rgb)
+        original = (rgb.height, rgb.width)
+        grid = grid_shape(original, self.grid_pinpoints, self._size)
+        views = tile(rgb, grid_size=(grid[0] * self._size, grid[1] * self._size), crop=self._size,
+                     base=_size_field(self.processor.size), resample=int(getattr(self.processor, "resample", 3)))
+        pixels = self.processor(images=views, return_tensors="pt")["pixel_values"]
+        return AnyresImage(pixels.to(torch.float32), grid, original)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _square(self, rgb: Image.Image) -> torch.Tensor:
+        return self.processor(images=rgb, return_tensors="pt")["pixel_values"][0].to(torch.float32)
+
+    def collate(self, items: list[Any]) -> Any:
+        if not self.anyres:
+            return torch.stack(items)
+        for i, item in enumerate(items):
+            self._check_item(item, f"item {i}")
+        pixels = (torch.cat([item.pixels for item in items]) if items
+                  else torch.zeros(0, 3, self._size, self._size))
+        return AnyresBatch(pixels, tuple(item.grid for item in items), tuple(item.original for item in items))
+
+    def num_tokens_for(self, item: Any) -> int:
+        if not self.anyres:
+            return self.num_tokens
+        self._check_item(item, "num_tokens_for")
+        return self.layout.num_tokens(item.grid, item.original)
+
+    def blank(self, batch_size: int = 1) -> Any:
+        """Zeros, as 1.0's ``blank_input``; with ``anyres`` a 1x1 grid of zero crops per input."""
+        if not self.anyres:
+            return torch.zeros(batch_size, *self.input_shape)
+        zeros = AnyresImage(torch.zeros(2, 3, self._size, self._size), (1, 1), (self._size, self._size))
+        return self.collate([zeros] * batch_size)
+
+    def forward(self, pixel_values: torch.Tensor | AnyresBatch) -> torch.Tensor | RaggedFeatures:
+        if self.anyres:
+            return self._forward_anyres(pixel_values)
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values=pixel_values.to(dtype))
         # The encoder was cut after the chosen layer, so its last state *is* hidden_states[feature_layer]
         # (with zero layers kept it is the embedding output).
         features = out.last_hidden_state
         return features[:, 1:] if self.drop_cls else features
+
+    def _forward_anyres(self, batch: AnyresBatch) -> RaggedFeatures:
+        if not isinstance(batch, AnyresBatch):
+            raise TypeError(f"image encoder (anyres): forward expects a batch from collate(), got {type(batch).__name__}")
+        dtype = next(self.model.parameters()).dtype
+        if len(batch) == 0:
+            return RaggedFeatures(torch.zeros(0, self.output_dim, dtype=dtype), (), torch.zeros(0, dtype=torch.bool))
+        patches = self.model(pixel_values=batch.pixels.to(dtype)).last_hidden_state[:, 1:]  # CLS dropped
+        crops, _, dim = patches.shape
+        grids = patches.transpose(1, 2).reshape(crops, dim, self._side, self._side)
+        if self.anyres_pool > 1:
+            # Edge windows of a side that does not divide evenly average what they cover (ceil_mode).
+            grids = torch.nn.functional.avg_pool2d(grids, self.anyres_pool, ceil_mode=True)
+        rows, separators = [], []
+        for features, grid, original in zip(torch.split(grids, batch.crops), batch.grids, batch.originals, strict=True):
+            tokens, seps = pack(features, grid, original, self.layout)
+            rows.append(tokens)
+            separators.append(seps)
+        return RaggedFeatures(torch.cat(rows), [len(r) for r in rows], torch.cat(separators))
+
+    def _check_item(self, item: Any, where: str) -> None:
+        if not isinstance(item, AnyresImage):
+            raise TypeError(f"image encoder (anyres): {where} is a {type(item).__name__}, expected the "
+                            "AnyresImage that preprocess returns")
+        expected = (1 + item.grid[0] * item.grid[1], 3, self._size, self._size)
+        if tuple(item.pixels.shape) != expected:
+            raise ValueError(f"image encoder (anyres): {where} has pixels {list(item.pixels.shape)} for a "
+                             f"{item.grid[0]}x{item.grid[1]} grid; expected {list(expected)}")
 
     def identity(self) -> dict[str, Any]:
         config = {k: v for k, v in self.model.config.to_dict().items() if k in _IDENTITY_CONFIG_KEYS}
@@ -118,6 +223,10 @@ class CLIPImageEncoder(ModalityEncoder):
             "num_tokens": self.num_tokens,
             "output_dim": self.output_dim,
         }
+        if self.anyres:  # only when on, so 1.0 identities (feature caches, checkpoints) stay as they were
+            ident["anyres"] = {"grid_pinpoints": [list(p) for p in self.grid_pinpoints], "pool": self.anyres_pool,
+                               "pool_mode": "avg", "unpad": self.layout.unpad, "newline": True,
+                               "base": "squash", "pad": "black"}
         # Round-trip so enums, tuples and numpy scalars become plain JSON values.
         return json.loads(json.dumps(ident, sort_keys=True, default=_jsonable))
 
@@ -131,14 +240,16 @@ class CLIPImageEncoder(ModalityEncoder):
         # A non-square probe image: the processor must still produce exactly the model's input size,
         # since CLIP's position embeddings are fixed to it.
         probe = Image.new("RGB", (self.input_shape[2] * 2 + 3, self.input_shape[1] + 1))
-        got = tuple(self.preprocess(probe).shape)
+        got = tuple(self._square(probe).shape)
         if got != self.input_shape:
             raise ConfigError(f"image encoder: the image processor produces {got} but the CLIP model "
                               f"expects {self.input_shape}; give it a matching size and crop_size")
 
 
 def build_encoder(*, pretrained: str | None = None, feature_layer: int = -2, drop_cls: bool = True,
-                  seed: int | None = None, resample: str | None = None, **tiny_config: Any) -> CLIPImageEncoder:
+                  seed: int | None = None, resample: str | None = None, anyres: bool = False,
+                  grid_pinpoints: Any = None, anyres_pool: int | None = None, anyres_unpad: bool | None = None,
+                  **tiny_config: Any) -> CLIPImageEncoder:
     """Build the ``clip`` encoder.
 
     - ``pretrained``: a Hugging Face hub id or a local directory holding a CLIP (or CLIP vision)
@@ -151,11 +262,18 @@ def build_encoder(*, pretrained: str | None = None, feature_layer: int = -2, dro
       ``bilinear`` or ``nearest``).
     - ``feature_layer``: which ``hidden_states`` entry to return (LLaVA -2, LAMM -1, 0 = embeddings).
     - ``drop_cls``: drop the CLS token (LLaVA, LAMM) or keep it as the first token.
+    - ``anyres``: LLaVA-NeXT any-resolution tiling (off by default): a base view plus the crops of the
+      best of ``grid_pinpoints`` ([height, width] pairs in pixels, multiples of the image size; default
+      LLaVA-NeXT's 1x2, 2x1, 2x2, 3x1, 1x3 crops), a newline token per feature row, padding rows and
+      columns dropped (``anyres_unpad``, default true), each crop's patch grid average-pooled by
+      ``anyres_pool`` (default 1, none; 2 as LLaVA-OneVision's 2x2 pooling). The token count then
+      follows the image's aspect ratio.
     """
     unknown = sorted(set(tiny_config) - VISION_OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; known: pretrained, feature_layer, drop_cls, seed, "
-                        f"resample, {', '.join(sorted(VISION_OPTIONS))}")
+                        f"resample, anyres, grid_pinpoints, anyres_pool, anyres_unpad, "
+                        f"{', '.join(sorted(VISION_OPTIONS))}")
     processor_cls = _processor_class()
     if pretrained is not None:
         fixed = sorted(tiny_config) + [k for k, v in (("seed", seed), ("resample", resample)) if v is not None]
@@ -186,7 +304,8 @@ def build_encoder(*, pretrained: str | None = None, feature_layer: int = -2, dro
         init_seed = seed
     model.eval()
     return CLIPImageEncoder(model, processor, pretrained=pretrained, feature_layer=feature_layer,
-                            drop_cls=drop_cls, init_seed=init_seed)
+                            drop_cls=drop_cls, init_seed=init_seed, anyres=anyres, grid_pinpoints=grid_pinpoints,
+                            anyres_pool=anyres_pool, anyres_unpad=anyres_unpad)
 
 
 def _processor_class() -> Any:
@@ -210,6 +329,12 @@ def _float32_kwargs() -> dict[str, Any]:
 
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: torch.float32}
+
+
+def _size_field(size: Any) -> int:
+    """The side a processor resizes to (``shortest_edge``, else ``height``): LLaVA-NeXT's base view."""
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    return int(get("shortest_edge") or get("height"))
 
 
 def _square_size(value: Any) -> int:
