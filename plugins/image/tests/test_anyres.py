@@ -242,3 +242,12 @@ def test_collate_refuses_what_preprocess_did_not_make(anyres) -> None:
     bad = AnyresImage(torch.zeros(2, 3, S, S), (2, 2), (32, 32))
     with pytest.raises(ValueError, match="for a 2x2 grid"):
         anyres.collate([bad])
+
+
+def test_llava_hf_export_refuses_an_anyres_run() -> None:
+    from mmkit_plugin_image.export_llava import why_not
+
+    image = {"encoder": "clip", "projector": "mlp", "projector_options": {}, "encoder_options": {"anyres": False}}
+    assert why_not({"modalities": {"image": image}}) is None
+    reason = why_not({"modalities": {"image": {**image, "encoder_options": {"anyres": True}}}})
+    assert reason and "anyres" in reason and "LlavaForConditionalGeneration" in reason

@@ -41,6 +41,9 @@ def why_not(meta: dict[str, Any]) -> str | None:
                    if projector == "resampler" else ""))
     if meta.get("encoder_lora"):
         return "the run adapted the CLIP encoder with LoRA; the llava-hf export does not merge encoder LoRA"
+    if (comp.get("encoder_options") or {}).get("anyres"):
+        return ("the run tiles images at any resolution (anyres: true, as LLaVA-NeXT); LlavaForConditionalGeneration "
+                "takes one fixed-size image per slot")
     return None
 
 
