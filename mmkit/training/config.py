@@ -268,6 +268,14 @@ class TrainConfig:
     on_nonfinite_loss: str = option(
         "skip", resume=IGNORED, check=one_of("skip", "stop"),
         help="A NaN/inf loss: skip the optimizer step and count it, or stop naming the step and records.")
+    on_out_of_memory: str = option(
+        "stop", resume=IGNORED, check=one_of("stop", "skip"),
+        help="Out of memory in a micro-batch: stop with advice, or skip (that step's update is skipped on "
+             "every process and counted; ZeRO stage 0 only).")
+    optimizer_step: str = option(
+        "auto", resume=IGNORED, check=one_of("auto", "deepspeed", "torch"),
+        help="auto: a plain torch AdamW step where DeepSpeed adds nothing (one process, ZeRO 0, fp32), "
+             "DeepSpeed's engine otherwise; deepspeed or torch to choose.")
     # processes
     num_procs: int = option(1, resume=IGNORED, flag=True, check=at_least(1),
                             help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPUs). "
