@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmkit.errors import InputError
+from mmkit.errors import InputError, MissingInputError
 
 ARRAY_TYPES = (".npy", ".npz", ".csv", ".tsv", ".txt")
 #: Default guard against loading a huge array by mistake (1 GiB of float32).
@@ -75,7 +75,7 @@ def save_array(path: str | Path, array: np.ndarray) -> Path:
 def check_file(path: Path) -> None:
     """A regular, non-empty file, or an :class:`InputError` saying which it is not."""
     if not path.exists():
-        raise InputError(path, "file not found")
+        raise MissingInputError(path)
     if not path.is_file():
         raise InputError(path, "not a regular file")
     if path.stat().st_size == 0:

@@ -13,7 +13,7 @@ import pytest
 from mmkit.data.readers import LAMM_SYSTEM_MESSAGES, iter_raw_records, read_generic, read_lamm, read_llava
 from mmkit.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, iter_samples, pick_reader, read_mixture
-from mmkit.errors import DataError
+from mmkit.errors import DataError, RecordSchemaError
 from mmkit.specs import MarkerSpec, ModalitySpec
 
 # Core-only specs shaped like the plugins' (no plugin needed to test the readers).
@@ -303,5 +303,7 @@ def test_skipping_bad_records(tmp_path):
     skipped = []
     samples = list(read_generic(path, context=ctx(on_bad_record=skipped.append)))
     assert [s.id for s in samples] == ["one", "two"]
-    assert [(e.record, type(e)) for e in skipped] == [(1, DataError), (3, DataError)]
+    # the kinds callers act on are types (RecordSchemaError is a DataError with kind "schema")
+    assert [(e.record, type(e), e.kind) for e in skipped] == [(1, RecordSchemaError, "schema"),
+                                                              (3, DataError, "placeholder")]
     assert "no <image> placeholder" in skipped[1].reason

@@ -103,7 +103,7 @@ def _as_paths(row: dict[str, Any], ctx: ReadContext) -> dict[str, Any]:
 
 
 def read_hf_dataset(path: Path, *, context: ReadContext) -> Iterator[Sample]:
-    from mmkit.data.readers import parse_all
+    from mmkit.data.readers import parse_records
 
     path = Path(path) if not str(path).startswith(HUB_PREFIX) else path
     source = str(path)
@@ -119,4 +119,4 @@ def read_hf_dataset(path: Path, *, context: ReadContext) -> Iterator[Sample]:
                     raise error from None
                 context.on_bad_record(error)
 
-    yield from parse_all(records(), context, source=source, base=base)
+    yield from parse_records(records(), context, source=source, base=base)

@@ -118,15 +118,29 @@ def _whole_file_hint(path: Path, lineno: int) -> str:
     return ""
 
 
-def _read(path: Path, ctx: ReadContext, *, system_for: Any = None, allowed_keys: set[str] | None = None,
-          **rules: bool) -> Iterator[Sample]:
-    yield from parse_all(iter_raw_records(path, ctx.on_bad_record), ctx, source=str(path), base=path.parent,
-                         system_for=system_for, allowed_keys=allowed_keys, **rules)
+def read_records(path: str | Path, context: ReadContext, *, system_for: Callable[[Any], str | None] | None = None,
+                 allowed_keys: set[str] | None = None, implicit_placeholders: bool = False) -> Iterator[Sample]:
+    """Stream a JSON list or JSONL file of conversation records as normalised :class:`Sample` s:
+    the body of a reader plugin's ``read(path, *, context)`` for any conversation-shaped format.
+
+    Each record is validated (turns, one placeholder per input, paths inside the data root) and a
+    bad one raises :class:`~mmkit.errors.DataError` naming the file and record, or goes to
+    ``context.on_bad_record``. ``system_for(raw_record)`` picks a system message per record;
+    ``allowed_keys`` limits the input keys to these (a format that names its own keys);
+    ``implicit_placeholders`` puts a missing placeholder at the start of the first user turn (LAMM).
+    Records from elsewhere (a database, a dataset library): :func:`parse_records`.
+    """
+    path = Path(path)
+    yield from parse_records(iter_raw_records(path, context.on_bad_record), context, source=str(path),
+                             base=path.parent, system_for=system_for, allowed_keys=allowed_keys,
+                             implicit_placeholders=implicit_placeholders)
 
 
-def parse_all(records: Iterable[tuple[int, Any]], ctx: ReadContext, *, source: str, base: Path,
-              system_for: Any = None, allowed_keys: set[str] | None = None, **rules: bool) -> Iterator[Sample]:
-    """Normalise ``(index, raw record)`` pairs; a bad record raises, or goes to ``ctx.on_bad_record``."""
+def parse_records(records: Iterable[tuple[int, Any]], ctx: ReadContext, *, source: str, base: Path,
+                  system_for: Callable[[Any], str | None] | None = None, allowed_keys: set[str] | None = None,
+                  **rules: bool) -> Iterator[Sample]:
+    """Normalise ``(index, raw record)`` pairs; a bad record raises, or goes to ``ctx.on_bad_record``.
+    ``source`` names them in errors; relative input paths start at ``base`` (or the data root)."""
     for index, obj in records:
         system = system_for(obj) if system_for else None
         try:
@@ -142,13 +156,13 @@ def parse_all(records: Iterable[tuple[int, Any]], ctx: ReadContext, *, source: s
 
 def read_generic(path: Path, *, context: ReadContext) -> Iterator[Sample]:
     """Any registered modality's data key may hold a path or a list of paths."""
-    return _read(Path(path), context)
+    return read_records(path, context)
 
 
 def read_llava(path: Path, *, context: ReadContext) -> Iterator[Sample]:
     """LLaVA instruction data (LLaVA-1.5's mix665k included): an optional ``image`` key, human/gpt
     ``conversations``, ShareGPT text-only records with ``model``."""
-    return _read(Path(path), context, allowed_keys={"image"})
+    return read_records(path, context, allowed_keys={"image"})
 
 
 def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
@@ -161,7 +175,7 @@ def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
         # "normal" (and a task LAMM does not name): the chat template's system message, as in LAMM
         return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal"))) if isinstance(obj, dict) else None
 
-    return _read(Path(path), context, system_for=system_for, implicit_placeholders=True)
+    return read_records(path, context, system_for=system_for, implicit_placeholders=True)
 
 
 def head_records(path: Path, n: int) -> list[Any]:
@@ -200,12 +214,6 @@ def _slow_head(path: Path, n: int) -> list[Any]:
         if len(out) >= n:
             break
     return out
-
-
-def first_record(path: Path) -> Any:
-    """The file's first record object, or ``None``."""
-    head = head_records(path, 1)
-    return head[0] if head else None
 
 
 def detect_lamm(path: Path, first_record: Any) -> bool:
