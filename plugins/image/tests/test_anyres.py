@@ -251,3 +251,14 @@ def test_llava_hf_export_refuses_an_anyres_run() -> None:
     assert why_not({"modalities": {"image": image}}) is None
     reason = why_not({"modalities": {"image": {**image, "encoder_options": {"anyres": True}}}})
     assert reason and "anyres" in reason and "LlavaForConditionalGeneration" in reason
+
+
+def test_collate_accepts_a_blank_batch_among_items(anyres) -> None:
+    """The core's blank input of a variable-size encoder is ``blank(1)``, collated with real items."""
+    item = anyres.preprocess(_image(32, 64))
+    batch = anyres.collate([item, anyres.blank(1)])
+    assert batch.grids == ((1, 2), (1, 1)) and batch.crops == [3, 2]
+    assert anyres.num_tokens_for(anyres.blank(1)) == SIDE * SIDE + SIDE * (SIDE + 1)
+    with torch.no_grad():
+        out = anyres(batch)
+    assert out.counts == (anyres.num_tokens_for(item), anyres.num_tokens_for(anyres.blank(1)))

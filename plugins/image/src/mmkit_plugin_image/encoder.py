@@ -148,6 +148,8 @@ class CLIPImageEncoder(ModalityEncoder):
     def collate(self, items: list[Any]) -> Any:
         if not self.anyres:
             return torch.stack(items)
+        # A collated batch among the items (the core's blank input is ``blank(1)``) joins as its items.
+        items = [part for item in items for part in (item.items() if isinstance(item, AnyresBatch) else [item])]
         for i, item in enumerate(items):
             self._check_item(item, f"item {i}")
         pixels = (torch.cat([item.pixels for item in items]) if items
@@ -157,6 +159,8 @@ class CLIPImageEncoder(ModalityEncoder):
     def num_tokens_for(self, item: Any) -> int:
         if not self.anyres:
             return self.num_tokens
+        if isinstance(item, AnyresBatch) and len(item) == 1:  # a blank(1), as the core's blank input
+            item = item.items()[0]
         self._check_item(item, "num_tokens_for")
         return self.layout.num_tokens(item.grid, item.original)
 
