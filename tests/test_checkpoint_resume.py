@@ -13,6 +13,7 @@ import pytest
 
 from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training import checkpoint as ckpt
+from mmkit.training.checkpoint.manifest import write_manifest
 
 TIMEOUT = 300
 OPTIONS = {"max_steps": 8, "save_every": 2, "keep_last": 2}
@@ -286,7 +287,7 @@ def test_manifest_signatures(uninterrupted: Path, tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(ckpt.KEY_ENV, "team secret")
     assert "is not signed, and MMKIT_CHECKPOINT_KEY is set" in ckpt.verify(checkpoint, 0)
     (checkpoint / "manifest.json").unlink()
-    ckpt._write_manifest(checkpoint, 8)  # as a save with the key set writes it
+    write_manifest(checkpoint, 8)  # as a save with the key set writes it
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert manifest["signature"]["algorithm"] == "hmac-sha256"
     assert ckpt.verify(checkpoint, 0) is None

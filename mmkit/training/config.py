@@ -3,7 +3,7 @@ and saved resolved with every run.
 
 Each field says, where it is defined, what it means (``help``), which values it accepts (its type
 and a ``check``) and what a resumed run may do with it (``resume``). The CLI options
-(``cli/train_cmd.py``) and the resume compatibility lists (``checkpoint.py``) are derived from that.
+(``cli/train_cmd.py``) and the resume compatibility lists (``checkpoint/compat.py``) are derived from that.
 
 Values are parsed by type, not trusted: YAML 1.1 reads ``2e-4`` as a string, so numbers given as
 strings are parsed as numbers, and anything that is not a number is refused naming the field. All

@@ -1,0 +1,151 @@
+"""Choosing the checkpoint to resume from (the newest one every process finds intact) and restoring
+it; ``resume: never`` starts over."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mmkit.atomic import atomic_write_text
+from mmkit.errors import CheckpointMismatchError, ConfigError
+from mmkit.training import distributed as dist_util
+from mmkit.training.checkpoint.compat import check_resumable
+from mmkit.training.checkpoint.layout import (
+    MANIFEST, TrainState, discard_checkpoints, list_checkpoints, read_state, remove_dir,
+)
+from mmkit.training.checkpoint.manifest import verify
+from mmkit.training.checkpoint.rng import load_rng
+from mmkit.training.checkpoint.store import load_engine_state, load_trainable_weights
+
+
+def resume_candidates(resume: str, output_dir: Path) -> tuple[list[Path], bool]:
+    """``(checkpoints to try, newest first; explicit)`` for the ``resume`` option."""
+    if resume == "never":
+        return [], False
+    if resume == "auto":
+        return list_checkpoints(output_dir), False
+    path = Path(resume)
+    if (path / MANIFEST).is_file():
+        return [path], True
+    found = list_checkpoints(path)
+    if not found:
+        raise ConfigError(f"--resume {resume}: no complete checkpoint there (expected a checkpoints/step-N directory "
+                          f"with {MANIFEST}, or a run directory holding some)")
+    return found, True
+
+
+def choose_checkpoint(candidates: list[Path], explicit: bool, *, rank: int, console: Any = None) -> Path | None:
+    """The newest candidate every process finds intact (every process must call this)."""
+    candidates = dist_util.broadcast_object([str(c) for c in candidates])
+    for candidate in map(Path, candidates):
+        problem = verify(candidate, rank)
+        if dist_util.all_true(problem is None):
+            return candidate
+        problems = dist_util.all_gather_objects(problem)
+        why = "; ".join(f"process {r}: {p}" for r, p in enumerate(problems) if p)
+        if explicit and len(candidates) == 1:
+            raise CheckpointMismatchError(f"checkpoint {candidate} failed verification: {why}")
+        if rank == 0 and console is not None:
+            console.print(f"[yellow]checkpoint {candidate} failed verification ({why}); trying an older one[/]")
+    if candidates:
+        raise CheckpointMismatchError("no intact checkpoint under "
+                                      f"{Path(candidates[0]).parent}: every candidate failed verification "
+                                      "(resume: never starts over)")
+    return None
+
+
+@attrs.define
+class Resume:
+    """A checkpoint chosen to resume from, and how."""
+
+    checkpoint: Path
+    mode: str  # "exact" or "reset_optimizer"
+    saved: dict[str, Any]
+    notes: list[str]
+    trust: bool = False  # --trust-checkpoint: DeepSpeed's files may be fully unpickled
+
+    @property
+    def step(self) -> int:
+        return int(self.saved["step"])
+
+    def before_engine(self, assembled: Any) -> None:
+        """With a reset optimizer, the weights come from the gathered safetensors (any process count)."""
+        if self.mode == "reset_optimizer":
+            load_trainable_weights(self.checkpoint, assembled)
+
+    def after_engine(self, engine: Any, scheduler: Any, *, rank: int, seed: int) -> TrainState:
+        """Restore DeepSpeed's state (or the schedule alone), this process's RNG and the data position."""
+        if self.mode == "exact":
+            load_engine_state(self.checkpoint, engine, trust=self.trust)
+        else:
+            scheduler.load_state_dict(self.saved["scheduler"])
+            optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+            engine.global_steps = self.step
+        if not load_rng(self.checkpoint, rank):
+            # a process the checkpoint did not have (more processes now): a fresh, reproducible stream
+            import numpy as np
+            import torch
+
+            derived = (seed * 1_000_003 + rank * 7919 + self.step) % 2**32
+            torch.manual_seed(derived)
+            np.random.seed(derived)
+            random.seed(derived)
+        return TrainState(**{f.name: int(self.saved[f.name]) for f in attrs.fields(TrainState)})
+
+
+def plan_resume(*, resume: str, output_dir: Path, config: dict[str, Any], world_size: int, geometry: dict[str, int],
+                trainable: dict[str, list[int]], on_world_size_change: str, rank: int,
+                console: Any = None, trust: bool = False) -> Resume | None:
+    """Pick the checkpoint to resume from (every process must call this), or ``None`` to start over."""
+    if resume == "never":
+        if rank == 0:
+            dropped = start_over(output_dir)
+            if dropped and console is not None:
+                console.print(f"resume: never: removed {' and '.join(dropped)} of an earlier run in {output_dir}")
+        dist_util.barrier()
+        return None
+    candidates, explicit = resume_candidates(resume, output_dir)
+    chosen = choose_checkpoint(candidates, explicit, rank=rank, console=console)
+    if chosen is None:
+        return None
+    saved = read_state(chosen)
+    mode, notes = check_resumable(saved, config=config, world_size=world_size, geometry=geometry, trainable=trainable,
+                                  on_world_size_change=on_world_size_change)
+    return Resume(chosen, mode, saved, notes, trust)
+
+
+def start_over(output_dir: Path) -> list[str]:
+    """``resume: never``: remove an earlier run's checkpoints and model (a model left beside a new
+    run's config and data would be silently wrong); returns what was removed, in words."""
+    dropped = discard_checkpoints(output_dir)
+    removed = [f"{dropped} checkpoint(s)"] if dropped else []
+    model = Path(output_dir) / "model"
+    if model.exists():
+        remove_dir(model)
+        removed.append("the model")
+    (Path(output_dir) / "eval.json").unlink(missing_ok=True)
+    return removed
+
+
+def trim_metrics(output_dir: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` lines past ``step`` (a resumed run writes them again), and the end-of-run
+    summary line at ``step`` (a run resumed at its end writes it again, rather than once per rerun)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            at = entry.get("step", 0)
+            if at < step or (at == step and "skipped_records" not in entry):
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
