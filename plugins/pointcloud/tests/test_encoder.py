@@ -29,21 +29,22 @@ def _clouds(count: int = 3, n: int = 300, colour: bool = False) -> list[np.ndarr
 def test_preprocess_normalises_and_resamples() -> None:
     enc = build_encoder(**TINY)  # 6 channels by default
     for raw in (_clouds(1, 1000)[0], _clouds(1, 40)[0]):
-        x = enc.preprocess(raw)
+        x = enc.prepare_points(raw)
         assert x.shape == (256, 6) and x.dtype == torch.float32
+        assert torch.equal(enc.preprocess(raw)[:256 * 6], x.reshape(-1))  # the points lead the preprocessed item
         assert x[:, :3].norm(dim=1).max() <= 1 + 1e-6
         assert torch.equal(x[:, 3:], torch.zeros(256, 3))  # no colour in the file: zeros
     raw = _clouds(1, 500)[0]
     shifted = raw * 7.5 + np.array([100.0, -3.0, 40.0], dtype=np.float32)
-    assert torch.allclose(enc.preprocess(raw), enc.preprocess(shifted), atol=1e-5)
+    assert torch.allclose(enc.prepare_points(raw), enc.prepare_points(shifted), atol=1e-5)
     assert torch.equal(enc.preprocess(raw), enc.preprocess(torch.from_numpy(raw)))
 
 
 def test_colour_channels_kept_or_dropped() -> None:
     coloured = _clouds(1, 100, colour=True)[0]
-    six = build_encoder(**TINY).preprocess(coloured)
+    six = build_encoder(**TINY).prepare_points(coloured)
     assert torch.allclose(six[:, 3:], torch.from_numpy(coloured[np.arange(256) % 100, 3:]))
-    three = build_encoder(**{**TINY, "in_channels": 3}).preprocess(coloured)
+    three = build_encoder(**{**TINY, "in_channels": 3}).prepare_points(coloured)
     assert three.shape == (256, 3)
     with pytest.raises(ValueError):
         build_encoder(**TINY).preprocess(np.zeros((10, 4)))
@@ -61,7 +62,8 @@ def test_forward_shape_and_batch_invariance(options: dict) -> None:
     assert out.shape == (4, enc.num_tokens, enc.output_dim) == (4, options["centres"][-1], options["output_dim"])
     assert torch.allclose(out, alone, atol=1e-5)
     assert not torch.allclose(out[0], out[1])
-    with pytest.raises(PluginError, match=r"encode raised ValueError: expected input \[B, 256"):
+    with pytest.raises(PluginError, match=r"encode raised ValueError: expected preprocessed input \[B, \d+\] or "
+                                          r"points \[B, 256, \d\]"):
         enc(batch[:, :100])  # named by mmkit, with the plugin's own reason
 
 
@@ -131,7 +133,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert ident["config"] == enc.identity()["config"]
     # Options that keep weight shapes may be overridden; the identity records them.
     more = build_encoder(pretrained=str(tmp_path / "enc"), num_points=512)
-    assert more.input_shape == (512, 6) and more.identity()["config"]["num_points"] == 512
+    assert more.layout.point_values == 512 * 6 and more.identity()["config"]["num_points"] == 512
 
 
 def test_load_through_the_mmkit_factory(tmp_path: Path) -> None:

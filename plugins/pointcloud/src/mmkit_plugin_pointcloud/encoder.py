@@ -3,7 +3,9 @@
 Each level picks centres by farthest-point sampling, groups each centre's k nearest points and runs
 ``torch_geometric.nn.PointNetConv`` (shared MLP on ``[feature_j, pos_j - pos_i]``, max-pooled) on the
 bipartite graph points -> centres. The last level's centres are the tokens: their pooled features
-plus an embedding of the centre position, optionally mixed by a small transformer.
+plus an embedding of the centre position, optionally mixed by a small transformer. Sampling and
+grouping need no weights, so ``preprocess`` computes them once per cloud and stores them after the
+points (:mod:`mmkit_plugin_pointcloud.layout`); forward only gathers.
 
 Weights are stored as ``config.json`` + ``model.safetensors`` (the Hugging Face Hub layout), loaded
 with strict key and shape checks.
@@ -20,7 +22,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import MLP, PointNetConv
 
 from mmkit_plugin_pointcloud.config import PointNet2Config
-from mmkit_plugin_pointcloud.sampling import farthest_point_sample, gather_points, knn, normalise_cloud, resample
+from mmkit_plugin_pointcloud.layout import Grouping, InputLayout, group
+from mmkit_plugin_pointcloud.sampling import gather_points, normalise_cloud, resample
 
 
 class PointNet2Encoder(PretrainedEncoder):
@@ -36,7 +39,8 @@ class PointNet2Encoder(PretrainedEncoder):
         self.cfg = cfg
         self.num_tokens = cfg.num_tokens
         self.output_dim = cfg.output_dim
-        self.input_shape = (cfg.num_points, cfg.in_channels)
+        self.layout = InputLayout(cfg)
+        self.input_shape = (self.layout.size,)  # the points, then their grouping (layout.py)
         self._build(cfg)
 
     def _build(self, config: PointNet2Config) -> None:
@@ -63,9 +67,18 @@ class PointNet2Encoder(PretrainedEncoder):
 
     # -- preprocessing (data-loader workers; no weights needed) ------------------------------------
     def preprocess(self, raw: Any) -> Tensor:
-        """``[N, 3]`` or ``[N, 6]`` points -> ``[num_points, in_channels]``: centred at the centroid,
-        scaled into the unit sphere, FPS-subsampled (from point 0) or cyclically repeated to exactly
-        ``num_points``; colours zero-filled when absent (6 channels) or dropped (3 channels)."""
+        """``[N, 3]`` or ``[N, 6]`` points -> the flat vector ``input_shape`` (see
+        :mod:`mmkit_plugin_pointcloud.layout`): the points, centred at the centroid, scaled into the
+        unit sphere, FPS-subsampled (from point 0) or cyclically repeated to exactly ``num_points``,
+        colours zero-filled when absent (6 channels) or dropped (3 channels); then every level's FPS
+        centres and kNN groups, which depend on the points alone, so they are computed here once
+        instead of in every training step."""
+        points = self.prepare_points(raw)[None]
+        return self.layout.pack(points, group(points[..., :3], self.cfg))[0]
+
+    def prepare_points(self, raw: Any) -> Tensor:
+        """``[N, 3]`` or ``[N, 6]`` points -> ``[num_points, in_channels]`` float32 (the points part
+        of :meth:`preprocess`; the input a stock PointNet++ takes)."""
         points = raw.detach().cpu().numpy() if isinstance(raw, Tensor) else np.asarray(raw)
         if points.ndim != 2 or points.shape[1] not in (3, 6) or points.shape[0] == 0:
             raise ValueError(f"expected a non-empty N x 3 or N x 6 point array, got shape {points.shape}")
@@ -75,26 +88,38 @@ class PointNet2Encoder(PretrainedEncoder):
             xyz = np.concatenate([xyz, rgb], axis=1)
         return torch.from_numpy(np.ascontiguousarray(resample(xyz, self.cfg.num_points), dtype=np.float32))
 
+    def stock_input(self, batch: Tensor) -> Tensor:
+        """The points ``[B, num_points, in_channels]`` of a preprocessed batch: what a stock PointNet++
+        is fed, leaving it to sample and group in every forward (``mmkit bench``'s plain loop does)."""
+        return self.layout.unpack(batch)[0]
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected input [B, {self.input_shape[0]}, {self.input_shape[1]}], got {tuple(x.shape)}")
+        """Preprocessed vectors ``[B, input_shape[0]]`` (grouping precomputed), or bare points ``[B,
+        num_points, in_channels]`` (grouped here, as before the grouping moved into ``preprocess``)."""
+        if x.dim() == 2 and tuple(x.shape[1:]) == self.input_shape:
+            points, grouping = self.layout.unpack(x)
+        elif x.dim() == 3 and tuple(x.shape[1:]) == (self.cfg.num_points, self.cfg.in_channels):
+            points, grouping = x, group(x[..., :3], self.cfg)
+        else:
+            raise ValueError(f"expected preprocessed input [B, {self.input_shape[0]}] or points "
+                             f"[B, {self.cfg.num_points}, {self.cfg.in_channels}], got {tuple(x.shape)}")
+        return self._encode(points, grouping)
+
+    def _encode(self, x: Tensor, grouping: Grouping) -> Tensor:
         batch = x.shape[0]
         dtype = self.feature_proj.weight.dtype  # the layers' dtype (bf16/fp16 under mixed precision)
-        pos = x[..., :3].float()  # sampling and grouping stay float32 whatever the layers run in
+        pos = x[..., :3].float()  # positions stay float32 whatever the layers run in
         feat: Tensor | None = x[..., 3:].to(dtype) if x.shape[-1] > 3 else None
         if self.cfg.invariant_features:
             radius = pos.norm(dim=-1, keepdim=True).to(dtype)
             feat = radius if feat is None else torch.cat([feat, radius], dim=-1)
-        # FPS from point 0 of an FPS-ordered prefix is that prefix, so one FPS run gives every
-        # level's centres (level l = the first centres[l] picks).
-        order = farthest_point_sample(pos, self.cfg.centres[0])
         for level, conv in enumerate(self.levels):
             m, k = self.cfg.centres[level], self.cfg.neighbours[level]
             n = pos.shape[1]
-            centre_index = order[:, :m] if level == 0 else torch.arange(m, device=x.device).expand(batch, m)
-            centre_pos = gather_points(pos, centre_index)
-            neighbours = knn(centre_pos, pos, k)  # [B, m, k]
+            # level 0's centres in FPS order; level l's are the first centres[l] of level l-1's
+            centre_pos = gather_points(pos, grouping.order) if level == 0 else pos[:, :m]
+            neighbours = grouping.neighbours[level].to(x.device)  # [B, m, k]
             offsets = torch.arange(batch, device=x.device).view(batch, 1, 1)
             source = (neighbours + offsets * n).reshape(-1)
             target = torch.arange(batch * m, device=x.device).repeat_interleave(k)
@@ -111,21 +136,31 @@ class PointNet2Encoder(PretrainedEncoder):
         return self.norm(tokens)
 
     def legacy_identities(self) -> list[dict[str, Any]]:
-        """The identity releases up to 0.1.0 recorded: the seed inside the config, an ``init`` line, the
-        plugin version, and as ``weights_sha256`` the saved weights file's hash (none for random init:
-        a run stores those weights itself, in its hash-checked ``encoders.safetensors``)."""
+        """Identities earlier releases recorded for these same features:
+
+        - before the grouping moved into ``preprocess``: today's identity without the ``grouping``
+          line (the features are bitwise the same in float32: the same FPS and kNN on the same
+          float32 points, only computed earlier);
+        - releases up to 0.1.0: the seed inside the config, an ``init`` line, the plugin version, and
+          as ``weights_sha256`` the saved weights file's hash (none for random init: a run stores those
+          weights itself, in its hash-checked ``encoders.safetensors``)."""
+        out = [{**self.identity(), "preprocessing": self._points_preprocessing()}]
         if self.pretrained is None and self.seed is not None:
             seed, weights = self.seed, None
         elif self.pretrained is not None and self._legacy_seed is not None:
             seed, weights = self._legacy_seed, _file_sha256(self._locate(self.pretrained)[1])
         else:
-            return []  # a folder in the current layout: no earlier release could have read it
+            return out  # a folder in the current layout: no release up to 0.1.0 could have read it
         ident = {"class": f"{type(self).__module__}.{type(self).__qualname__}", "pretrained": self.pretrained,
                  "weights_sha256": weights, "init": "pretrained" if self.pretrained else f"random (seed {seed})",
-                 "config": {**self.config, "seed": seed}, "preprocessing": self.describe_preprocessing()}
-        return [{**ident, "plugin_version": version} for version in _LEGACY_VERSIONS]
+                 "config": {**self.config, "seed": seed}, "preprocessing": self._points_preprocessing()}
+        return out + [{**ident, "plugin_version": version} for version in _LEGACY_VERSIONS]
 
     def describe_preprocessing(self) -> dict[str, Any]:
+        return {**self._points_preprocessing(),
+                "grouping": "per level, FPS centres and kNN groups of the float32 points, stored after them"}
+
+    def _points_preprocessing(self) -> dict[str, Any]:
         return {"centre": "centroid", "scale": "unit sphere (max radius 1)",
                 "resample": f"farthest-point sampling from point 0, or cyclic repeat, to {self.cfg.num_points}",
                 "colour": "rgb in [0, 1], zeros when absent" if self.cfg.in_channels == 6 else "dropped"}
