@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 PROJECT = "mmkit"
 #: Version of this contract. Plugins declare the range they support with ``mmkit>=X,<Y`` in their
-#: dependencies; ``mmkit plugins check`` verifies it.
-HOOK_API_VERSION = "1.0"
+#: dependencies; ``mmkit plugins check`` verifies it. 1.1 added inputs of any size (an encoder's
+#: ``num_tokens`` / ``input_shape`` may be ``None``; ``collate``, ``num_tokens_for``, ``blank``,
+#: ``RaggedFeatures``); every 1.0 plugin works unchanged.
+HOOK_API_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 
@@ -52,8 +54,18 @@ def mmkit_encoders() -> Sequence[EncoderSpec]:
     """Register modality encoders (frozen feature extractors).
 
     Return a list of :class:`mmkit.specs.EncoderSpec`. ``build`` returns a
-    :class:`mmkit.modeling.ModalityEncoder`: ``preprocess(raw) -> Tensor`` for one input and
-    ``forward(Tensor[B, ...]) -> Tensor[B, num_tokens, output_dim]``.
+    :class:`mmkit.modeling.ModalityEncoder`, of one of two kinds:
+
+    - fixed size: ``input_shape`` and ``num_tokens`` are set; ``preprocess(raw) -> Tensor`` of
+      ``input_shape`` for one input, batches are ``torch.stack``-ed, and
+      ``forward(Tensor[B, *input_shape]) -> Tensor[B, num_tokens, output_dim]``;
+    - variable size (contract 1.1: any-resolution images, video, graphs, long audio):
+      ``num_tokens = None`` (and ``input_shape = None`` for inputs that are not one tensor shape);
+      ``preprocess(raw)`` returns any object, ``collate(items)`` batches them,
+      ``num_tokens_for(item) -> int`` says how many tokens an input becomes before it is encoded,
+      ``blank(batch_size)`` returns a collated blank batch, and ``forward(batch)`` returns
+      ``mmkit.modeling.features.RaggedFeatures(values[sum(counts), output_dim], counts)``.
+      ``uses_separators = True`` gives the projector a learned separator for rows the encoder marks.
 
     Example::
 

@@ -3,7 +3,8 @@
 A conversation is rendered with the run's chat template (see :mod:`mmkit.templates`: the
 tokenizer's own, a named one, or a file), tokenised once with character offsets, and each modality
 placeholder token is expanded to ``begin + N slots + end`` where the N slots later receive the
-projected features.
+projected features. N is the modality's fixed count, or (a variable-size encoder, contract 1.1) the
+count of that input, given per input in placeholder order (``input_tokens``).
 
 Labels come from token positions in that one tokenisation. The character spans that carry loss are
 
@@ -36,23 +37,32 @@ IGNORE_INDEX = -100
 _MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never merged by a tokenizer rule
 
 
+#: per modality, the slots of each input in placeholder order (what ``input_tokens`` arguments take)
+InputTokens = Mapping[str, Sequence[int]]
+
+
 @attrs.frozen
 class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     #: modality -> number of inputs, in placeholder order (the collator stacks inputs in this order)
     input_counts: Mapping[str, int]
+    #: modality -> the slots each input got, in placeholder order
+    input_tokens: Mapping[str, tuple[int, ...]] = attrs.field(factory=dict)
 
 
 class PromptBuilder:
     """Renders and tokenises conversations; expands modality placeholders.
 
     ``tokens_per_input[m]`` is how many feature tokens one input of modality ``m`` becomes (the
-    projector's output count), so lengths here already include modality tokens. ``template``: see
+    projector's output count), so lengths here already include modality tokens; ``None``: the count
+    differs per input (a variable-size encoder with a token-wise projector), and every encode call
+    of a sample with such inputs gives ``input_tokens`` (per modality, each input's count in
+    placeholder order; see :func:`mmkit.modeling.encoder.tokens_per_input`). ``template``: see
     :func:`mmkit.templates.resolve`; a tokenizer with no chat template needs one.
     """
 
-    def __init__(self, tokenizer: Any, markers: Mapping[str, MarkerSpec], tokens_per_input: Mapping[str, int],
+    def __init__(self, tokenizer: Any, markers: Mapping[str, MarkerSpec], tokens_per_input: Mapping[str, int | None],
                  *, template: str | None = None, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.markers = dict(markers)
@@ -66,14 +76,23 @@ class PromptBuilder:
         self.template_ref = self.chat.ref
         self.max_length = max_length
         self._placeholder_ids: dict[int, str] = {}
-        self._expansion: dict[int, list[int]] = {}
+        self._expansion: dict[int, tuple[list[int], list[int]]] = {}  # placeholder -> (begin, end)
         for modality, spec in self.markers.items():
             ph = self._token_id(spec.placeholder)
             begin = [self._token_id(spec.begin)] if spec.begin else []
             end = [self._token_id(spec.end)] if spec.end else []
             self._placeholder_ids[ph] = modality
-            self._expansion[ph] = begin + [ph] * self.tokens_per_input[modality] + end
+            self._expansion[ph] = (begin, end)
+            fixed = self.tokens_per_input[modality]
+            if fixed is not None and (isinstance(fixed, bool) or int(fixed) != fixed or fixed < 1):
+                raise ConfigError(f"tokens per input of {modality!r} must be a positive int or None (variable); "
+                                  f"got {fixed!r}")
         self._check_template_tokens()
+
+    @property
+    def variable_modalities(self) -> tuple[str, ...]:
+        """The modalities whose token count differs per input (``tokens_per_input`` None)."""
+        return tuple(m for m, n in self.tokens_per_input.items() if n is None)
 
     def _token_id(self, token: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -209,7 +228,7 @@ class PromptBuilder:
         return labels, all_closed
 
     def _encode(self, sample: Sample, text: str, spans: list[tuple[int, int]], closed: bool,
-                ids: list[int], offsets: list[tuple[int, int]]) -> EncodedSample:
+                ids: list[int], offsets: list[tuple[int, int]], input_tokens: InputTokens | None) -> EncodedSample:
         labels, all_closed = self._labels(ids, [tuple(o) for o in offsets], spans, closed, len(text))
         if not closed and not all_closed and self.tokenizer.eos_token_id is not None:
             # A template without an end-of-turn token: teach the model to stop with EOS.
@@ -221,9 +240,9 @@ class PromptBuilder:
             raise DataError(sample.source, sample.index, "no assistant tokens to learn from", record_id=sample.id,
                             kind="schema")
         ids, labels = ids[: last + 1], labels[: last + 1]
-        input_ids, labels, counts = self._expand(ids, labels)
-        self._check(sample, counts, len(input_ids))
-        return EncodedSample(input_ids, labels, counts)
+        input_ids, labels, counts, slots = self._expand(ids, labels, input_tokens, sample)
+        self._check(sample, counts, len(input_ids), slots)
+        return EncodedSample(input_ids, labels, counts, slots)
 
     def _bos_once(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         bos = self.tokenizer.bos_token_id
@@ -239,33 +258,77 @@ class PromptBuilder:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    def _expand(self, ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int], dict[str, int]]:
+    def _expand(self, ids: Sequence[int], labels: Sequence[int], input_tokens: InputTokens | None,
+                sample: Sample | None) -> tuple[list[int], list[int], dict[str, int], dict[str, tuple[int, ...]]]:
         out_ids: list[int] = []
         out_labels: list[int] = []
         counts: dict[str, int] = {}
+        slots: dict[str, list[int]] = {}
         for tok, lab in zip(ids, labels, strict=True):
             modality = self._placeholder_ids.get(tok)
             if modality is None:
                 out_ids.append(tok)
                 out_labels.append(lab)
                 continue
-            expansion = self._expansion[tok]
-            out_ids.extend(expansion)
-            out_labels.extend([IGNORE_INDEX] * len(expansion))
-            counts[modality] = counts.get(modality, 0) + 1
-        return out_ids, out_labels, counts
+            k = counts.get(modality, 0)
+            n = self._slots(modality, k, input_tokens, sample)
+            begin, end = self._expansion[tok]
+            out_ids.extend(begin + [tok] * n + end)
+            out_labels.extend([IGNORE_INDEX] * (len(begin) + n + len(end)))
+            counts[modality] = k + 1
+            slots.setdefault(modality, []).append(n)
+        if input_tokens is not None:
+            for modality, given in input_tokens.items():
+                if modality in self.tokens_per_input and len(given) != counts.get(modality, 0):
+                    self._mismatch(sample, modality, len(given), counts.get(modality, 0))
+        return out_ids, out_labels, counts, {m: tuple(v) for m, v in slots.items()}
+
+    def _slots(self, modality: str, k: int, input_tokens: InputTokens | None, sample: Sample | None) -> int:
+        """The slots of input ``k`` (placeholder order) of ``modality``."""
+        fixed = self.tokens_per_input[modality]
+        given = None if input_tokens is None else input_tokens.get(modality)
+        if given is None:
+            if fixed is not None:
+                return int(fixed)
+            if sample is not None and not sample.inputs.get(modality):
+                self._mismatch(sample, modality, 0, k + 1)
+            raise ConfigError(f"{modality!r} has a variable token count per input: encoding "
+                              f"{'record ' + repr(sample.id) if sample is not None else 'a prompt'} needs input_tokens "
+                              f"(each {modality} input's count, from the encoder's num_tokens_for)")
+        if k >= len(given):
+            self._mismatch(sample, modality, len(given), k + 1)
+        n = int(given[k])
+        if n < 0 or (fixed is not None and n != fixed):
+            raise ConfigError(f"{modality!r} input {k}: {n} tokens given, but the modality has "
+                              f"{'a fixed ' + str(fixed) if fixed is not None else 'no negative counts'} tokens per input")
+        return n
+
+    @staticmethod
+    def _mismatch(sample: Sample | None, modality: str, inputs: int, placeholders: int) -> None:
+        reason = f"{inputs} {modality} input(s) but {'at least ' if placeholders > inputs else ''}{placeholders} " \
+                 "placeholder token(s) after tokenisation"
+        if sample is None:
+            raise ConfigError(f"the prompt has {reason}")
+        raise DataError(sample.source, sample.index, reason, record_id=sample.id, kind="placeholder")
 
     # -- the entry points --------------------------------------------------------------------
-    def encode_sample(self, sample: Sample) -> EncodedSample:
-        """Training: the whole conversation; loss on each answer and its end-of-turn token only."""
-        out = self.encode_samples([sample])[0]
+    def encode_sample(self, sample: Sample, input_tokens: InputTokens | None = None) -> EncodedSample:
+        """Training: the whole conversation; loss on each answer and its end-of-turn token only.
+
+        ``input_tokens``: per modality, each input's slot count in placeholder order (required for a
+        modality whose ``tokens_per_input`` is ``None``; others default to their fixed count)."""
+        out = self.encode_samples([sample], [input_tokens])[0]
         if isinstance(out, DataError):
             raise out
         return out
 
-    def encode_samples(self, samples: Sequence[Sample]) -> list[EncodedSample | DataError]:
+    def encode_samples(self, samples: Sequence[Sample],
+                       input_tokens: Sequence[InputTokens | None] | None = None) -> list[EncodedSample | DataError]:
         """:meth:`encode_sample` for many samples with one batched tokenizer call; a sample's
-        problem is returned in its place (validation reports all of them)."""
+        problem is returned in its place (validation reports all of them). ``input_tokens``: one
+        entry per sample (see :meth:`encode_sample`)."""
+        if input_tokens is not None and len(input_tokens) != len(samples):
+            raise ValueError(f"encode_samples: {len(input_tokens)} input_tokens entries for {len(samples)} samples")
         rendered = []
         for sample in samples:
             rendered.append(self._assistant_spans(self.messages(sample.turns, sample.system)))
@@ -277,17 +340,19 @@ class PromptBuilder:
         for k, (sample, (text, spans, closed)) in enumerate(zip(samples, rendered, strict=True)):
             try:
                 out.append(self._encode(sample, text, spans, closed, list(enc["input_ids"][k]),
-                                        list(enc["offset_mapping"][k])))
+                                        list(enc["offset_mapping"][k]), input_tokens[k] if input_tokens else None))
             except DataError as exc:
                 out.append(exc)
         return out
 
-    def encode_prompt(self, turns: Sequence[Turn], system: str | None = None) -> EncodedSample:
-        """Inference: the conversation so far, ending with the generation prompt."""
+    def encode_prompt(self, turns: Sequence[Turn], system: str | None = None,
+                      input_tokens: InputTokens | None = None) -> EncodedSample:
+        """Inference: the conversation so far, ending with the generation prompt. ``input_tokens``:
+        as for :meth:`encode_sample`."""
         ids, _ = self._tokenize(self.prompt_text(turns, system))
         ids, labels = self._bos_once(ids, [IGNORE_INDEX] * len(ids))
-        input_ids, labels, counts = self._expand(ids, labels)
-        return EncodedSample(input_ids, labels, counts)
+        input_ids, labels, counts, slots = self._expand(ids, labels, input_tokens, None)
+        return EncodedSample(input_ids, labels, counts, slots)
 
     def prompt_text(self, turns: Sequence[Turn], system: str | None = None) -> str:
         """The inference prompt as text (what ``mmkit data inspect`` shows)."""
@@ -314,15 +379,40 @@ class PromptBuilder:
             stops.add(learned[-1])
         return frozenset(stops)
 
-    def _check(self, sample: Sample, counts: Mapping[str, int], length: int) -> None:
+    def _check(self, sample: Sample, counts: Mapping[str, int], length: int,
+               slots: Mapping[str, Sequence[int]]) -> None:
         for modality, paths in sample.inputs.items():
             if counts.get(modality, 0) != len(paths):
                 raise DataError(sample.source, sample.index,
                                 f"{len(paths)} {modality} input(s) but {counts.get(modality, 0)} placeholder token(s) "
                                 "after tokenisation", record_id=sample.id, kind="placeholder")
-        if self.max_length is not None and length > self.max_length:
-            detail = ", ".join(f"{n} {m} x {self.tokens_per_input[m]}" for m, n in counts.items())
-            raise DataError(sample.source, sample.index,
-                            f"{length} tokens including modality tokens{f' ({detail})' if detail else ''}, "
-                            f"over the maximum {self.max_length}",
-                            record_id=sample.id, kind="too_long")
+        problem = self.length_problem(length, slots)
+        if problem is not None:
+            raise DataError(sample.source, sample.index, problem, record_id=sample.id, kind="too_long")
+
+    def length_problem(self, length: int, slots: Mapping[str, Sequence[int]]) -> str | None:
+        """The length rule (training, validation and packing all apply this one): ``length`` tokens,
+        modality slots included (``slots``: each input's count per modality), within ``max_length``.
+        The reason it fails, or ``None``."""
+        if self.max_length is None or length <= self.max_length:
+            return None
+        parts = []
+        for modality, per_input in slots.items():
+            if len(set(per_input)) == 1:
+                parts.append(f"{len(per_input)} {modality} x {per_input[0]}")
+            else:
+                parts.append(f"{modality} {'+'.join(str(n) for n in per_input)}")
+        detail = ", ".join(parts)
+        return (f"{length} tokens including modality tokens{f' ({detail})' if detail else ''}, "
+                f"over the maximum {self.max_length}")
+
+    def lengths(self, samples: Sequence[Sample], input_tokens: Sequence[InputTokens | None] | None = None
+                ) -> list[tuple[int, dict[str, int]]]:
+        """``(length, inputs per modality)`` per sample, as :meth:`encode_sample` counts them (one
+        batched tokenizer call); a sample that does not encode raises its :class:`DataError`."""
+        out = []
+        for result in self.encode_samples(samples, input_tokens):
+            if isinstance(result, DataError):
+                raise result
+            out.append((len(result.input_ids), dict(result.input_counts)))
+        return out

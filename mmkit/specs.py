@@ -166,9 +166,15 @@ class EncoderSpec:
 class ProjectorSpec:
     """A projector from encoder features to the LLM's embedding space.
 
-    ``build(*, in_dim: int, out_dim: int, num_tokens: int, **options) -> torch.nn.Module`` whose
+    ``build(*, in_dim: int, out_dim: int, num_tokens: int | None, **options) -> torch.nn.Module`` whose
     ``forward`` maps ``[B, num_tokens, in_dim]`` to ``[B, T, out_dim]`` and whose attribute
     ``num_output_tokens`` is ``T`` (a resampler changes the token count).
+
+    Contract 1.1: for a variable-size encoder ``num_tokens`` is ``None`` and ``forward`` also takes
+    ``mmkit.modeling.features.RaggedFeatures``; a token-wise projector returns ``RaggedFeatures`` of
+    the same counts and sets ``num_output_tokens = None``, one that pools returns ``[B, T, out_dim]``.
+    When the encoder marks layout rows (``uses_separators``), ``build`` is also given
+    ``separator=True``: learn an embedding for the rows ``RaggedFeatures.separators`` marks.
     """
 
     name: str = attrs.field(validator=_check_name)

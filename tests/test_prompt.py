@@ -232,3 +232,66 @@ def test_markers_must_be_tokens_of_the_tokenizer():
     tok = build_tokenizer(CORPUS)  # markers never added
     with pytest.raises(ConfigError, match="<image>"):
         PromptBuilder(tok, {"image": MARKERS["image"]}, {"image": 3})
+
+
+# -- contract 1.1: a token count per input ----------------------------------------------------------
+def variable_builder(**kwargs) -> PromptBuilder:
+    return PromptBuilder(make_tokenizer(), MARKERS, {"image": None, "pointcloud": 2}, **kwargs)
+
+
+def test_variable_placeholders_expand_to_each_inputs_count_in_placeholder_order():
+    pb = variable_builder()
+    s = sample("<image> and <pointcloud> compare the two <image>", "no", image=["a.png", "b.png"],
+               pointcloud=["p.npy"])
+    enc = pb.encode_sample(s, {"image": [4, 1]})
+    tokens = toks(pb, enc.input_ids)
+    start = tokens.index("<Img>")
+    assert tokens[start:start + 6] == ["<Img>", *["<image>"] * 4, "</Img>"]
+    second = tokens.index("<Img>", start + 1)
+    assert tokens[second:second + 3] == ["<Img>", "<image>", "</Img>"]
+    assert tokens.count("<pointcloud>") == 2  # the fixed modality keeps its count
+    assert enc.input_tokens == {"image": (4, 1), "pointcloud": (2,)}
+    assert enc.input_counts == {"image": 2, "pointcloud": 1}
+    # the same builder, other counts: only the slots change
+    other = pb.encode_sample(s, {"image": [2, 3]})
+    assert len(other.input_ids) == len(enc.input_ids) and toks(pb, other.input_ids).count("<image>") == 5
+    # one batched call agrees with the single ones
+    assert [e.input_ids for e in pb.encode_samples([s, s], [{"image": [4, 1]}, {"image": [2, 3]}])] == [
+        enc.input_ids, other.input_ids]
+    prompt = pb.encode_prompt(s.turns[:1], input_tokens={"image": [4, 1]})
+    assert prompt.input_ids == enc.input_ids[:len(prompt.input_ids)]
+
+
+def test_a_variable_modality_without_counts_or_with_wrong_counts_is_a_clear_error():
+    pb = variable_builder()
+    s = sample("<image> What is shown here ?", "a cube", index=3, image=["a.png"])
+    with pytest.raises(ConfigError, match="'image' has a variable token count per input.*input_tokens"):
+        pb.encode_sample(s)
+    with pytest.raises(ConfigError, match="variable token count"):
+        pb.encode_prompt(s.turns[:1])
+    with pytest.raises(DataError, match="record 3.*2 image input\\(s\\) but 1 placeholder"):
+        pb.encode_sample(s, {"image": [3, 3]})
+    with pytest.raises(DataError, match="record 3.*1 image input\\(s\\) but at least 2 placeholder"):
+        pb.encode_sample(sample("<image> <image> What is shown here ?", "a cube", index=3, image=["a.png"]),
+                         {"image": [3]})
+    with pytest.raises(ConfigError, match="fixed 2"):  # a count given for a fixed modality must agree
+        pb.encode_sample(sample("<pointcloud> What is shown here ?", "a cube", pointcloud=["p.npy"]),
+                         {"pointcloud": [5]})
+    # text-only samples need no counts
+    assert pb.encode_sample(sample("What is shown here ?", "a cube")).input_tokens == {}
+    assert pb.variable_modalities == ("image",)
+
+
+def test_the_one_length_rule_counts_each_inputs_tokens():
+    roomy = variable_builder(max_length=500)
+    s = sample("<image> What is shown here ?", "a cube", index=5, image=["a.png"])
+    n = len(roomy.encode_sample(s, {"image": [10]}).input_ids)
+    tight = variable_builder(max_length=n)
+    assert len(tight.encode_sample(s, {"image": [10]}).input_ids) == n
+    with pytest.raises(DataError, match=f"{n + 1} tokens including modality tokens \\(1 image x 11\\), over the "
+                                        f"maximum {n}") as info:
+        tight.encode_sample(s, {"image": [11]})
+    assert info.value.kind == "too_long"
+    assert tight.length_problem(n, {"image": (10,)}) is None
+    assert "image 7+5" in tight.length_problem(n + 2, {"image": (7, 5)})
+    assert tight.lengths([s], [{"image": [10]}]) == [(n, {"image": 1})]

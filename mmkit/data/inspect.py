@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from mmkit.records import ASSISTANT, ReadContext, Sample
-from mmkit.errors import DataError
+from mmkit.errors import DataError, InputError
 from mmkit.prompt import IGNORE_INDEX, EncodedSample, PromptBuilder
 
 
@@ -80,6 +80,8 @@ def segments(prompts: PromptBuilder, encoded: EncodedSample) -> list[Segment]:
 
 def slots_per_input(prompts: PromptBuilder, encoded: EncodedSample) -> dict[str, list[int]]:
     """Per modality, the slots each input got (its run of placeholder tokens), in order."""
+    if encoded.input_tokens:  # what the builder reserved per input (variable counts included)
+        return {m: list(counts) for m, counts in encoded.input_tokens.items()}
     names = {prompts.tokenizer.convert_tokens_to_ids(spec.placeholder): m for m, spec in prompts.markers.items()}
     out: dict[str, list[int]] = {}
     previous = None
@@ -95,7 +97,7 @@ def slots_per_input(prompts: PromptBuilder, encoded: EncodedSample) -> dict[str,
     # adjacent inputs of one modality are separated by their begin/end markers; without markers
     # two inputs' runs would merge: split by the known count per input
     for modality, runs in out.items():
-        per = prompts.tokens_per_input[modality]
+        per = prompts.tokens_per_input.get(modality)
         if per and any(r > per for r in runs):
             out[modality] = [per] * (sum(runs) // per)
     return out
@@ -109,15 +111,28 @@ def inference_turns(sample: Sample) -> tuple:
     return tuple(turns)
 
 
-def inspect_record(prompts: PromptBuilder, sample: Sample) -> dict[str, Any]:
-    """The ``--json`` entry for one record (``error`` instead of the encoding when it does not encode)."""
+def inspect_record(prompts: PromptBuilder, sample: Sample, counter: Any = None) -> dict[str, Any]:
+    """The ``--json`` entry for one record (``error`` instead of the encoding when it does not encode).
+
+    Inputs of a variable-size modality are counted by preprocessing them (``counter``: ``sample ->
+    input_tokens``, default :class:`~mmkit.data.validate.InputTokenCounter` over the installed plugins)."""
     base: dict[str, Any] = {"id": sample.id, "file": sample.source, "record": sample.index}
+    input_tokens = None
     try:
-        encoded = prompts.encode_sample(sample)
+        if prompts.variable_modalities:
+            if counter is None:
+                from mmkit.data.validate import InputTokenCounter
+
+                counter = InputTokenCounter(prompts.variable_modalities)
+            input_tokens = counter(sample)
+        encoded = prompts.encode_sample(sample, input_tokens)
     except DataError as exc:
         return {**base, "error": exc.reason, "kind": exc.kind}
+    except InputError as exc:
+        return {**base, "error": str(exc), "kind": "corrupt_file"}
     turns = inference_turns(sample)
-    prompt = prompts.encode_prompt(turns, sample.system)
+    # the prompt holds the inputs of the turns before the last answer: the first ones in placeholder order
+    prompt = prompts.encode_prompt(turns, sample.system, _leading(input_tokens, prompts, turns, sample.system))
     runs = supervised_runs(encoded)
     return {
         **base,
@@ -131,6 +146,19 @@ def inspect_record(prompts: PromptBuilder, sample: Sample) -> dict[str, Any]:
         "prompt_tokens": len(prompt.input_ids),
         "_encoded": encoded,
     }
+
+
+def _leading(input_tokens: Any, prompts: PromptBuilder, turns: Sequence[Any], system: str | None
+             ) -> dict[str, list[int]] | None:
+    """``input_tokens`` cut to the placeholders the ``turns`` (and the system prompt) hold."""
+    if not input_tokens:
+        return None
+    out = {}
+    for modality, counts in input_tokens.items():
+        placeholder = prompts.markers[modality].placeholder
+        held = sum(turn.text.count(placeholder) for turn in turns) + (system or "").count(placeholder)
+        out[modality] = list(counts)[:held]
+    return out
 
 
 def iter_records(host: Any, files: Sequence[str | Path], modalities: Sequence[str], *, data_root: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 _CHECKS: dict[str, Any] = {}
+_ENCODERS: dict[str, Any] = {}  # the tiny encoder behind each check (num_tokens_for counts inputs)
 
 
 def decoder(spec: Any) -> Any:
@@ -36,7 +37,17 @@ def check(modality: str, host: Any = None) -> Any:
         spec = host.modality(modality)
         encoder = build_encoder(host, spec)
         _CHECKS[modality] = make_preprocessor(resolve(spec.load), encoder.preprocess)
+        _ENCODERS[modality] = encoder
     return _CHECKS[modality]
+
+
+def count_tokens(modality: str, path: Any, host: Any = None) -> int:
+    """The tokens one input file of ``modality`` becomes with the tiny encoder: ``load``, ``preprocess``,
+    then ``num_tokens_for`` (a variable-size modality's count for the prompt; errors as in training)."""
+    from pathlib import Path
+
+    item = check(modality, host)(Path(path))
+    return int(_ENCODERS[modality].num_tokens_for(item))
 
 
 def __getattr__(name: str) -> Any:
@@ -45,4 +56,4 @@ def __getattr__(name: str) -> Any:
     return check(name)
 
 
-__all__ = ["check", "decoder"]
+__all__ = ["check", "count_tokens", "decoder"]

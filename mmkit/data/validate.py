@@ -157,16 +157,39 @@ def _short(issue: Issue) -> dict[str, Any]:
 # -- the length check ------------------------------------------------------------------------------
 class PromptLengths:
     """The encode check training runs (:meth:`PromptBuilder.encode_samples`: the template renders,
-    the answers are located, placeholders match inputs, the length with modality tokens fits), for
-    many samples at once. Validation and packing use it, so a file that validates trains."""
+    the answers are located, placeholders match inputs, the length with modality tokens fits by
+    :meth:`PromptBuilder.length_problem`, the one length rule), for many samples at once. Validation
+    and packing use it, so a file that validates trains.
 
-    def __init__(self, prompts: Any):
+    ``counter`` (needed when a modality's ``tokens_per_input`` is ``None``): ``sample -> input_tokens``,
+    each variable input's token count (see :class:`InputTokenCounter`)."""
+
+    def __init__(self, prompts: Any, counter: Callable[[Sample], Mapping[str, Sequence[int]] | None] | None = None):
         self.prompts = prompts
+        self.counter = counter
+
+    def input_tokens(self, samples: Sequence[Sample]) -> list[Any] | None:
+        if self.counter is None:
+            return None
+        return [self.counter(sample) for sample in samples]
 
     def check(self, samples: Sequence[Sample]) -> list[Any]:
         """Per sample: its :class:`~mmkit.prompt.EncodedSample`, or the :class:`DataError` training
-        would raise for it."""
-        return self.prompts.encode_samples(samples)
+        would raise for it (an input that cannot be counted gives its own error)."""
+        if self.counter is None:
+            return self.prompts.encode_samples(samples)
+        out: list[Any] = [None] * len(samples)
+        counted, tokens = [], []
+        for i, sample in enumerate(samples):
+            try:
+                tokens.append(self.counter(sample))
+                counted.append(i)
+            except (InputError, DataError) as exc:
+                out[i] = exc if isinstance(exc, DataError) else DataError(
+                    sample.source, sample.index, str(exc), record_id=sample.id, kind="corrupt_file")
+        for i, result in zip(counted, self.prompts.encode_samples([samples[i] for i in counted], tokens), strict=True):
+            out[i] = result
+        return out
 
     def __call__(self, samples: Sequence[Sample]) -> list[tuple[int, dict[str, int]]]:
         """``(length, inputs per modality)`` per sample; a sample that does not encode raises."""
@@ -178,7 +201,31 @@ class PromptLengths:
         return out
 
 
-def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int], *,
+class InputTokenCounter:
+    """``sample -> {modality: [tokens of each input]}`` for the variable-size modalities: each input
+    is loaded and preprocessed as training does (the installed modality's ``load`` and its tiny
+    encoder's ``preprocess``, :mod:`mmkit.data.preprocess_check`) and counted by the encoder's
+    ``num_tokens_for``. Counts are remembered per file."""
+
+    def __init__(self, modalities: Iterable[str], host: Any = None):
+        self.modalities = tuple(modalities)
+        self.host = host
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def __call__(self, sample: Sample) -> dict[str, list[int]]:
+        from mmkit.data import preprocess_check
+
+        out: dict[str, list[int]] = {}
+        for modality in self.modalities:
+            for path in sample.inputs.get(modality, ()):
+                key = (modality, str(path))
+                if key not in self._seen:
+                    self._seen[key] = preprocess_check.count_tokens(modality, path, self.host)
+                out.setdefault(modality, []).append(self._seen[key])
+        return out
+
+
+def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int | None], *,
                        template: str | None = None, max_length: int | None = None) -> Any:
     """The :class:`~mmkit.prompt.PromptBuilder` training would use, from an LLM's tokenizer (hub id or
     local path) with mmkit's markers added; the template is checked before the tokenizer loads."""
@@ -201,16 +248,20 @@ def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: M
     return PromptBuilder(tokenizer, markers, tokens_per_input, template=template, max_length=max_length)
 
 
-def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int], *,
+def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int | None], *,
                        template: str | None = None, max_length: int | None = None) -> PromptLengths:
-    """The encode check of :class:`PromptLengths` for an LLM's tokenizer (see :func:`prompt_builder_for`)."""
-    return PromptLengths(prompt_builder_for(llm, markers, tokens_per_input, template=template, max_length=max_length))
+    """The encode check of :class:`PromptLengths` for an LLM's tokenizer (see :func:`prompt_builder_for`);
+    inputs of a variable-size modality (``tokens_per_input`` ``None``) are counted by preprocessing them."""
+    prompts = prompt_builder_for(llm, markers, tokens_per_input, template=template, max_length=max_length)
+    variable = prompts.variable_modalities
+    return PromptLengths(prompts, InputTokenCounter(variable) if variable else None)
 
 
-def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, int]:
+def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, int | None]:
     """Tokens one input becomes with each modality's default encoder and projector in their tiny
-    (random-init) configuration, the embedded demo's. Real encoders usually differ: give
-    ``--tokens-per-input`` for them."""
+    (random-init) configuration, the embedded demo's; ``None`` where the count differs per input (a
+    variable-size encoder with a token-wise projector: inputs are counted by preprocessing them).
+    Real encoders usually differ: give ``--tokens-per-input`` for them."""
     import torch
 
     from mmkit.modeling.components import build_encoder, build_projector
@@ -221,8 +272,10 @@ def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, 
             spec = host.modality(name)
             encoder = build_encoder(host, spec)
             projector = build_projector(host, spec.projector, in_dim=encoder.output_dim, out_dim=8,
-                                        num_tokens=encoder.num_tokens)
-            out[name] = int(projector.num_output_tokens)
+                                        num_tokens=encoder.num_tokens,
+                                        separator=bool(getattr(encoder, "uses_separators", False)))
+            fixed = projector.num_output_tokens
+            out[name] = None if fixed is None else int(fixed)
     return out
 
 
@@ -464,7 +517,8 @@ def _decoder(spec: Any) -> Any:
 
 def _length_checks(lengths: PromptLengths, samples: Sequence[Sample], add: Callable[[Issue], None]) -> None:
     for sample, result in zip(samples, lengths.check(samples), strict=True):
-        if isinstance(result, DataError):
+        # an input that cannot be counted (a variable modality's file) is reported by the file check
+        if isinstance(result, DataError) and result.kind not in ("corrupt_file", "missing_file"):
             add(Issue(sample.source, sample.index, sample.id, ERROR, result.kind or "encode", result.reason))
 
 

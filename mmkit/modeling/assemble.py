@@ -158,7 +158,8 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
         _prepare_encoder(encoder, encoder_name, config)
         projector_name = choice.projector or spec.projector
         projector = build_projector(host, projector_name, in_dim=encoder.output_dim, out_dim=hidden,
-                                    num_tokens=encoder.num_tokens, options=choice.projector_options)
+                                    num_tokens=encoder.num_tokens, options=choice.projector_options,
+                                    separator=bool(getattr(encoder, "uses_separators", False)))
         encoders[choice.name] = encoder
         projectors[choice.name] = projector
         components[choice.name] = {
@@ -169,7 +170,8 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
             "encoder_identity": encoder.identity(),
             "projector": projector_name,
             "projector_options": dict(choice.projector_options),
-            "tokens_per_input": int(projector.num_output_tokens),
+            # None: the count follows each input (encoder.num_tokens_for; see encoder.tokens_per_input)
+            "tokens_per_input": _fixed_count(projector.num_output_tokens),
             "plugin": host.provider("modality", choice.name),
         }
 
@@ -194,6 +196,10 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
     # the resolved template (a name, or a file's text) is saved with the run: chat / eval / load render alike
     config = attrs.evolve(config, first_new_token_id=first_new, template=prompts.template_ref)
     return Assembled(model, tokenizer, prompts, config, first_new, components)
+
+
+def _fixed_count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _to_compute_dtype(model: nn.Module, config: ModelConfig) -> None:

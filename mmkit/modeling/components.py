@@ -8,6 +8,7 @@ from torch import nn
 
 from mmkit.errors import MmkitError, PluginError
 from mmkit.modeling.encoder import DEFAULT_SEED, ModalityEncoder
+from mmkit.modeling.features import RaggedFeatures
 from mmkit.plugins import PluginHost
 from mmkit.specs import ModalitySpec, resolve
 
@@ -71,27 +72,65 @@ def build_encoder(host: PluginHost, modality: ModalitySpec, *, encoder_name: str
                           "the feature cache need it; PretrainedEncoder provides one)")
     if type(encoder).preprocess is ModalityEncoder.preprocess:
         raise PluginError(f"{where}: {type(encoder).__qualname__} does not implement preprocess()")
+    _check_variable(encoder, where)
     # Named in the errors of load / preprocess / encode (mmkit.data.batching, ModalityEncoder.__call__).
     encoder._mmkit_origin = {"plugin": plugin, "modality": modality.name, "encoder": name}
     return encoder
 
 
-def build_projector(host: PluginHost, name: str, *, in_dim: int, out_dim: int, num_tokens: int,
-                    options: dict[str, Any] | None = None) -> nn.Module:
-    spec = host.projector(name)
+def _positive_int(value: Any) -> bool:
+    import operator
+
     try:
-        projector = resolve(spec.build)(in_dim=in_dim, out_dim=out_dim, num_tokens=num_tokens, **(options or {}))
+        return not isinstance(value, bool) and operator.index(value) > 0
+    except TypeError:
+        return False
+
+
+def _check_variable(encoder: ModalityEncoder, where: str) -> None:
+    """Contract 1.1: ``num_tokens`` / ``input_shape`` may be ``None`` (inputs of any size), and then
+    the methods the defaults cannot provide must be the encoder's own."""
+    cls = type(encoder)
+    num_tokens, shape = encoder.num_tokens, encoder.input_shape
+    if num_tokens is not None and not _positive_int(num_tokens):
+        raise PluginError(f"{where}: num_tokens must be a positive int, or None for a variable count; got {num_tokens!r}")
+    if shape is not None and not isinstance(shape, (tuple, list)):
+        raise PluginError(f"{where}: input_shape must be a tuple, or None for inputs of any shape; got {shape!r}")
+    if num_tokens is None and cls.num_tokens_for is ModalityEncoder.num_tokens_for:
+        raise PluginError(f"{where}: num_tokens is None (a variable token count) but {cls.__qualname__} does not "
+                          "implement num_tokens_for(item), the count the prompt reserves for each input")
+    if shape is None and cls.blank is ModalityEncoder.blank and cls.blank_input is ModalityEncoder.blank_input:
+        raise PluginError(f"{where}: input_shape is None (inputs of any shape) but {cls.__qualname__} does not "
+                          "implement blank(batch_size), the blank batch of the ablation and the ZeRO-3 dummy pass")
+
+
+def build_projector(host: PluginHost, name: str, *, in_dim: int, out_dim: int, num_tokens: int | None,
+                    options: dict[str, Any] | None = None, separator: bool = False) -> nn.Module:
+    """``num_tokens``: the encoder's (``None`` for a variable count). ``separator``: the encoder marks
+    layout rows (``uses_separators``), so the projector is built with ``separator=True`` and learns
+    their embedding."""
+    spec = host.projector(name)
+    extra = {"separator": True} if separator else {}
+    try:
+        projector = resolve(spec.build)(in_dim=in_dim, out_dim=out_dim, num_tokens=num_tokens, **extra,
+                                        **(options or {}))
     except TypeError as exc:
+        if separator and "separator" in str(exc):
+            raise PluginError(f"projector {name!r} does not take separator=True, which the encoder needs (it marks "
+                              f"layout rows: uses_separators): {exc}") from exc
         raise PluginError(f"projector {name!r}: bad options {options}: {exc}") from exc
     if not hasattr(projector, "num_output_tokens"):
         raise PluginError(f"projector {name!r} does not set num_output_tokens")
+    if projector.num_output_tokens is None and num_tokens is not None:
+        raise PluginError(f"projector {name!r}: num_output_tokens is None for an encoder of a fixed {num_tokens} "
+                          "tokens per input")
     return projector
 
 
 def check_encoders(host: PluginHost) -> list[str]:
     """``plugins check --deep``: build each registered encoder once at its tiny size and check what it
     declares: it builds, implements ``identity()`` (a JSON object), and encodes a blank batch of 2 into
-    ``[2, num_tokens, output_dim]`` finite features. Each problem names the plugin and modality."""
+    ``[2, num_tokens, output_dim]`` finite features (``RaggedFeatures`` of 2 inputs when variable). Each problem names the plugin and modality."""
     import json
 
     import torch
@@ -109,8 +148,9 @@ def check_encoders(host: PluginHost) -> list[str]:
                 raise PluginError(f"identity() returned {type(ident).__name__}, declared a non-empty dict")
             json.dumps(ident)
             with torch.no_grad():
-                out = encoder(encoder.blank_input(2))
-            if not bool(torch.isfinite(out).all()):
+                out = encoder(encoder.blank(2))
+            values = out.values if isinstance(out, RaggedFeatures) else out
+            if not bool(torch.isfinite(values).all()):
                 raise PluginError("encoding a blank batch gave NaN or inf features")
         except Exception as exc:  # every fault, named: this is the check
             message = " ".join(str(exc).split())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,36 +14,59 @@ import torch
 from torch import nn
 
 from mmkit.errors import CheckpointMismatchError, ConfigError, MmkitError, PluginError
+from mmkit.modeling.features import RaggedFeatures
 
 #: The seed a random-init encoder gets when neither the run nor the options give one.
 DEFAULT_SEED = 0
 
 
 class ModalityEncoder(nn.Module):
-    """A (usually frozen) feature extractor for one modality.
+    """A (usually frozen) feature extractor for one modality (contract 1.1).
 
     Subclasses set ``num_tokens``, ``output_dim`` and ``input_shape`` and implement:
 
-    - ``preprocess(raw) -> Tensor``: one raw input (what the modality's ``load`` returns) to a float
-      tensor of shape ``input_shape``. Runs in data-loader workers: no model weights needed. Raise
-      :class:`mmkit.InputError` (``InputError("reason")``) for an input it cannot use; mmkit adds the
-      file, the record and the plugin, and ``--skip-bad-records`` skips it.
-    - ``forward(x: Tensor[B, *input_shape]) -> Tensor[B, num_tokens, output_dim]``.
+    - ``preprocess(raw) -> Any``: one raw input (what the modality's ``load`` returns) to what
+      :meth:`collate` batches. For a fixed-size encoder, a float tensor of shape ``input_shape``.
+      Runs in data-loader workers: no model weights needed. Raise :class:`mmkit.InputError`
+      (``InputError("reason")``) for an input it cannot use; mmkit adds the file, the record and the
+      plugin, and ``--skip-bad-records`` skips it.
+    - ``forward(batch)``: fixed size (``num_tokens`` an int): ``Tensor[B, num_tokens, output_dim]``;
+      variable size (``num_tokens = None``): :class:`~mmkit.modeling.features.RaggedFeatures` whose
+      ``counts[i] == num_tokens_for(item_i)``.
     - ``identity() -> dict``: a JSON-serialisable description of everything that changes the
       features (class, pretrained id, configuration, preprocessing). Checkpoints record it and the
       feature cache keys on it, so it must change whenever the output would.
     - ``legacy_identities() -> list[dict]`` (optional): when a release changes the identity format,
       the identities earlier releases recorded for this same encoder, so their runs still load.
 
-    Calling the encoder checks what ``forward`` returned against the declared ``num_tokens`` and
-    ``output_dim``, and turns an exception from it into a :class:`PluginError` naming the plugin.
+    Variable-size inputs (any-resolution images, video, graphs, long audio) also implement
+
+    - ``num_tokens_for(item) -> int``: how many tokens the preprocessed ``item`` becomes, from the
+      item alone, before encoding (the prompt reserves exactly that many slots);
+    - ``collate(items) -> batch`` when ``torch.stack`` cannot batch the items (a torch-geometric
+      ``Batch``, a padded tensor plus lengths, a list of crops);
+    - ``blank(batch_size) -> batch`` when ``input_shape`` is ``None``: a collated batch of blank
+      inputs (the evaluation ablation and the dummy pass that keeps every rank running every encoder
+      under ZeRO-3).
+
+    ``uses_separators = True`` says that ``forward`` marks layout rows in ``RaggedFeatures.separators``
+    (a newline per row of an image grid, a frame break); the projector then gets a learned separator
+    embedding for them (LLaVA-NeXT's ``image_newline``).
+
+    Calling the encoder checks what ``forward`` returned against the declaration, and turns an
+    exception from it into a :class:`PluginError` naming the plugin. ``encoder(batch, counts=[...])``
+    also checks each input's token count.
     """
 
-    num_tokens: int
+    #: tokens per input; ``None``: it varies with the input (``num_tokens_for``)
+    num_tokens: int | None
     output_dim: int
-    input_shape: tuple[int, ...]
+    #: the shape ``preprocess`` returns; ``None``: any object ``collate`` accepts
+    input_shape: tuple[int, ...] | None
+    #: ``forward`` marks layout rows in ``RaggedFeatures.separators`` (see the class docstring)
+    uses_separators: ClassVar[bool] = False
 
-    def preprocess(self, raw: Any) -> torch.Tensor:  # pragma: no cover - interface
+    def preprocess(self, raw: Any) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:  # pragma: no cover - interface
@@ -56,20 +79,55 @@ class ModalityEncoder(nn.Module):
         accept a saved identity by its shape alone): a different encoder must still not match."""
         return []
 
-    def blank_input(self, batch_size: int = 1) -> torch.Tensor:
-        """A zero input: used for the ablation in evaluation and for the dummy pass that keeps
-        every rank running every modality under ZeRO-3."""
+    def collate(self, items: Sequence[Any]) -> Any:
+        """Preprocessed items -> the batch ``forward`` takes (default: ``torch.stack``)."""
+        return torch.stack(list(items))
+
+    def num_tokens_for(self, item: Any) -> int:
+        """Tokens the preprocessed ``item`` becomes (default: ``num_tokens``)."""
+        if self.num_tokens is None:
+            raise PluginError(f"{describe(self)}: num_tokens is None (a variable token count) but "
+                              f"{type(self).__qualname__} does not implement num_tokens_for(item)")
+        return int(self.num_tokens)
+
+    def blank(self, batch_size: int = 1) -> Any:
+        """A collated batch of ``batch_size`` blank inputs: used for the ablation in evaluation and
+        for the dummy pass that keeps every rank running every modality under ZeRO-3. Default:
+        zeros of ``input_shape`` (a 1.0 encoder's own ``blank_input`` wins)."""
+        if type(self).blank_input is not ModalityEncoder.blank_input:
+            return self.blank_input(batch_size)  # a 1.0 plugin's override
+        if self.input_shape is None:
+            raise PluginError(f"{describe(self)}: input_shape is None (inputs of any shape) but "
+                              f"{type(self).__qualname__} does not implement blank(batch_size)")
         return torch.zeros(batch_size, *self.input_shape)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def blank_input(self, batch_size: int = 1) -> Any:
+        """Contract 1.0's name of :meth:`blank` (kept: 1.0 plugins override or call it)."""
+        return self.blank(batch_size)
+
+    def __call__(self, *args: Any, counts: Sequence[int] | None = None, **kwargs: Any) -> Any:
         try:
             out = super().__call__(*args, **kwargs)
         except MmkitError:
             raise
         except Exception as exc:
             raise PluginError(f"{describe(self)}: encode raised {type(exc).__name__}: {_one_line(exc)}") from exc
-        check_features(self, out, args[0] if args else None)
+        check_features(self, out, args[0] if args else None, counts=counts)
         return out
+
+
+def is_variable(encoder: nn.Module) -> bool:
+    """Whether ``encoder``'s token count differs per input (``num_tokens is None``)."""
+    return getattr(encoder, "num_tokens", None) is None
+
+
+def tokens_per_input(encoder: ModalityEncoder, projector: nn.Module, item: Any) -> int:
+    """The prompt slots one preprocessed ``item`` gets: the projector's fixed output count, or (a
+    token-wise projector, ``num_output_tokens is None``) the encoder's count for the item."""
+    fixed = getattr(projector, "num_output_tokens", None)
+    if fixed is not None:
+        return int(fixed)
+    return int(encoder.num_tokens_for(item))
 
 
 def describe(encoder: nn.Module) -> str:
@@ -79,16 +137,63 @@ def describe(encoder: nn.Module) -> str:
     return ", ".join(parts) or f"encoder {type(encoder).__qualname__}"
 
 
-def check_features(encoder: ModalityEncoder, out: Any, x: Any) -> None:
-    """What ``forward`` returned against what the encoder declared: ``[B, num_tokens, output_dim]``."""
+def batch_size_of(batch: Any) -> int | None:
+    """The number of inputs in a collated batch when it can be told (a tensor's first dimension, a
+    torch-geometric ``Batch``'s ``num_graphs``, a list's length); ``None`` otherwise."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    graphs = getattr(batch, "num_graphs", None)
+    if isinstance(graphs, int):
+        return graphs
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return len(batch)
+    return None
+
+
+def check_features(encoder: ModalityEncoder, out: Any, x: Any, counts: Sequence[int] | None = None) -> None:
+    """What ``forward`` returned against what the encoder declared: ``[B, num_tokens, output_dim]``
+    for a fixed-size encoder; :class:`RaggedFeatures` of ``output_dim`` with one count per input
+    (``counts``, when given: the expected count of each input) for a variable-size one."""
+    if encoder.num_tokens is None:
+        _check_ragged(encoder, out, x, counts)
+        return
     if not isinstance(out, torch.Tensor):
         raise PluginError(f"{describe(encoder)}: encode returned a {type(out).__name__}, declared a tensor "
                           f"[batch, {encoder.num_tokens}, {encoder.output_dim}]")
-    batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else out.shape[0] if out.dim() else None
+    batch = batch_size_of(x)
+    if batch is None and out.dim():
+        batch = out.shape[0]
     declared = (batch, encoder.num_tokens, encoder.output_dim)
     if tuple(out.shape) != declared:
         raise PluginError(f"{describe(encoder)}: encode returned features of shape {list(out.shape)}, declared "
                           f"[batch={batch}, num_tokens={encoder.num_tokens}, output_dim={encoder.output_dim}]")
+    if counts is not None and any(int(c) != encoder.num_tokens for c in counts):
+        raise PluginError(f"{describe(encoder)}: expected token counts {list(counts)} from a fixed-size encoder "
+                          f"of {encoder.num_tokens} tokens per input")
+
+
+def _check_ragged(encoder: ModalityEncoder, out: Any, x: Any, counts: Sequence[int] | None) -> None:
+    if not isinstance(out, RaggedFeatures):
+        shape = f" of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else ""
+        raise PluginError(f"{describe(encoder)}: encode returned a {type(out).__name__}{shape}; an encoder with "
+                          "num_tokens=None (a variable token count) returns RaggedFeatures(values, counts)")
+    if out.dim != encoder.output_dim:
+        raise PluginError(f"{describe(encoder)}: encode returned features of dim {out.dim}, declared "
+                          f"output_dim={encoder.output_dim}")
+    batch = batch_size_of(x)
+    if batch is not None and out.batch_size != batch:
+        raise PluginError(f"{describe(encoder)}: encode returned token counts for {out.batch_size} input(s) for a "
+                          f"batch of {batch}")
+    if counts is not None and tuple(int(c) for c in counts) != out.counts:
+        raise PluginError(f"{describe(encoder)}: encode returned {list(out.counts)} tokens per input, "
+                          f"num_tokens_for announced {[int(c) for c in counts]}")
+
+
+def encode_items(encoder: ModalityEncoder, items: Sequence[Any]) -> Any:
+    """Collate preprocessed ``items``, encode them, and check each input's token count against
+    ``num_tokens_for`` (what the prompt reserved)."""
+    counts = [encoder.num_tokens_for(item) for item in items] if is_variable(encoder) else None
+    return encoder(encoder.collate(list(items)), counts=counts)
 
 
 def _one_line(exc: BaseException) -> str:
