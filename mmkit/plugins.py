@@ -9,6 +9,12 @@ Environment switches:
 - ``MMKIT_BLOCK_PLUGINS``: comma-separated entry-point names never to load.
 - ``MMKIT_PLUGINS_STRICT=1``: a broken plugin is a fatal error (for plugin CI).
 - ``MMKIT_TRACE_HOOKS=1``: print every hook call (pluggy's tracing).
+
+Every hook is called through pluggy, so tracing, ``tryfirst``/``trylast`` and hook wrappers apply
+to all of them. The registration hooks (``mmkit_modalities`` ...) and ``mmkit_commands`` are
+called one plugin at a time (each call with every wrapper around it), so a plugin whose hook fails
+is recorded as failed and the others still register; names are then taken in registration order
+(the first plugin to register a name keeps it, so a later plugin cannot knock out a built-in).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import importlib.metadata as metadata
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +32,7 @@ import attrs
 import pluggy
 
 from mmkit import hookspecs
-from mmkit.errors import PluginError
+from mmkit.errors import NotRegisteredError, PluginError, PluginLoadError
 from mmkit.specs import BenchmarkSpec, EncoderSpec, ExporterSpec, MetricSpec, ModalitySpec, ProjectorSpec, ReaderSpec
 
 ENTRY_POINT_GROUP = "mmkit"
@@ -175,7 +180,7 @@ class PluginHost:
         start = time.perf_counter()
         try:
             module = load()
-        except BaseException as exc:  # a plugin may raise anything, even SystemExit
+        except Exception as exc:  # Ctrl-C and a plugin's own sys.exit() are not import failures: they go through
             record.import_ms = (time.perf_counter() - start) * 1000
             self._fail(record, f"import failed: {_short_error(exc)}", fatal, exc)
             return
@@ -198,7 +203,7 @@ class PluginHost:
         record.error = message
         self.records.setdefault(record.name, record)
         if fatal or self.strict:
-            raise PluginError(f"plugin {record.name!r} ({record.distribution}): {message}") from exc
+            raise PluginLoadError(f"plugin {record.name!r} ({record.distribution}): {message}") from exc
 
     def _hook_names(self, module: Any) -> list[str]:
         return [hc.name for hc in self.pm.get_hookcallers(module) or []]
@@ -216,19 +221,40 @@ class PluginHost:
                 problems.append(f"unknown hook {caller.name!r}{hint}")
         return problems
 
+    # -- calling hooks ---------------------------------------------------------------------
+    def _per_plugin(self, hook_name: str) -> list[tuple[Any, Any]]:
+        """``(implementation, caller)`` per plugin implementing ``hook_name``, in pluggy's call order
+        (``tryfirst`` first, then the last registered); each caller is the hook restricted to that
+        plugin's implementation plus every wrapper, called through pluggy (so traced)."""
+        impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
+        return [(impl, self.pm.subset_hook_caller(hook_name, remove_plugins=[o.plugin for o in impls if o is not impl]))
+                for impl in reversed(impls)]
+
     # -- registries ------------------------------------------------------------------------
     def _build_registry(self) -> dict[str, dict[str, Registered]]:
         registry: dict[str, dict[str, Registered]] = {kind: {} for _, kind in _REGISTRATION_HOOKS.values()}
         for hook_name, (spec_type, kind) in _REGISTRATION_HOOKS.items():
-            caller = getattr(self.pm.hook, hook_name)
-            # get_hookimpls() is in registration order (pluggy calls it back to front): the first
-            # plugin to register a name keeps it, so a later plugin cannot knock out a built-in.
-            for impl in caller.get_hookimpls():
+            calls = self._per_plugin(hook_name)
+            # Called in pluggy's order; names are then taken in registration order: the first plugin
+            # to register a name keeps it, so a later plugin (tryfirst or not) cannot knock out a built-in.
+            returned: dict[str, list[Any] | Exception] = {}
+            for impl, call in calls:
                 record = self.records.get(impl.plugin_name)
                 if record is not None and record.status != "ok":
                     continue
                 try:
-                    specs = list(impl.function() or [])
+                    returned[impl.plugin_name] = [spec for result in call() for spec in (result or [])]
+                except Exception as exc:
+                    returned[impl.plugin_name] = exc
+            order = {name: i for i, name in enumerate(self.records)}  # records are kept in registration order
+            for impl, _ in sorted(calls, key=lambda c: order.get(c[0].plugin_name, len(order))):
+                record = self.records.get(impl.plugin_name)
+                if impl.plugin_name not in returned:
+                    continue
+                try:
+                    specs = returned[impl.plugin_name]
+                    if isinstance(specs, Exception):
+                        raise specs
                     for spec in specs:
                         if not isinstance(spec, spec_type):
                             raise PluginError(f"{hook_name} returned {type(spec).__name__}, expected {spec_type.__name__}")
@@ -274,7 +300,7 @@ class PluginHost:
             broken = [r for r in self.records.values() if r.status != "ok"]
             if broken:
                 hint = " Failed plugins: " + ", ".join(f"{r.name} ({r.error})" for r in broken) + "."
-            raise PluginError(f"no {kind} named {name!r}; registered: {known}.{hint}")
+            raise NotRegisteredError(f"no {kind} named {name!r}; registered: {known}.{hint}")
         return entries[name].spec
 
     def modalities(self) -> dict[str, ModalitySpec]:
@@ -338,10 +364,10 @@ class PluginHost:
         return list(result)
 
     def add_commands(self, app: Any) -> None:
-        for impl in reversed(self.pm.hook.mmkit_commands.get_hookimpls()):
+        for impl, call in self._per_plugin("mmkit_commands"):
             record = self.records.get(impl.plugin_name)
             try:
-                impl.function(app=app) if "app" in impl.argnames else impl.function()
+                call(app=app)
             except Exception as exc:
                 if record is None:
                     raise
@@ -450,7 +476,3 @@ def set_host(host: PluginHost | None) -> None:
     """Replace (or with ``None`` drop) the process-wide host; tests use this."""
     global _HOST
     _HOST = host
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

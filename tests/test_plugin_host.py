@@ -50,7 +50,6 @@ def test_plugin_raising_on_import_is_recorded_and_others_load(fake_entry_points)
     fake_entry_points.install(
         fake_entry_points.ep("bad", ImportError("No module named 'missing_dep'"), dist="mmkit-plugin-bad",
                              version="0.3"),
-        fake_entry_points.ep("exits", SystemExit(3)),
         fake_entry_points.ep("good", MetricPlugin()),
     )
     host = PluginHost()
@@ -58,11 +57,18 @@ def test_plugin_raising_on_import_is_recorded_and_others_load(fake_entry_points)
     assert (bad.status, bad.distribution, bad.version) == ("failed", "mmkit-plugin-bad", "0.3")
     assert bad.source == "entry point"
     assert bad.error == "import failed: ImportError: No module named 'missing_dep'"
-    assert host.records["exits"].status == "failed" and "SystemExit" in host.records["exits"].error
     assert host.records["good"].status == "ok"
     assert host.records["good"].hooks == ["mmkit_metrics"]
     assert "good_metric" in host.metrics()
     assert any(p.startswith("bad (mmkit-plugin-bad): import failed") for p in host.check())
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(3)])
+def test_ctrl_c_or_exit_during_a_plugin_import_is_not_swallowed(fake_entry_points, stop):
+    # Only errors are a plugin's failure to record; Ctrl-C (or a plugin exiting) stops the program.
+    fake_entry_points.install(fake_entry_points.ep("stops", stop))
+    with pytest.raises(type(stop)):
+        PluginHost()
 
 
 def test_failed_plugin_is_named_when_a_lookup_misses(fake_entry_points):
@@ -410,10 +416,99 @@ def test_mmkit_commands_adds_commands_and_a_failing_one_is_isolated(host):
     assert "mmkit_commands failed: RuntimeError: cannot add" in host.records["broken_commands"].error
 
 
-def test_trace_env_prints_hook_calls(monkeypatch, capsys):
+def test_trace_env_prints_every_hook_call(monkeypatch, capsys):
     monkeypatch.setenv("MMKIT_TRACE_HOOKS", "1")
-    PluginHost(load_entrypoints=False).lora_targets("llama", [])
-    assert "mmkit_lora_targets" in capsys.readouterr().err
+    host = PluginHost(load_entrypoints=False)
+    host.register(ModalityPlugin("sig"), name="sig_plugin")
+
+    class Rest:  # the hooks no default plugin implements
+        @hookimpl
+        def mmkit_benchmarks(self):
+            return []
+
+        @hookimpl
+        def mmkit_commands(self, app):
+            pass
+
+    host.register(Rest(), name="rest")
+    host.lora_targets("llama", [])
+    host.registry  # noqa: B018 - runs the registration hooks
+    import typer
+
+    host.add_commands(typer.Typer())
+    err = capsys.readouterr().err
+    specs = [name for name, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, "mmkit_spec")]
+    assert [name for name in specs if f"{name} [hook]" not in err] == []
+
+
+def test_registration_hooks_are_called_in_pluggy_order_and_names_kept_in_registration_order(host):
+    calls = []
+
+    def plugin(name, metric, **opts):
+        class Plugin:
+            @hookimpl(**opts)
+            def mmkit_metrics(self):
+                calls.append(name)
+                return [MetricSpec(name=metric, compute=lambda predictions, references: {})]
+
+        return Plugin()
+
+    host.register(plugin("a", "shared"), name="a")
+    host.register(plugin("b", "shared", tryfirst=True), name="b")
+    host.register(plugin("c", "own"), name="c")
+    host.register(plugin("d", "last", trylast=True), name="d")
+    metrics = host.metrics()
+    # tryfirst is called first, then the last registered, trylast at the end (pluggy's order) ...
+    assert calls == ["b", "c", "a", "d"]
+    # ... and a name stays with the plugin that registered it first: the later one fails, named
+    assert {"own", "last"} <= set(metrics) and host.provider("metric", "shared") == "a"
+    assert host.records["b"].status == "failed"
+    assert "duplicate metric 'shared': registered by plugin 'a' and by plugin 'b'" in host.records["b"].error
+
+
+def test_a_hook_wrapper_runs_around_each_plugins_registration_and_sees_its_failure(host):
+    seen = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def mmkit_modalities(self):
+            try:
+                specs = yield
+            except RuntimeError as exc:
+                seen.append(f"failed: {exc}")
+                raise
+            seen.append([s.name for result in specs for s in result])
+            # a wrapper may change what is registered: here it hides one modality
+            return [[s for s in result if s.name != "hidden"] for result in specs]
+
+    class Raises:
+        @hookimpl
+        def mmkit_modalities(self):
+            raise RuntimeError("no config")
+
+    host.register(Wrapper(), name="wrapper")
+    host.register(ModalityPlugin("sig"), name="sig_plugin")
+    host.register(ModalityPlugin("hidden"), name="hidden_plugin")
+    host.register(Raises(), name="raises")
+    assert set(host.modalities()) == {"sig"}
+    assert sorted(map(str, seen)) == ["['hidden']", "['sig']", "failed: no config"]
+    assert host.records["raises"].error == "mmkit_modalities failed: RuntimeError: no config"
+    assert host.records["wrapper"].status == "ok" and host.records["wrapper"].hooks == ["mmkit_modalities"]
+
+
+def test_lookup_and_load_errors_are_types(host):
+    from mmkit.errors import NotRegisteredError, PluginLoadError
+
+    with pytest.raises(NotRegisteredError, match="no encoder named 'nope'"):
+        host.encoder("nope")
+
+    class Misspelled:
+        @hookimpl
+        def mmkit_modalitys(self):
+            return []
+
+    with pytest.raises(PluginLoadError, match="did you mean 'mmkit_modalities'"):
+        host.register(Misspelled(), name="misspelled")
 
 
 def test_every_hook_spec_is_exercised_here():
