@@ -262,3 +262,22 @@ def test_collate_accepts_a_blank_batch_among_items(anyres) -> None:
     with torch.no_grad():
         out = anyres(batch)
     assert out.counts == (anyres.num_tokens_for(item), anyres.num_tokens_for(anyres.blank(1)))
+
+
+def test_anyres_on_a_saved_checkpoint(tmp_path) -> None:
+    """A ``from_pretrained`` CLIP and its saved image processor tile the same way (the base view's side
+    comes from the processor's ``size``)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmkit_plugin_image.encoder import _processor_class
+
+    torch.manual_seed(5)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(tmp_path)
+    _processor_class()(size={"shortest_edge": S}, crop_size={"height": S, "width": S}).save_pretrained(tmp_path)
+    encoder = build_encoder(pretrained=str(tmp_path), anyres=True, anyres_pool=2).eval()
+    items = [encoder.preprocess(_image(*v[0])) for v in THREE_RATIOS.values()]
+    assert [item.grid for item in items] == [v[1] for v in THREE_RATIOS.values()]
+    with torch.no_grad():
+        out = encode_items(encoder, items)
+    assert out.counts == (4 + 4 * 5, 4 + 2 * 5, 4 + 6 * 3)
+    assert encoder.identity()["anyres"]["pool"] == 2 and encoder.identity()["pretrained"] == str(tmp_path)
