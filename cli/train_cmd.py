@@ -29,7 +29,7 @@ def _split(values: list[str]) -> str:
 
 def _keyed(items: list[str], what: str) -> dict[str, str]:
     """``modality=value`` pairs."""
-    from mmkit.errors import ConfigError
+    from mmkit import ConfigError
 
     out = {}
     for item in items:
@@ -52,7 +52,9 @@ def _flag_name(field: Any) -> str:
 
 def _option(field: Any) -> tuple[Any, Any]:
     """``(annotation, typer.Option)`` of a TrainConfig field with a flag."""
-    from mmkit.training.config import DEMO_DEFAULTS, base_type, accepted
+    from mmkit import TRAIN_DEMO_DEFAULTS as DEMO_DEFAULTS
+    from mmkit import config_field_accepts as accepted
+    from mmkit import config_field_type as base_type
 
     name = _flag_name(field)
     tp, _ = base_type(field.type)
@@ -81,7 +83,7 @@ def _command() -> Any:
     signature), plus ``--config`` and ``--set``."""
     import attrs
 
-    from mmkit.training.config import TrainConfig
+    from mmkit import TrainConfig
 
     params = []
     for field in attrs.fields(TrainConfig):
@@ -118,7 +120,8 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
     """The command line's values by field name (``None``: not given)."""
     import attrs
 
-    from mmkit.training.config import TrainConfig, base_type, parse_assignments
+    from mmkit import TrainConfig, parse_assignments
+    from mmkit import config_field_type as base_type
 
     out: dict[str, Any] = {}
     for field in attrs.fields(TrainConfig):
@@ -136,29 +139,29 @@ def overrides_from(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(options: dict[str, Any]) -> None:
-    from mmkit.errors import ConfigError
+    from mmkit import ConfigError
 
     try:
-        from mmkit.training.config import resolve_config
-        from mmkit.training.preflight import preflight
+        from mmkit import preflight, resolve_config
 
         cfg = resolve_config(options.get("config"), overrides_from(options))
         # Every check that needs no model, before torch and the LLM load (and before anything is written).
         preflight(cfg)
         if options.get("dry_run"):
-            from mmkit.training.dry_run import dry_run, print_report
+            from mmkit import dry_run
+            from mmkit import print_dry_run as print_report
 
             print_report(dry_run(cfg), as_json=bool(options.get("json_")))
             return
         if cfg.num_procs > 1:
-            from mmkit.training.launch import launch, launched_externally
+            from mmkit import launch, launched_externally
 
             if not launched_externally():  # else: deepspeed / torchrun / our launcher already started the group
                 code = launch(cfg)
                 if code:
                     raise typer.Exit(code)
                 return
-        from mmkit.training.recipe import train as run
+        from mmkit import train as run
 
         run(cfg)
     except ConfigError as exc:
