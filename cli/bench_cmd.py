@@ -31,24 +31,28 @@ def bench(
 
     from rich.console import Console
 
-    from mmkit.bench import suite
-    from mmkit.bench.compare import compare as compare_reports
-    from mmkit.bench.compare import load_report, regressions
-    from mmkit.bench.report import print_comparison, print_report
+    from mmkit import (
+        bench_regressions,
+        compare_bench,
+        load_bench_report,
+        print_bench_comparison,
+        print_bench_report,
+        run_bench,
+    )
 
     console = Console()
-    base = load_report(compare) if compare else None  # a bad --compare file fails before measuring
+    base = load_bench_report(compare) if compare else None  # a bad --compare file fails before measuring
     chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     with console.status("measuring") as status:
-        report = suite.run(preset, modalities=chosen, quick=quick, progress=lambda msg: status.update(msg))
-    print_report(report, console)
+        report = run_bench(preset, modalities=chosen, quick=quick, progress=lambda msg: status.update(msg))
+    print_bench_report(report, console)
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         console.print(f"figures written to {json_out}")
     if base is not None:
-        changes, only_base, only_new = compare_reports(base, report)
-        flagged = regressions(changes, threshold)
-        print_comparison(changes, flagged, only_base, only_new, threshold, console)
+        changes, only_base, only_new = compare_bench(base, report)
+        flagged = bench_regressions(changes, threshold)
+        print_bench_comparison(changes, flagged, only_base, only_new, threshold, console)
         if flagged:
             console.print(f"[red]{len(flagged)} figure(s) worse than {compare} by more than {threshold:.0%}:[/] "
                           + ", ".join(c.name for c in flagged))

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 def parse_inputs(args: list[str], data_keys: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
     """Split ``--<data key> PATH`` pairs (repeatable) from the words of the question."""
-    from mmkit.errors import ConfigError
+    from mmkit import ConfigError
 
     inputs: dict[str, list[str]] = {}
     words: list[str] = []
@@ -65,9 +65,7 @@ def chat(
     """
     from rich.console import Console
 
-    from mmkit.generation import GenerationOptions
-    from mmkit.inference import load
-    from mmkit.plugins import get_host
+    from mmkit import GenerationOptions, get_host, load
 
     options = GenerationOptions(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
                                 top_k=top_k, num_beams=num_beams, repetition_penalty=repetition_penalty,
@@ -111,7 +109,7 @@ def chat(
             pending.setdefault(data_keys[key], []).append(path.strip())
             console.print(f"attached {path.strip()} as {data_keys[key]}")
             continue
-        from mmkit.errors import MmkitError
+        from mmkit import MmkitError
 
         try:
             answer(line, pending, prefix="[bold green]mmkit>[/] ")

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _keyed_ints(items: list[str] | None) -> dict[str, int]:
-    from mmkit.errors import ConfigError
+    from mmkit import ConfigError
 
     out = {}
     for item in items or []:
@@ -59,9 +59,7 @@ def validate(
 
     from rich.console import Console
 
-    from mmkit.data.validate import prompt_lengths_for
-    from mmkit.data.validate import validate as run_validation
-    from mmkit.plugins import get_host
+    from mmkit import get_host, prompt_lengths_for, validate_data
 
     host = get_host()
     chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
@@ -71,7 +69,7 @@ def validate(
                                      _counts(host, chosen, tokens_per_input), template=template, max_length=max_length)
     err = Console(stderr=True)
     with err.status("validating", spinner="dots") as status:
-        report = run_validation([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
+        report = validate_data([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
                                 allow_outside_root=allow_outside_root, data_format=data_format, lengths=lengths,
                                 decode_files=decode, workers=workers, status=lambda msg: status.update(msg),
                                 preprocess=decode)  # load + the tiny encoder's preprocess, as training runs them
@@ -84,7 +82,7 @@ def validate(
 
 
 def _counts(host, chosen: list[str], tokens_per_input: list[str] | None) -> dict[str, int]:
-    from mmkit.data.validate import default_tokens_per_input
+    from mmkit import default_tokens_per_input
 
     given = _keyed_ints(tokens_per_input)
     missing = [m for m in chosen if m not in given]
@@ -115,12 +113,9 @@ def inspect(
     from rich.console import Console
     from rich.text import Text
 
-    from mmkit.data.inspect import inspect_record, iter_records, segments
-    from mmkit.data.validate import prompt_builder_for
-    from mmkit.plugins import get_host
-    from mmkit.templates import check_early
+    from mmkit import check_template, get_host, inspect_record, iter_records, prompt_builder_for, prompt_segments
 
-    check_early(llm, template)  # before any plugin or tokenizer loads
+    check_template(llm, template)  # before any plugin or tokenizer loads
     host = get_host()
     chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
     prompts = prompt_builder_for(llm, {m: host.modality(m).markers for m in chosen},
@@ -143,7 +138,7 @@ def inspect(
             console.print(f"[red]error[/] ({entry['kind']}): {entry['error']}")
             continue
         text = Text()
-        for seg in segments(prompts, encoded):
+        for seg in prompt_segments(prompts, encoded):
             if seg.kind == "slots":
                 text.append(f"[{seg.text} x{seg.count}]", style="cyan")
             elif seg.kind == "supervised":

@@ -60,7 +60,7 @@ def evaluate(
 
     from rich.console import Console
 
-    from mmkit.errors import ConfigError
+    from mmkit import ConfigError
 
     if bool(data) == bool(benchmark):
         raise ConfigError("give --data FILE (held-out evaluation) or --benchmark RECIPE (benchmark), not both"
@@ -71,11 +71,11 @@ def evaluate(
     to_stdout = json_out == "-"
     console = Console(stderr=to_stdout)
     if data:
-        from mmkit.evaluation.evaluate import evaluate_run, print_eval
+        from mmkit import evaluate, print_eval
 
         # Never over the run's own eval.json (the end-of-training record): a folder of its own.
         target = out or output_dir / "eval" / "+".join(p.stem for p in data)
-        results = evaluate_run(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
+        results = evaluate(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, out_dir=target)
         if not to_stdout:
             print_eval(results, console)
@@ -88,7 +88,7 @@ def evaluate(
         if to_stdout:
             typer.echo(text)
         else:
-            from mmkit.atomic import atomic_write_text
+            from mmkit import atomic_write_text
 
             atomic_write_text(Path(json_out), text)
 
@@ -110,11 +110,7 @@ def _run_benchmarks(output_dir: Path, names: list[str], *, limit: int | None, da
                     out: Path | None, batch_size: int, console: Any, show_table: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mmkit.errors import ConfigError
-    from mmkit.evaluation.benchmark import SCORES, print_benchmark, run_benchmark
-    from mmkit.evaluation.recipe import resolve_benchmark
-    from mmkit.inference import load
-    from mmkit.plugins import get_host
+    from mmkit import BENCHMARK_SCORES, ConfigError, get_host, load, print_benchmark, resolve_benchmark, run_benchmark
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -130,7 +126,7 @@ def _run_benchmarks(output_dir: Path, names: list[str], *, limit: int | None, da
         results = run_benchmark(model, recipes, target, host, data_root=data_root, run_dir=output_dir,
                                 limit=limit, batch_size=batch_size, progress=progress)
     if show_table:
-        print_benchmark(results, console, title=f"benchmark {label} ({target / SCORES})")
+        print_benchmark(results, console, title=f"benchmark {label} ({target / BENCHMARK_SCORES})")
     return results
 
 
@@ -143,7 +139,7 @@ def score_file(
     """Score a predictions file (from `mmkit eval RUN --benchmark`, or any system's answers)."""
     import json
 
-    from mmkit.evaluation.scoring import score_predictions_file
+    from mmkit import score_predictions_file
 
     results = score_predictions_file(predictions, metric)
     if json_out:

@@ -31,8 +31,7 @@ def export(
     merged: the base LLM with one adapter merged, a plain Hugging Face causal LM.
     Every export holds a README.md saying how to load it.
     """
-    from mmkit.errors import ConfigError
-    from mmkit.plugins import get_host
+    from mmkit import ConfigError, export_run, get_host
 
     host = get_host()
     if list_formats:
@@ -42,8 +41,6 @@ def export(
     if run is None or out is None or to is None:
         raise ConfigError("usage: mmkit export RUN --to FORMAT OUT (formats: "
                           + ", ".join(host.exporters()) + ")")
-    from mmkit.export import export_run
-
     files = export_run(run, to, out, adapter=adapter, overwrite=overwrite, host=host)
     total = sum(files.values())
     typer.echo(f"exported {run} as {to} to {out}: {len(files)} files, {_size(total)}")

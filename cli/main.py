@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from mmkit.errors import MmkitError
+from mmkit import MmkitError
 
 app = typer.Typer(help="mmkit: build multimodal LLMs out of pip-installable modality plugins.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
@@ -43,7 +43,7 @@ def _register_commands() -> None:
             continue
         module.register(app)
     # Plugins may add commands; a broken one is reported by `mmkit plugins list`, not fatal here.
-    from mmkit.plugins import get_host
+    from mmkit import get_host
 
     get_host().add_commands(app)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
-    from mmkit.plugins import PluginHost
+    from mmkit import PluginHost
 
 plugins_app = typer.Typer(help="Inspect and check installed plugins.", no_args_is_help=True)
 plugin_app = typer.Typer(help="Create a new plugin package.", no_args_is_help=True)
@@ -45,7 +45,7 @@ def plugin_rows(host: PluginHost) -> list[dict[str, Any]]:
 @plugins_app.command("list")
 def list_plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List every plugin: distribution, version, hooks, status and import time."""
-    from mmkit.plugins import get_host
+    from mmkit import get_host
 
     rows = plugin_rows(get_host())
     if as_json:
@@ -214,7 +214,7 @@ def find_problems(host: PluginHost, *, deep: bool = False) -> list[str]:
                             "(are its functions decorated with @mmkit.hookimpl?)")
     if deep:
         problems += host.verify_lazy()
-        from mmkit.modeling.components import check_encoders  # builds each tiny encoder once: shapes, identity()
+        from mmkit import check_encoders  # builds each tiny encoder once: shapes, identity()
 
         problems += check_encoders(host)
     return [_name_distribution(problem, host) for problem in problems]
@@ -235,7 +235,7 @@ def check_plugins(
                                                     "once to check its declared shapes and identity() (loads torch)."),
 ) -> None:
     """Load every plugin and report what is wrong; exits 1 if anything is."""
-    from mmkit.plugins import get_host
+    from mmkit import get_host
 
     host = get_host()
     problems = find_problems(host, deep=deep)
@@ -260,14 +260,14 @@ def new_plugin(
                                         help="Modality name (default: NAME without 'mmkit-plugin-')."),
 ) -> None:
     """Generate a working modality plugin package (loader, encoder, demo task, contract tests)."""
-    from mmkit.scaffold import create_plugin, derive_names
+    from mmkit import create_plugin, plugin_names
 
-    names = derive_names(name, modality)
+    names = plugin_names(name, modality)
     target = create_plugin(name, directory, modality=modality)
     typer.secho(f"created {target}", fg="green")
     typer.echo(f"  distribution {names.distribution}, package {names.package}, modality {names.modality!r}")
     try:
-        from mmkit.plugins import get_host
+        from mmkit import get_host
 
         owner = get_host().registry["modality"].get(names.modality)
     except Exception:  # only a hint: a broken host must not fail scaffolding

@@ -82,6 +82,9 @@ _LAZY: dict[str, str] = {
     "TrainConfig": "mmkit.training.config:TrainConfig",
     "resolve_config": "mmkit.training.config:resolve_config",
     "parse_assignments": "mmkit.training.config:parse_assignments",
+    "TRAIN_DEMO_DEFAULTS": "mmkit.training.config:DEMO_DEFAULTS",
+    "config_field_type": "mmkit.training.config:base_type",
+    "config_field_accepts": "mmkit.training.config:accepted",
     "preflight": "mmkit.training.preflight:preflight",
     "dry_run": "mmkit.training.dry_run:dry_run",
     "print_dry_run": "mmkit.training.dry_run:print_report",
@@ -117,14 +120,15 @@ __all__ = [
     "InputError", "LoadedModel", "MarkerSpec", "MetricSpec", "MissingFileError", "MissingInputError",
     "MmkitError", "ModalityEncoder", "ModalitySpec", "NotRegisteredError", "PluginError", "PluginHost",
     "PluginLoadError", "PretrainedEncoder", "Projector", "ProjectorSpec", "RaggedFeatures", "ReadContext",
-    "ReaderSpec", "RecordSchemaError", "Sample", "TrainConfig", "Turn", "atomic_write_text",
-    "bench_regressions", "check_encoders", "check_template", "compare_bench", "create_plugin",
-    "default_tokens_per_input", "dry_run", "evaluate", "export_run", "get_host", "hookimpl", "inspect_record",
-    "iter_records", "launch", "launched_externally", "load", "load_bench_report", "load_state_strict",
-    "parse_assignments", "parse_records", "plugin_names", "preflight", "print_bench_comparison",
-    "print_bench_report", "print_benchmark", "print_dry_run", "print_eval", "prompt_builder_for",
-    "prompt_lengths_for", "prompt_segments", "read_records", "resolve_benchmark", "resolve_config", "run_bench",
-    "run_benchmark", "score_predictions_file", "seeded", "train", "validate_data", "weights_sha256",
+    "ReaderSpec", "RecordSchemaError", "Sample", "TRAIN_DEMO_DEFAULTS", "TrainConfig", "Turn",
+    "atomic_write_text", "bench_regressions", "check_encoders", "check_template", "compare_bench",
+    "config_field_accepts", "config_field_type", "create_plugin", "default_tokens_per_input", "dry_run",
+    "evaluate", "export_run", "get_host", "hookimpl", "inspect_record", "iter_records", "launch",
+    "launched_externally", "load", "load_bench_report", "load_state_strict", "parse_assignments",
+    "parse_records", "plugin_names", "preflight", "print_bench_comparison", "print_bench_report",
+    "print_benchmark", "print_dry_run", "print_eval", "prompt_builder_for", "prompt_lengths_for",
+    "prompt_segments", "read_records", "resolve_benchmark", "resolve_config", "run_bench", "run_benchmark",
+    "score_predictions_file", "seeded", "train", "validate_data", "weights_sha256",
 ]
 
 
@@ -134,9 +138,9 @@ def __getattr__(name: str) -> Any:
         # AttributeError (not a bare KeyError): ``from mmkit import hookspecs`` then imports the submodule.
         raise AttributeError(f"module 'mmkit' has no attribute {name!r}")
     module, _, attr = target.partition(":")
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value  # once: later look-ups skip this function
-    return value
+    # Looked up on every use, not cached here: mmkit.train is always mmkit.training.recipe.train,
+    # also after a test (or a plugin) replaced that.
+    return getattr(importlib.import_module(module), attr)
 
 
 def __dir__() -> list[str]:
@@ -176,7 +180,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from mmkit.scaffold import create_plugin
     from mmkit.scaffold import derive_names as plugin_names
     from mmkit.templates import check_early as check_template
+    from mmkit.training.config import DEMO_DEFAULTS as TRAIN_DEMO_DEFAULTS
     from mmkit.training.config import TrainConfig, parse_assignments, resolve_config
+    from mmkit.training.config import accepted as config_field_accepts
+    from mmkit.training.config import base_type as config_field_type
     from mmkit.training.dry_run import dry_run
     from mmkit.training.dry_run import print_report as print_dry_run
     from mmkit.training.launch import launch, launched_externally
