@@ -92,6 +92,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
 
+    from mmkit.modeling.loading import device
+
     if _world() == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device())
