@@ -281,3 +281,33 @@ def test_anyres_on_a_saved_checkpoint(tmp_path) -> None:
         out = encode_items(encoder, items)
     assert out.counts == (4 + 4 * 5, 4 + 2 * 5, 4 + 6 * 3)
     assert encoder.identity()["anyres"]["pool"] == 2 and encoder.identity()["pretrained"] == str(tmp_path)
+
+
+def test_prompt_reserves_each_image_its_own_count(anyres, tmp_path) -> None:
+    """What ``mmkit data inspect`` reports per input: two images of different aspect ratios get
+    different slot counts, each what the encoder announces (the core's inspect_record, counting with
+    this encoder)."""
+    from pathlib import Path
+
+    from mmkit.data.inspect import inspect_record
+    from mmkit.data.validate import prompt_builder_for
+    from mmkit.plugins import get_host
+    from mmkit.records import Sample, Turn
+    from mmkit.specs import resolve
+
+    spec = get_host().modality("image")
+    load = resolve(spec.load)
+    paths = []
+    for name, size in (("wide", THREE_RATIOS["wide 2:1"][0]), ("tall", THREE_RATIOS["tall 1:3"][0])):
+        _image(*size).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    prompts = prompt_builder_for("tiny", {"image": spec.markers}, {"image": None})
+    sample = Sample(id="two", turns=(Turn("user", "<image> and <image> compare the two"), Turn("assistant", "yes")),
+                    inputs={"image": tuple(paths)})
+
+    def counter(s: Sample) -> dict[str, list[int]]:
+        return {"image": [anyres.num_tokens_for(anyres.preprocess(load(Path(p)))) for p in s.inputs["image"]]}
+
+    entry = inspect_record(prompts, sample, counter)
+    assert "error" not in entry
+    assert entry["slots"] == {"image": [THREE_RATIOS["wide 2:1"][2], THREE_RATIOS["tall 1:3"][2]]}
