@@ -41,7 +41,7 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = self.lengths[i]
-        return {"id": str(i), "input_ids": [5] * n, "labels": [5] * n, "inputs": {}, "adapter": "shared"}
+        return {"id": str(i), "input_ids": [5] * n, "labels": [5] * n, "inputs": {}, "modalities": ()}
 
 
 def epoch_padding(sampler: Any, dataset: Any, collate: Any) -> tuple[float, int]:
@@ -49,8 +49,8 @@ def epoch_padding(sampler: Any, dataset: Any, collate: Any) -> tuple[float, int]
     slots = real = batches = 0
     for indices in sampler:
         batch = collate([dataset[i] for i in indices])
-        slots += batch["attention_mask"].numel()
-        real += int(batch["attention_mask"].sum())
+        slots += batch.num_slots
+        real += batch.num_tokens
         batches += 1
     return 1.0 - real / slots, batches
 

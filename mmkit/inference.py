@@ -11,12 +11,11 @@ from typing import Any
 import attrs
 import torch
 
-from mmkit.data.batching import Collator, make_preprocessor
+from mmkit.data.batching import Collator, blank_item, collate_fns, input_counters, make_preprocessor
 from mmkit.records import USER, Sample, Turn
 from mmkit.errors import InputError, MmkitError
 from mmkit.generation import GenerationOptions
 from mmkit.modeling.assemble import Assembled
-from mmkit.modeling.lora import route_for_sample
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
 
@@ -58,6 +57,8 @@ class LoadedModel:
             m: make_preprocessor(self.loaders[m], self.model.encoders[m].preprocess) for m in self.model.modalities
         }
         self.adapters = self.model.lora.adapters if self.model.lora is not None else []
+        #: slots per input of each variable-size modality (the prompt reserves exactly that many)
+        self.counters = input_counters(self.model.encoders, self.model.projectors)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -160,7 +161,7 @@ class LoadedModel:
             tensors = {}
             for m, paths in sample.inputs.items():
                 if m in ablate:
-                    tensors[m] = [self.model.encoders[m].blank_input(1)[0] for _ in paths]
+                    tensors[m] = [blank_item(self.model.encoders[m]) for _ in paths]
                 else:
                     tensors[m] = [self.preprocess[m](Path(p)) for p in paths]
             items.append(self._item(sample.id, sample.turns, sample.system, tensors, sample.modalities))
@@ -171,18 +172,20 @@ class LoadedModel:
         turns = list(turns)
         while turns and turns[-1].role != USER:
             turns.pop()
-        encoded = self.prompts.encode_prompt(turns, system)
+        counts = {m: [self.counters[m].of_item(t) for t in tensors[m]] for m in tensors if m in self.counters}
+        encoded = self.prompts.encode_prompt(turns, system, input_tokens=counts) if counts else \
+            self.prompts.encode_prompt(turns, system)
         return {"id": item_id, "input_ids": encoded.input_ids, "labels": encoded.labels, "inputs": tensors,
-                "adapter": route_for_sample(modalities, self.adapters or ["-"])}
+                "modalities": tuple(modalities)}
 
     def _answer(self, items: list[dict[str, Any]], options: GenerationOptions, *, streamer: Any = None) -> list[str]:
-        batch = Collator(pad_id=self.tokenizer.pad_token_id, padding_side="left")(items)
+        batch = Collator(pad_id=self.tokenizer.pad_token_id, padding_side="left",
+                         collate=collate_fns(self.model.encoders))(items)
         was_training = self.model.training
         self.model.eval()
         try:
             sequences = self.model.generate(
-                batch["input_ids"], batch["attention_mask"], batch["inputs"],
-                batch["adapters"] if self.adapters else None, options=options,
+                batch.input_ids, batch.attention_mask, batch.inputs, batch.modalities, options=options,
                 stop_ids=set(self.prompts.stop_token_ids), allowed_vocab=self.assembled.first_new_token_id,
                 pad_id=self.tokenizer.pad_token_id, tokenizer=self.tokenizer, streamer=streamer)
         finally:

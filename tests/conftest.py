@@ -241,29 +241,26 @@ class BatchKit:
         ]
 
     @staticmethod
-    def batch(assembled: Any, samples: list[Any], seed: int = 0, padding_side: str = "right") -> dict[str, Any]:
+    def batch(assembled: Any, samples: list[Any], seed: int = 0, padding_side: str = "right") -> Any:
         """Encode through the prompt builder and collate; each input is a random tensor of the
         encoder's input shape (stacked in row order, as the collator does)."""
         import torch
 
         from mmkit.data.batching import Collator
-        from mmkit.modeling.lora import route_for_sample
 
         gen = torch.Generator().manual_seed(seed)
-        adapters = assembled.model.lora.adapters if assembled.model.lora else ["-"]
         items = []
         for s in samples:
             enc = assembled.prompts.encode_sample(s)
             tensors = {m: [torch.randn(assembled.model.encoders[m].input_shape, generator=gen) for _ in paths]
                        for m, paths in s.inputs.items()}
             items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels, "inputs": tensors,
-                          "adapter": route_for_sample(s.modalities, adapters)})
+                          "modalities": s.modalities})
         return Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side=padding_side)(items)
 
     @staticmethod
-    def run(model: Any, batch: dict[str, Any]) -> Any:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     inputs=batch["inputs"], adapters=batch["adapters"])
+    def run(model: Any, batch: Any) -> Any:
+        return model(**batch.model_kwargs())
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from mmkit.records import Sample, Turn
 from mmkit.default_plugins.lora_targets import TARGETS
 from mmkit.errors import ConfigError, DataError
 from mmkit.modeling.assemble import trainable_parameters
+from mmkit.modeling.lora import routes_for_rows
 from mmkit.specs import resolve
 
 ARCHITECTURES = ["llama", "qwen2", "gpt_neox"]
@@ -27,11 +28,11 @@ def test_mixed_batch_trains_on_each_architecture(assemble_model, kit, architectu
     trainable_parameters(model, "instruct")
     mixed = kit.mixed()
     batch = kit.batch(assembled, mixed)
-    assert batch["adapters"] == ["image", "pointcloud", "image", "text"]
-    assert batch["inputs"]["image"].shape[0] == 2 and batch["inputs"]["pointcloud"].shape[0] == 2
+    assert routes_for_rows(batch.modalities, model.lora.adapters) == ["image", "pointcloud", "image", "text"]
+    assert batch.inputs["image"].shape[0] == 2 and batch.inputs["pointcloud"].shape[0] == 2
     out = kit.run(model, batch)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert out.logits.shape[:2] == batch.input_ids.shape
     out.loss.backward()
     for modality in ("image", "pointcloud"):
         grads = [p.grad for p in model.projectors[modality].parameters()]
@@ -92,7 +93,7 @@ def test_embed_fills_exactly_the_placeholder_slots(assemble_model, kit):
     assembled = assemble_model(("image", "pointcloud"))
     model = assembled.model.eval()
     batch = kit.batch(assembled, kit.mixed())
-    ids, inputs = batch["input_ids"], batch["inputs"]
+    ids, inputs = batch.input_ids, batch.inputs
     with torch.no_grad():
         embeds = model.embed(ids, inputs)
         projected = {m: model.encode(m, inputs[m]) for m in inputs}
@@ -124,11 +125,11 @@ def test_slot_count_mismatch_is_a_data_error(assemble_model, kit):
     assembled = assemble_model(("image", "pointcloud"))
     model = assembled.model.eval()
     batch = kit.batch(assembled, kit.mixed()[:1])  # one image: 16 slots
-    two = torch.cat([batch["inputs"]["image"]] * 2)
+    two = torch.cat([batch.inputs["image"]] * 2)
     with pytest.raises(DataError, match=r"16 image slots for 2 inputs"):
-        model.embed(batch["input_ids"], {"image": two})
+        model.embed(batch.input_ids, {"image": two})
     with pytest.raises(DataError, match=r"16 image slots but no image input"):
-        model.embed(batch["input_ids"], {})
+        model.embed(batch.input_ids, {})
 
 
 def test_files_through_dataset_and_collator(assemble_model, kit, mm_host, input_files):
@@ -141,18 +142,19 @@ def test_files_through_dataset_and_collator(assemble_model, kit, mm_host, input_
                            image=[str(p) for p in input_files["image"][:2]]),
                kit.sample("<pointcloud> Which shape is it ?", "a cube", pointcloud=[str(input_files["pointcloud"][0])]),
                kit.sample("hello world", "yes")]
-    dataset = SampleDataset(samples, assembled.prompts, preprocess, model.lora.adapters)
+    dataset = SampleDataset(samples, assembled.prompts, preprocess)
     batch = Collator(pad_id=assembled.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
-    assert batch["inputs"]["image"].shape == (2, *model.encoders["image"].input_shape)
-    assert batch["inputs"]["pointcloud"].shape == (1, *model.encoders["pointcloud"].input_shape)
-    assert batch["adapters"] == ["image", "pointcloud", "text"]
+    assert batch.inputs["image"].shape == (2, *model.encoders["image"].input_shape)
+    assert batch.inputs["pointcloud"].shape == (1, *model.encoders["pointcloud"].input_shape)
+    assert batch.modalities == (("image",), ("pointcloud",), ())
+    assert routes_for_rows(batch.modalities, model.lora.adapters) == ["image", "pointcloud", "text"]
     model.train()
     assert torch.isfinite(kit.run(model, batch).loss)
     # a sample of a modality the model lacks is refused by name
     audio = Sample(id="a", turns=(Turn("user", "hello"), Turn("assistant", "yes")), inputs={"audio_example": ("x",)},
                    source="f.jsonl", index=3)
     with pytest.raises(DataError, match=r"f.jsonl record 3: .*no audio_example modality"):
-        SampleDataset([audio], assembled.prompts, preprocess, model.lora.adapters).encode(
+        SampleDataset([audio], assembled.prompts, preprocess).encode(
             audio, assembled.prompts.encode_prompt(audio.turns))
 
 

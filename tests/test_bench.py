@@ -183,8 +183,8 @@ def test_plain_llava_loop_computes_mmkits_loss_on_the_same_batch(mm_host, tmp_pa
         plain_batch = rig.plain.collate(items)
         plain_loss = rig.plain.loss(plain_batch)
     # one slot per input in the plain batch, the same spliced sequences and token counts
-    assert plain_batch["input_ids"].shape[1] < batch["input_ids"].shape[1]
-    assert plain_batch["num_tokens"] == batch["num_tokens"]
+    assert plain_batch["input_ids"].shape[1] < batch.input_ids.shape[1]
+    assert plain_batch["num_tokens"] == batch.num_tokens
     assert plain_loss.item() == pytest.approx(mmkit_loss.item(), rel=1e-5)
 
 

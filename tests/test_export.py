@@ -29,7 +29,6 @@ def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
     from mmkit.data.batching import Collator
     from mmkit.inference import LoadedModel
     from mmkit.modeling.assemble import trainable_parameters
-    from mmkit.modeling.lora import route_for_sample
 
     mm = LoadedModel(assembled, mm_host)
     model = assembled.model
@@ -40,13 +39,12 @@ def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
         enc = assembled.prompts.encode_sample(s)
         items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels,
                       "inputs": {m: [mm.preprocess[m](Path(p)) for p in paths] for m, paths in s.inputs.items()},
-                      "adapter": route_for_sample(s.modalities, mm.adapters or ["-"])})
+                      "modalities": s.modalities})
     batch = Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side="right")(items)
     model.train()
     losses = []
     for _ in range(steps):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    inputs=batch["inputs"], adapters=batch["adapters"] if mm.adapters else None)
+        out = model(**batch.model_kwargs())
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -120,10 +118,9 @@ def _mmkit_logits(mm, text: str, inputs: dict | None = None) -> tuple[list[int],
     enc = mm.prompts.encode_prompt(turns)
     ids = torch.tensor([enc.input_ids])
     tensors = {m: torch.stack([mm.prepare(m, v) for v in vs]) for m, vs in inputs.items()}
-    route = [mm._item("x", turns, None, {}, tuple(inputs))["adapter"]]
     with torch.no_grad():
         out = mm.model(input_ids=ids, attention_mask=torch.ones_like(ids), inputs=tensors,
-                       adapters=route if mm.adapters else None)
+                       modalities=[tuple(inputs)])
     return enc.input_ids, out.logits[0].float()
 
 

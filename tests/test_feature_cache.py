@@ -150,18 +150,17 @@ def test_cached_features_reproduce_online_encoding(tmp_path, assemble_model, kit
     samples = [kit.sample("<image> What is shown here ?", "7", image=[img[0]]),
                kit.sample("<image> and <pointcloud> compare the two", "yes", image=[img[1]], pointcloud=[pcl[0]]),
                kit.sample("hello world", "yes no")]
-    adapters = model.lora.adapters
-    online = SampleDataset(samples, assembled.prompts, preprocess, adapters)
+    online = SampleDataset(samples, assembled.prompts, preprocess)
     collate = Collator(pad_id=0)
     batch = collate([online[i] for i in range(3)])
 
     cache = open_training_cache(tmp_path, host=mm_host, encoders=dict(model.encoders), samples=samples,
                                 preprocess=preprocess)
-    cached = SampleDataset(samples, assembled.prompts, preprocess, adapters, cache=cache)
+    cached = SampleDataset(samples, assembled.prompts, preprocess, cache=cache)
     item = cached[1]
     assert item["inputs"] == {} and [len(f) for f in item["features"].values()] == [1, 1]
     cached_batch = collate([cached[i] for i in range(3)])
-    assert set(cached_batch["features"]) == {"image", "pointcloud"} and cached_batch["inputs"] == {}
+    assert set(cached_batch.features) == {"image", "pointcloud"} and cached_batch.inputs == {}
     with torch.no_grad():
         a = model(**model_inputs(batch, "cpu"))
         b = model(**model_inputs(cached_batch, "cpu"))
@@ -171,7 +170,7 @@ def test_cached_features_reproduce_online_encoding(tmp_path, assemble_model, kit
     calls = []
     hook = model.encoders["pointcloud"].register_forward_hook(lambda *_: calls.append(1))
     text_only = collate([cached[2]])
-    assert text_only["features"] == {}
+    assert text_only.features == {}
     model(**model_inputs(text_only, "cpu")).loss.backward()
     hook.remove()
     assert calls == []
@@ -186,23 +185,22 @@ def test_batches_recompute_entries_the_cache_lacks(tmp_path, assemble_model, kit
                for i, p in enumerate(input_files["image"])]
     cache = open_training_cache(tmp_path, host=mm_host, encoders={"image": model.encoders["image"]},
                                 samples=samples[:1], preprocess=preprocess)  # only the first is cached
-    dataset = SampleDataset(samples, assembled.prompts, preprocess, model.lora.adapters, cache=cache)
+    dataset = SampleDataset(samples, assembled.prompts, preprocess, cache=cache)
     collator = Collator(pad_id=0, record_skipped=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collator)
     batches = Batches(loader, collator, cache=cache, encoders=model.encoders)
     (batch,) = list(batches)
-    assert "recompute" not in batch and batch["features"]["image"].shape[0] == 3 and batches.recomputed == 2
+    assert batch.pending is None and batch.features["image"].shape[0] == 3 and batches.recomputed == 2
     cache.flush()
-    online = Collator(pad_id=0)([SampleDataset(samples, assembled.prompts, preprocess, model.lora.adapters)[i]
-                                 for i in range(3)])
-    expected = model.encoders["image"](online["inputs"]["image"])
-    assert torch.allclose(batch["features"]["image"], expected, atol=1e-6)
+    online = Collator(pad_id=0)([SampleDataset(samples, assembled.prompts, preprocess)[i] for i in range(3)])
+    expected = model.encoders["image"](online.inputs["image"])
+    assert torch.allclose(batch.features["image"], expected, atol=1e-6)
     reopened = FeatureCache.for_model(tmp_path, {"image": model.encoders["image"]},
                                       descriptions=plugin_descriptions(mm_host, ["image"]))
     assert all(reopened.lookup("image", str(p))[0] is not None for p in input_files["image"])
     # under ZeRO-3 the loop may not run an encoder: the batch names its records instead
     strict = Batches(torch.utils.data.DataLoader(
-        SampleDataset(samples, assembled.prompts, preprocess, model.lora.adapters,
+        SampleDataset(samples, assembled.prompts, preprocess,
                       cache=FeatureCache.for_model(tmp_path / "empty", {"image": model.encoders["image"]},
                                                    descriptions={})),
         batch_size=3, collate_fn=collator), collator, encoders=model.encoders, recompute_error="ZeRO-3")

@@ -42,17 +42,15 @@ def _samples(input_files):
 
 def _argmax_reference(mm, sample, steps):
     """Greedy decoding the slow way: the whole sequence through the model at every step, no cache."""
-    from mmkit.modeling.lora import route_for_sample
-
     encoded = mm.prompts.encode_prompt(list(sample.turns))
     tensors = {m: torch.stack([mm.preprocess[m](Path(p)) for p in paths]) for m, paths in sample.inputs.items()}
-    adapter = [route_for_sample(sample.modalities, mm.adapters)]
     ids = list(encoded.input_ids)
     out = []
     for _ in range(steps):
         x = torch.tensor([ids])
         with torch.no_grad():
-            logits = mm.model(input_ids=x, attention_mask=torch.ones_like(x), inputs=tensors, adapters=adapter).logits
+            logits = mm.model(input_ids=x, attention_mask=torch.ones_like(x), inputs=tensors,
+                             modalities=[sample.modalities]).logits
         logits = logits[0, -1, : mm.assembled.first_new_token_id]
         token = int(logits.argmax())
         if token in mm.prompts.stop_token_ids:
@@ -99,11 +97,11 @@ def test_markers_and_padding_rows_are_never_generated(mm, input_files):
     item = mm._item("b", sample.turns, None, {}, ())
     batch = Collator(pad_id=mm.tokenizer.pad_token_id, padding_side="left")([item])
     common = dict(stop_ids=set(), pad_id=mm.tokenizer.pad_token_id, max_new_tokens=6)
-    free = mm.model.generate(batch["input_ids"], batch["attention_mask"], {}, batch["adapters"],
+    free = mm.model.generate(batch.input_ids, batch.attention_mask, {}, batch.modalities,
                              allowed_vocab=mm.assembled.first_new_token_id, **common)[0]
     limit = max(free)
     assert limit > 10
-    capped = mm.model.generate(batch["input_ids"], batch["attention_mask"], {}, batch["adapters"],
+    capped = mm.model.generate(batch.input_ids, batch.attention_mask, {}, batch.modalities,
                                allowed_vocab=limit, **common)[0]
     assert capped and max(capped) < limit
 

@@ -9,7 +9,7 @@ import torch
 from mmkit.records import Sample, Turn
 from mmkit.inference import LoadedModel
 from mmkit.modeling.assemble import trainable_parameters
-from mmkit.modeling.lora import SHARED_ADAPTER, TEXT_ADAPTER, adapter_names_for, route_for_sample
+from mmkit.modeling.lora import SHARED_ADAPTER, TEXT_ADAPTER, adapter_names_for, route_for_sample, routes_for_rows
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,20 @@ def test_mixed_batch_trains_each_rows_adapter(routed, backward, rows):
     assert is_zero(adapter_grads(model, "image").values())
 
 
-def test_dummy_pass_runs_absent_modalities_in_training_only(routed, backward, rows, kit):
-    """Under ZeRO-3 every rank must run every module: a batch without point clouds still runs the
-    point-cloud encoder and projector on a blank input, adding 0 x output. The projector then gets
-    a gradient tensor of zeros rather than none."""
+def test_dummy_pass_runs_absent_modalities_in_training_only(routed, backward, rows, kit, monkeypatch):
+    """Under ZeRO-3 or across processes every rank must run every module: a batch without point
+    clouds then still runs the point-cloud encoder and projector on a blank input, adding 0 x output,
+    and the projector gets a gradient tensor of zeros rather than none. One process skips it (issue 16:
+    grouped batches paid a blank pass every step)."""
     model = routed.model
     calls = []
     handle = model.encoders["pointcloud"].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
     try:
+        backward(routed, rows["text"])
+        assert calls == []  # one process, no ZeRO-3: nothing waits on this one
+        assert all(p.grad is None for p in model.projectors["pointcloud"].parameters())
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(type(model), "_blank_pass_needed", lambda self, modality: True)
         backward(routed, rows["text"])
         assert calls == [torch.Size([1, *model.encoders["pointcloud"].input_shape])]
         for modality in ("image", "pointcloud"):
@@ -122,8 +128,9 @@ def test_dummy_pass_runs_absent_modalities_in_training_only(routed, backward, ro
         handle.remove()
 
 
-def test_the_dummy_pass_does_not_change_the_loss(routed, rows, kit):
+def test_the_dummy_pass_does_not_change_the_loss(routed, rows, kit, monkeypatch):
     model = routed.model
+    monkeypatch.setattr(type(model), "_blank_pass_needed", lambda self, modality: True)
     batch = kit.batch(routed, rows["text"])
     train_loss = kit.run(model, batch).loss
     model.eval()
@@ -141,7 +148,7 @@ def test_shared_mode_routes_everything_to_one_adapter(assemble_model, randomize_
     model.train()
     for samples in (rows["image"], rows["text"]):
         batch = kit.batch(assembled, samples)
-        assert set(batch["adapters"]) == {SHARED_ADAPTER}
+        assert set(routes_for_rows(batch.modalities, model.lora.adapters)) == {SHARED_ADAPTER}
         model.zero_grad(set_to_none=True)
         kit.run(model, batch).loss.backward()
         assert every_nonzero(adapter_grads(model, SHARED_ADAPTER).values())
@@ -168,19 +175,21 @@ def test_per_row_routing_equals_each_row_alone(routed, rows, kit):
     model = routed.model.eval()
     mixed = rows["mixed"]
     batch = kit.batch(routed, mixed, seed=3)
-    assert batch["adapters"] == ["image", "pointcloud", "image", "text"]
-    assert not batch["attention_mask"].all()  # rows of different lengths: padding is exercised
+    routes = routes_for_rows(batch.modalities, model.lora.adapters)
+    assert routes == ["image", "pointcloud", "image", "text"]
+    assert not batch.attention_mask.all()  # rows of different lengths: padding is exercised
     with torch.no_grad():
         together = kit.run(model, batch)
         for row, sample in enumerate(mixed):
             single = kit.batch(routed, [sample])
-            single["inputs"] = {m: batch["inputs"][m][_input_rows(mixed, m, row)] for m in sample.inputs}
-            assert single["adapters"] == [batch["adapters"][row]]
+            single.inputs = {m: batch.inputs[m][_input_rows(mixed, m, row)] for m in sample.inputs}
+            assert routes_for_rows(single.modalities, model.lora.adapters) == [routes[row]]
             alone = kit.run(model, single)
-            batched = together.logits[row][batch["attention_mask"][row].bool()]
+            batched = together.logits[row][batch.attention_mask[row].bool()]
             torch.testing.assert_close(batched, alone.logits[0], atol=1e-5, rtol=0)
-            single["adapters"] = ["text" if batch["adapters"][row] != "text" else "image"]
-            rerouted = kit.run(model, single)
+            # the same row routed elsewhere (the model routes from the modalities it is given)
+            model.lora.set_routes(["text" if routes[row] != "text" else "image"], torch.device("cpu"))
+            rerouted = model(**{**single.model_kwargs(), "modalities": None})
             assert (rerouted.logits[0] - alone.logits[0]).abs().max() > 1e-3
 
 

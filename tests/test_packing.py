@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attrs
+
+from mmkit.data.batch import Batch
 from mmkit.data.batching import Batches, Collator, SampleDataset, make_preprocessor, model_inputs
 from mmkit.data.packing import (
     GroupedBatchSampler,
@@ -23,6 +26,7 @@ from mmkit.data.packing import (
     sample_lengths,
 )
 from mmkit.modeling.attention import packed_attention_mask
+from mmkit.modeling.lora import routes_for_rows
 from mmkit.errors import DataError
 from mmkit.prompt import IGNORE_INDEX
 from mmkit.specs import resolve
@@ -36,7 +40,7 @@ def items_for(assembled, samples, seed=0):
         tensors = {m: [torch.randn(assembled.model.encoders[m].input_shape, generator=gen) for _ in p]
                    for m, p in s.inputs.items()}
         out.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels, "inputs": tensors,
-                    "adapter": "shared"})
+                    "modalities": s.modalities})
     return out
 
 
@@ -67,13 +71,13 @@ def test_packed_rows_give_each_sample_its_own_loss(assemble_model, kit, randomiz
         rows = [0, 0, 1, 0, 1]  # two rows of mixed modalities, out of order
         batch = PackingCollator(pad_id=pad)([dict(it, row=r) for it, r in zip(items, rows)])
         out = model(**model_inputs(batch, "cpu"))
-    packed = per_sample_losses(out.logits, batch["labels"], batch["segment_ids"])
+    packed = per_sample_losses(out.logits, batch.labels, batch.segment_ids)
     expected = [alone[i] for r in (0, 1) for i, row in enumerate(rows) if row == r]
     assert packed == pytest.approx(expected, abs=1e-5)
     # the same rows without the block-diagonal mask: later samples see earlier ones and change
     with torch.no_grad():
-        leaky = model(**model_inputs({k: v for k, v in batch.items() if k != "segment_ids"}, "cpu"))
-    assert per_sample_losses(leaky.logits, batch["labels"], batch["segment_ids"]) != pytest.approx(expected, abs=1e-3)
+        leaky = model(**model_inputs(attrs.evolve(batch, segment_ids=None), "cpu"))
+    assert per_sample_losses(leaky.logits, batch.labels, batch.segment_ids) != pytest.approx(expected, abs=1e-3)
 
 
 def test_packed_batch_layout(assemble_model, kit):
@@ -82,19 +86,22 @@ def test_packed_batch_layout(assemble_model, kit):
                                                                                 image=["i"])])
     batch = PackingCollator(pad_id=0)([dict(items[0], row=0), dict(items[1], row=0), dict(items[0], row=1)])
     n0, n1 = len(items[0]["input_ids"]), len(items[1]["input_ids"])
-    assert batch["input_ids"].shape == (2, n0 + n1)
-    assert batch["position_ids"][0].tolist() == list(range(n0)) + list(range(n1))
-    assert batch["segment_ids"][1].tolist() == [1] * n0 + [0] * n1
-    assert batch["labels"][0, n0] == IGNORE_INDEX  # the second sample's first token is no target
-    assert batch["inputs"]["image"].shape[0] == 1 and batch["samples"] == 3
-    assert batch["padding_fraction"] == pytest.approx(n1 / (2 * (n0 + n1)))
-    mask = packed_attention_mask(batch["segment_ids"], torch.float32, "sdpa")
+    assert batch.input_ids.shape == (2, n0 + n1)
+    assert batch.position_ids[0].tolist() == list(range(n0)) + list(range(n1))
+    assert batch.segment_ids[1].tolist() == [1] * n0 + [0] * n1
+    assert batch.labels[0, n0] == IGNORE_INDEX  # the second sample's first token is no target
+    assert batch.inputs["image"].shape[0] == 1 and batch.samples == 3
+    assert batch.sample_rows == (0, 0, 1) and batch.modalities == ((), ("image",), ())
+    assert batch.padding_fraction == pytest.approx(n1 / (2 * (n0 + n1)))
+    mask = packed_attention_mask(batch.segment_ids, torch.float32, "sdpa")
     assert mask.dtype == torch.bool and not mask[0, 0, n0, n0 - 1] and mask[0, 0, n0 + 1, n0]
-    additive = packed_attention_mask(batch["segment_ids"], torch.bfloat16, "eager")
+    additive = packed_attention_mask(batch.segment_ids, torch.bfloat16, "eager")
     assert additive.dtype == torch.bfloat16 and additive[0, 0, n0, n0 - 1] < -1e30
-    assert packed_attention_mask(batch["segment_ids"], torch.float16, "flash_attention_2") is None
+    assert packed_attention_mask(batch.segment_ids, torch.float16, "flash_attention_2") is None
+    # the model routes each row from its samples' modalities: one adapter per modality refuses a mixed row
+    assert routes_for_rows(batch.modalities, ["shared"], batch.sample_rows) == ["shared", "shared"]
     with pytest.raises(ValueError, match="mixes LoRA routes"):
-        PackingCollator(pad_id=0)([dict(items[0], row=0), dict(items[1], row=0, adapter="image")])
+        routes_for_rows(batch.modalities, ["image", "text"], batch.sample_rows)
 
 
 def _lengths(n=400, seed=0):
@@ -199,8 +206,7 @@ def dataset_with_a_bad_record(assemble_model, kit, tmp_path, input_files, mm_hos
     preprocess = {"image": make_preprocessor(load, model.encoders["image"].preprocess)}
 
     def build(skip: bool, workers: int = 0, batching: str = "pad"):
-        dataset = SampleDataset(samples, assembled.prompts, preprocess, model.lora.adapters, skip_bad_records=skip,
-                                defer_errors=True)
+        dataset = SampleDataset(samples, assembled.prompts, preprocess, skip_bad_records=skip, defer_errors=True)
         if batching == "packed":
             sampler = PackedBatchSampler(sample_lengths(assembled.prompts, samples), ["image"] * 6, max_tokens=128,
                                          micro_batch_size=2)
@@ -228,7 +234,7 @@ def test_skipped_records_are_counted_once(dataset_with_a_bad_record, batching):
 
     batches, collator = dataset_with_a_bad_record(skip=True, batching=batching)
     for _epoch in range(2):
-        total = sum(len(b["ids"]) for b in batches)
+        total = sum(len(b.ids) for b in batches)
         assert total == 5
     assert len(collator.skipped) == 2 and _skipped_in_training(collator, world=1) == 1
     assert "broken.png" in collator.skipped[0].reason
@@ -236,9 +242,9 @@ def test_skipped_records_are_counted_once(dataset_with_a_bad_record, batching):
 
 def test_prefetching_batches_match_and_stop_cleanly(dataset_with_a_bad_record):
     batches, _ = dataset_with_a_bad_record(skip=True)
-    plain = [b["ids"] for b in batches]
+    plain = [b.ids for b in batches]
     batches.prefetch = 2
-    assert [b["ids"] for b in batches] == plain
+    assert [b.ids for b in batches] == plain
     for _ in batches:  # leaving early stops the reader thread
         break
     import threading
@@ -247,8 +253,9 @@ def test_prefetching_batches_match_and_stop_cleanly(dataset_with_a_bad_record):
 
 
 def test_model_inputs_pass_packing_and_features_through():
-    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3),
-             "labels": torch.zeros(1, 3, dtype=torch.long), "inputs": {}, "adapters": ["x"]}
-    assert set(model_inputs(batch, "cpu")) == {"input_ids", "attention_mask", "labels", "inputs", "adapters"}
-    batch.update(position_ids=torch.zeros(1, 3), segment_ids=torch.ones(1, 3), features={"image": torch.zeros(1, 2, 2)})
-    assert {"position_ids", "segment_ids", "features"} <= set(model_inputs(batch, "cpu"))
+    batch = Batch(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3),
+                  ids=["a"], modalities=((),))
+    assert set(model_inputs(batch, "cpu")) == {"input_ids", "attention_mask", "labels", "inputs", "modalities"}
+    batch = attrs.evolve(batch, position_ids=torch.zeros(1, 3), segment_ids=torch.ones(1, 3), sample_rows=(0,),
+                         features={"image": torch.zeros(1, 2, 2)})
+    assert {"position_ids", "segment_ids", "features", "sample_rows"} <= set(model_inputs(batch, "cpu"))

@@ -10,10 +10,12 @@ from typing import Any
 import attrs
 import torch
 
-from mmkit.records import Sample
+from mmkit.data.batch import Batch
+from mmkit.data.feature_cache import encode_frozen, split_features
 from mmkit.errors import DataError, InputError
-from mmkit.modeling.lora import route_for_sample
+from mmkit.modeling.features import RaggedFeatures
 from mmkit.prompt import IGNORE_INDEX, EncodedSample, PromptBuilder
+from mmkit.records import Sample
 
 
 @attrs.frozen
@@ -27,26 +29,29 @@ class Skipped:
     error: DataError | None = attrs.field(default=None, eq=False)
 
 
-Preprocess = Callable[[Path], torch.Tensor]
+Preprocess = Callable[[Path], Any]
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Samples -> ``{"input_ids", "labels", "inputs", "adapter", "id"}`` items.
+    """Samples -> ``{"id", "input_ids", "labels", "modalities", "inputs"}`` items.
 
-    With a feature ``cache`` (:class:`mmkit.data.feature_cache.FeatureCache`), items also carry
-    ``features[m]``: one cached feature tensor per input, or ``None`` where the cache had no good
-    entry, in which case ``inputs[m]`` holds those inputs preprocessed and ``cache_keys[m]`` their keys.
+    ``inputs[m]`` holds the sample's preprocessed inputs of modality ``m`` in placeholder order.
+    ``counters[m]`` (variable-size modalities, see :func:`input_counters`): the prompt slots an input
+    gets; such inputs are preprocessed *before* the prompt is encoded, so it reserves exactly that
+    many. With a feature ``cache`` (:class:`mmkit.data.feature_cache.FeatureCache`), items also carry
+    ``features[m]``: one cached entry per input, or ``None`` where the cache had no good entry, in
+    which case ``inputs[m]`` holds those inputs preprocessed and ``cache_keys[m]`` their keys.
     ``defer_errors``: a failing record becomes a :class:`Skipped` carrying its error (raised by
     :class:`Batches` in the main process) instead of raising here.
     """
 
     def __init__(self, samples: Sequence[Sample], prompts: PromptBuilder, preprocess: Mapping[str, Preprocess],
-                 adapters: Sequence[str], *, skip_bad_records: bool = False, cache: Any = None,
-                 defer_errors: bool = False):
+                 *, counters: Mapping[str, InputTokens] | None = None, skip_bad_records: bool = False,
+                 cache: Any = None, defer_errors: bool = False):
         self.samples = list(samples)
         self.prompts = prompts
         self.preprocess = dict(preprocess)
-        self.adapters = list(adapters)
+        self.counters = dict(counters or {})
         self.skip_bad_records = skip_bad_records
         self.cache = cache
         self.defer_errors = defer_errors
@@ -66,37 +71,119 @@ class SampleDataset(torch.utils.data.Dataset):
             return Skipped(sample.where, str(exc))
 
     def encode(self, sample: Sample, encoded: EncodedSample | None = None) -> dict[str, Any]:
-        encoded = encoded or self.prompts.encode_sample(sample)
-        inputs: dict[str, list[torch.Tensor]] = {}
-        features: dict[str, list[torch.Tensor | None]] = {}
+        variable = any(m in self.counters for m in sample.inputs)
+        if encoded is None and not variable:
+            encoded = self.prompts.encode_sample(sample)  # cheap checks before the costly preprocessing
+        inputs: dict[str, list[Any]] = {}
+        features: dict[str, list[Any]] = {}
         keys: dict[str, list[str | None]] = {}
+        tokens: dict[str, list[int]] = {}
         for modality, paths in sample.inputs.items():
             if modality not in self.preprocess:
                 raise DataError(sample.source, sample.index, f"has {modality} input but the model has no {modality} modality")
-            if self.cache is None:
-                inputs[modality] = [self.preprocess[modality](Path(p)) for p in paths]
-                continue
-            features[modality] = []
+            counter = self.counters.get(modality)
             for p in paths:
-                try:
-                    feat, key = self.cache.lookup(modality, p)
-                except OSError:  # missing or unreadable: preprocessing names the problem
-                    feat, key = None, None
+                feat = key = None
+                if self.cache is not None:
+                    try:
+                        feat, key = self.cache.lookup(modality, p)
+                    except OSError:  # missing or unreadable: preprocessing names the problem
+                        feat, key = None, None
+                    features.setdefault(modality, []).append(feat)
                 if feat is None:
-                    inputs.setdefault(modality, []).append(self.preprocess[modality](Path(p)))
-                    keys.setdefault(modality, []).append(key)
-                features[modality].append(feat)
-        item = {
-            "id": sample.id,
-            "input_ids": encoded.input_ids,
-            "labels": encoded.labels,
-            "inputs": inputs,
-            "adapter": route_for_sample(sample.modalities, self.adapters),
-        }
+                    item = self.preprocess[modality](Path(p))
+                    inputs.setdefault(modality, []).append(item)
+                    if self.cache is not None:
+                        keys.setdefault(modality, []).append(key)
+                    if counter is not None:
+                        tokens.setdefault(modality, []).append(counter.of_item(item))
+                elif counter is not None:
+                    tokens.setdefault(modality, []).append(counter.of_features(feat))
+        if encoded is None:
+            encoded = self.prompts.encode_sample(sample, input_tokens=tokens) if tokens else \
+                self.prompts.encode_sample(sample)
+        item = {"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
+                "modalities": tuple(sample.modalities), "inputs": inputs}
         if self.cache is not None:
             item["features"] = features
             item["cache_keys"] = keys
         return item
+
+
+@attrs.frozen
+class InputTokens:
+    """The prompt slots one input of a variable-size modality gets: the projector's fixed output
+    count, else (a token-wise projector) the encoder's ``num_tokens_for`` of the preprocessed input,
+    or the rows of its cached features."""
+
+    encoder: Any = attrs.field(eq=False)
+    fixed: int | None = None
+
+    def of_item(self, item: Any) -> int:
+        return self.fixed if self.fixed is not None else int(self.encoder.num_tokens_for(item))
+
+    def of_features(self, features: Any) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        values = features.values if isinstance(features, RaggedFeatures) else features
+        return int(values.shape[0])
+
+
+def input_counters(encoders: Mapping[str, Any], projectors: Mapping[str, Any]) -> dict[str, InputTokens]:
+    """:class:`InputTokens` of each variable-size modality (``num_tokens is None``); fixed ones need
+    none (the prompt builder knows their count)."""
+    return {m: InputTokens(enc) for m, enc in encoders.items()
+            if getattr(enc, "num_tokens", None) is None and getattr(projectors[m], "num_output_tokens", None) is None}
+
+
+def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
+    """Each modality's ``collate`` where its encoder defines its own (the others stack, as before)."""
+    from mmkit.modeling.encoder import ModalityEncoder
+
+    base = getattr(ModalityEncoder, "collate", None)
+    return {m: enc.collate for m, enc in encoders.items()
+            if getattr(type(enc), "collate", base) is not base}
+
+
+def blank_item(encoder: Any) -> Any:
+    """One blank preprocessed input (the evaluation ablation): a 1.0 encoder's zeros of
+    ``input_shape``; a variable-size encoder's ``blank(1)`` taken apart again when it is a tensor
+    batch, else the blank batch itself (its ``collate`` must accept it)."""
+    blank = getattr(encoder, "blank", None) or encoder.blank_input
+    batch = blank(1)
+    return batch[0] if isinstance(batch, torch.Tensor) else batch
+
+
+def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Preprocess],
+                       counters: Mapping[str, InputTokens], *, cache: Any = None
+                       ) -> list[dict[str, list[int]] | None]:
+    """Each sample's token count per input of its variable-size modalities (``None`` for a sample
+    with none), computed once before training so packing and grouping budget real lengths: from the
+    cached features when a feature cache holds them, else from the preprocessed input. An input that
+    fails to load counts 0 here; the dataset meets it again and names it."""
+    out: list[dict[str, list[int]] | None] = []
+    for sample in samples:
+        counts: dict[str, list[int]] = {}
+        for modality, paths in sample.inputs.items():
+            counter = counters.get(modality)
+            if counter is None or modality not in preprocess:
+                continue
+            for p in paths:
+                n = None
+                if cache is not None:
+                    try:
+                        feat, _ = cache.lookup(modality, p)
+                    except OSError:
+                        feat = None
+                    n = None if feat is None else counter.of_features(feat)
+                if n is None:
+                    try:
+                        n = counter.of_item(preprocess[modality](Path(p)))
+                    except (DataError, InputError):
+                        n = 0
+                counts.setdefault(modality, []).append(n)
+        out.append(counts or None)
+    return out
 
 
 def _as_data_error(sample: Sample, exc: Exception) -> DataError:
@@ -111,33 +198,58 @@ def _as_data_error(sample: Sample, exc: Exception) -> DataError:
     return DataError(sample.source, sample.index, str(exc), record_id=sample.id, kind=kind)
 
 
-def make_preprocessor(load: Callable[[Path], Any], preprocess: Callable[[Any], torch.Tensor], *,
+def make_preprocessor(load: Callable[[Path], Any], preprocess: Callable[[Any], Any], *,
                       modality: str | None = None, plugin: str | None = None) -> Preprocess:
-    """``path -> tensor``: the modality's ``load`` then its encoder's ``preprocess``. Whatever either
-    raises becomes an :class:`InputError` naming the file, the plugin and the modality in one line
-    (the dataset adds the record), so ``--skip-bad-records`` skips it like a bad file. ``modality``
-    and ``plugin`` default to what the factory stamped on the encoder."""
+    """``path -> preprocessed input``: the modality's ``load`` then its encoder's ``preprocess``.
+    Whatever either raises becomes an :class:`InputError` naming the file, the plugin and the
+    modality in one line (the dataset adds the record), so ``--skip-bad-records`` skips it like a bad
+    file. A fixed-size encoder (``input_shape`` set) must return a tensor of that shape; any encoder's
+    floating-point values must be finite (integer leaves such as a graph's ``edge_index`` are not
+    checked). ``modality`` and ``plugin`` default to what the factory stamped on the encoder."""
     encoder = getattr(preprocess, "__self__", None)
     origin = dict(getattr(encoder, "_mmkit_origin", None) or {})
     modality = modality or origin.get("modality")
     plugin = plugin or origin.get("plugin") or getattr(load, "__module__", "?").split(".")[0]
-    shape = tuple(getattr(encoder, "input_shape", ()) or ()) or None
+    shape = getattr(encoder, "input_shape", ())
+    shape = tuple(shape) if shape else None
     who = f"plugin {plugin}" + (f", modality {modality}" if modality else "")
 
-    def run(path: Path) -> torch.Tensor:
+    def run(path: Path) -> Any:
         raw = _call(load, path, path, f"{who}: load")
-        tensor = _call(preprocess, raw, path, f"{who}: preprocess")
-        if not isinstance(tensor, torch.Tensor):
-            raise InputError(path, f"{who}: preprocess returned a {type(tensor).__name__}, declared a tensor "
-                                   f"of shape {list(shape or ())}")
-        if shape is not None and tuple(tensor.shape) != shape:
-            raise InputError(path, f"{who}: preprocess returned shape {list(tensor.shape)}, the encoder declares "
-                                   f"input_shape {list(shape)}")
-        if not bool(torch.isfinite(tensor).all()):
+        item = _call(preprocess, raw, path, f"{who}: preprocess")
+        if shape is not None:
+            if not isinstance(item, torch.Tensor):
+                raise InputError(path, f"{who}: preprocess returned a {type(item).__name__}, declared a tensor "
+                                       f"of shape {list(shape)}")
+            if tuple(item.shape) != shape:
+                raise InputError(path, f"{who}: preprocess returned shape {list(item.shape)}, the encoder declares "
+                                       f"input_shape {list(shape)}")
+        if not all(bool(torch.isfinite(t).all()) for t in floating_leaves(item)):
             raise InputError(path, f"{who}: preprocessing produced NaN or inf values")
-        return tensor
+        return item
 
     return run
+
+
+def floating_leaves(obj: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a preprocessed input (a tensor, nested lists / tuples / dicts,
+    or an object with ``apply(fn)`` over its tensors such as a torch-geometric ``Data``)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in floating_leaves(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in floating_leaves(o)]
+    found: list[torch.Tensor] = []
+    apply = getattr(obj, "apply", None)
+    if callable(apply) and not isinstance(obj, torch.nn.Module):
+        def visit(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                found.append(t)
+            return t
+
+        apply(visit)
+    return found
 
 
 def _call(fn: Callable[[Any], Any], arg: Any, path: Path, what: str) -> Any:
@@ -157,7 +269,7 @@ def _call(fn: Callable[[Any], Any], arg: Any, path: Path, what: str) -> Any:
 
 
 def separate_skipped(items: Sequence[dict[str, Any] | Skipped], collator: Any
-                     ) -> tuple[list[dict[str, Any]], list[Skipped], dict[str, Any] | None]:
+                     ) -> tuple[list[dict[str, Any]], list[Skipped], Batch | None]:
     """The usable items, the skipped ones, and the batch to return instead when none is usable.
     Skipped items are kept on ``collator.skipped`` when the collator records them itself."""
     good, bad = [], []
@@ -166,21 +278,27 @@ def separate_skipped(items: Sequence[dict[str, Any] | Skipped], collator: Any
     if collator.record_skipped:
         collator.skipped.extend(bad)
     if not good:
-        return good, bad, {"empty": True, "skipped": len(items), "skipped_items": bad}
+        return good, bad, Batch.empty(bad)
     return good, bad, None
+
+
+Collate = Callable[[list[Any]], Any]
 
 
 @attrs.define
 class Collator:
-    """Pads a list of items into a batch. ``padding_side="left"`` for generation."""
+    """Pads a list of items into a :class:`Batch`. ``padding_side="left"`` for generation.
+    ``collate[m]``: how modality ``m``'s preprocessed inputs are batched (the encoder's ``collate``;
+    ``torch.stack`` when not given)."""
 
     pad_id: int
     padding_side: str = "right"
+    collate: dict[str, Collate] = attrs.field(factory=dict)
     skipped: list[Skipped] = attrs.field(factory=list)
     #: append skipped items to ``skipped`` here (``False`` when :class:`Batches` counts them)
     record_skipped: bool = True
 
-    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> Batch:
         good, bad, empty = separate_skipped(items, self)
         if empty is not None:
             return empty
@@ -194,35 +312,29 @@ class Collator:
             ids[row, cols] = torch.tensor(item["input_ids"])
             labels[row, cols] = torch.tensor(item["labels"])
             mask[row, cols] = 1
-        real = int(mask.sum())
-        batch = {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
-            "adapters": [item["adapter"] for item in good],
-            "ids": [item["id"] for item in good],
-            "num_tokens": real,
-            "padding_fraction": 1.0 - real / mask.numel(),
-            "skipped": len(items) - len(good),
-            "skipped_items": bad,
-        }
-        batch.update(stack_modalities(good))
-        return batch
+        inputs, features, pending = collate_modalities(good, self.collate)
+        return Batch(ids, labels, mask, ids=[item["id"] for item in good],
+                     modalities=tuple(tuple(item.get("modalities", ())) for item in good),
+                     inputs=inputs, features=features, pending=pending, num_tokens=int(mask.sum()),
+                     num_slots=mask.numel(), skipped=len(items) - len(good), skipped_items=bad)
 
 
-def stack_modalities(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The modality part of a batch, items in batch order (each in placeholder order):
-    ``inputs[m]`` stacked preprocessed inputs; with a feature cache, ``features[m]`` stacked cached
-    features, or, when some were not cached, a list with ``None`` at those places plus
-    ``recompute[m] = (places, their stacked inputs, their cache keys)`` for :class:`Batches`."""
+def collate_modalities(items: Sequence[dict[str, Any]], collate: Mapping[str, Collate] | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """``(inputs, features, pending)`` of a batch, items in batch order (each in placeholder order):
+    ``inputs[m]`` modality ``m``'s preprocessed inputs, collated; with a feature cache,
+    ``features[m]`` the cached features joined (:func:`join_features`), or, when some were not
+    cached, a list with ``None`` at those places plus ``pending[m] = (places, inputs, cache keys)``
+    for :class:`Batches` to encode."""
+    collate = collate or {}
     if not any("features" in item for item in items):
-        inputs: dict[str, list[torch.Tensor]] = {}
+        gathered: dict[str, list[Any]] = {}
         for item in items:
-            for modality, tensors in item["inputs"].items():
-                inputs.setdefault(modality, []).extend(tensors)
-        return {"inputs": {m: torch.stack(t) for m, t in inputs.items()}}
-    features: dict[str, list[torch.Tensor | None]] = {}
-    pending: dict[str, tuple[list[int], list[torch.Tensor], list[str | None]]] = {}
+            for modality, values in item["inputs"].items():
+                gathered.setdefault(modality, []).extend(values)
+        return {m: collate.get(m, _stack)(v) for m, v in gathered.items()}, None, None
+    features: dict[str, list[Any]] = {}
+    pending: dict[str, tuple[list[int], list[Any], list[str | None]]] = {}
     for item in items:
         for modality, feats in item["features"].items():
             raws = iter(item["inputs"].get(modality, []))
@@ -230,30 +342,35 @@ def stack_modalities(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             column = features.setdefault(modality, [])
             for feat in feats:
                 if feat is None:
-                    places, tensors, entry_keys = pending.setdefault(modality, ([], [], []))
+                    places, values, entry_keys = pending.setdefault(modality, ([], [], []))
                     places.append(len(column))
-                    tensors.append(next(raws))
+                    values.append(next(raws))
                     entry_keys.append(next(keys))
                 column.append(feat)
-    out: dict[str, Any] = {"inputs": {}, "features": {m: f if m in pending else torch.stack(f)
-                                                      for m, f in features.items()}}
-    if pending:
-        out["recompute"] = {m: (places, torch.stack(tensors), keys) for m, (places, tensors, keys) in pending.items()}
-    return out
+    joined = {m: f if m in pending else join_features(f) for m, f in features.items()}
+    return {}, joined, pending or None
 
 
-def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The keyword arguments of :meth:`MultimodalLM.forward` (and the DeepSpeed engine) for a batch:
-    packed batches add ``position_ids`` and ``segment_ids``, cached ones ``features``."""
-    out = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-           "labels": batch["labels"].to(device), "inputs": {m: t.to(device) for m, t in batch["inputs"].items()},
-           "adapters": batch["adapters"]}
-    for key in ("position_ids", "segment_ids"):
-        if key in batch:
-            out[key] = batch[key].to(device)
-    if "features" in batch:
-        out["features"] = {m: t.to(device, non_blocking=True) for m, t in batch["features"].items()}
-    return out
+def _stack(values: list[Any]) -> torch.Tensor:
+    return torch.stack(values)
+
+
+def join_features(column: Sequence[Any], device: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """Per-input cached features -> one modality's batch features: ``[T, dim]`` tensors stack into
+    ``Tensor[K, T, dim]``; single-input :class:`RaggedFeatures` (a variable-size modality) join into
+    one ``RaggedFeatures``."""
+    if column and isinstance(column[0], RaggedFeatures):
+        return RaggedFeatures.from_list([f.values.to(device=device, dtype=dtype) for f in column],
+                                        [f.separators for f in column])
+    if device is None and dtype is None:
+        return torch.stack(list(column))
+    return torch.stack([f.to(device=device, dtype=dtype) for f in column])
+
+
+def model_inputs(batch: Batch, device: Any) -> dict[str, Any]:
+    """The keyword arguments of :meth:`MultimodalLM.forward` (and the DeepSpeed engine) for a batch
+    on ``device``."""
+    return batch.to(device).model_kwargs()
 
 
 class Batches:
@@ -267,7 +384,8 @@ class Batches:
     - ``prefetch`` > 0 reads that many batches ahead in a background thread (for a loader without
       worker processes: the cache reads then overlap the training step).
 
-    Other attributes (``dataset``, ``collate_fn``, ``batch_sampler``, ...) are the loader's.
+    ``dataset``, ``collate_fn`` and ``generator`` are the loader's (the loop builds a stand-in batch
+    from them and reseeds workers per epoch).
     """
 
     def __init__(self, loader: Any, collator: Any, *, cache: Any = None, encoders: Mapping[str, Any] | None = None,
@@ -280,10 +398,17 @@ class Batches:
         self.recompute_error = recompute_error  # set when encoding in the loop is unsafe (ZeRO-3)
         self.recomputed = 0
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    @property
+    def collate_fn(self) -> Any:
+        return self.loader.collate_fn
+
+    @property
+    def generator(self) -> Any:
+        return getattr(self.loader, "generator", None)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -300,32 +425,32 @@ class Batches:
             if self.cache is not None:
                 self.cache.flush()  # features recomputed during the pass
 
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        skipped = batch.pop("skipped_items", [])
+    def finish(self, batch: Batch) -> Batch:
+        skipped, batch.skipped_items = batch.skipped_items, []
         for item in skipped:
             if item.error is not None:
                 raise item.error
         self.collator.skipped.extend(skipped)
-        if "recompute" in batch:
+        if batch.pending:
             self.complete(batch)
         return batch
 
-    def complete(self, batch: dict[str, Any]) -> None:
+    def complete(self, batch: Batch) -> None:
         """Encode the inputs the cache could not serve, store their features and fill them in."""
-        from mmkit.data.feature_cache import encode_frozen
-
-        for modality, (places, tensors, keys) in batch.pop("recompute").items():
+        pending, batch.pending = batch.pending or {}, None
+        for modality, (places, values, keys) in pending.items():
             if self.recompute_error is not None:
                 raise DataError("feature cache", None, f"{len(places)} {modality} input(s) of records "
-                                f"{', '.join(map(str, batch['ids'][:8]))} have no usable cache entry "
+                                f"{', '.join(map(str, batch.ids[:8]))} have no usable cache entry "
                                 f"({self.recompute_error})")
-            encoded = encode_frozen(self.encoders[modality], tensors)
-            column = batch["features"][modality]
+            encoded = split_features(encode_frozen(self.encoders[modality], values))
+            column = batch.features[modality]
             for place, key, feat in zip(places, keys, encoded, strict=True):
                 column[place] = feat
                 if key is not None:
                     self.cache.put(modality, key, feat)
-            batch["features"][modality] = torch.stack([f.to(encoded.device, encoded.dtype) for f in column])
+            first = encoded[0].values if isinstance(encoded[0], RaggedFeatures) else encoded[0]
+            batch.features[modality] = join_features(column, first.device, first.dtype)
             self.recomputed += len(places)
 
 
@@ -372,12 +497,12 @@ def _background(iterable: Any, depth: int):
                 thread.join(timeout=0.05)
 
 
-def in_batch(exc: Exception, batch: Mapping[str, Any]) -> Exception:
+def in_batch(exc: Exception, batch: Batch) -> Exception:
     """An encoder fault (:class:`~mmkit.errors.PluginError` from ``ModalityEncoder.__call__``) with
     the records of the batch it happened in, so the user can find and check their files."""
     from mmkit.errors import PluginError
 
-    ids = [str(i) for i in batch.get("ids", [])]
+    ids = [str(i) for i in batch.ids]
     if not ids:
         return exc
     shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")

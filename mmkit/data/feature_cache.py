@@ -36,7 +36,11 @@ from typing import Any
 import attrs
 import torch
 
+from mmkit.modeling.features import RaggedFeatures, move
+
 FORMAT = "mmkit-feature-cache/1"
+#: suffix of the tensor holding an entry's separator rows (variable-size modalities that mark layout rows)
+_SEPARATORS = ".separators"
 SHARD_GLOB = "shard-*.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +91,8 @@ class FeatureStore:
         self.description = {**description, "dtype": dtype, "shape": list(shape), "format": FORMAT}
         self.namespace = namespace_of(self.description)
         self.directory = Path(root) / f"{prefix}-{self.namespace[:16]}"
-        self.shape = tuple(shape)
+        self.shape = tuple(shape)  # (None, dim): a variable-size modality, one [n_i, dim] entry per input
+        self.variable = self.shape[0] is None
         self.dtype = _DTYPES[dtype]
         self.shard_entries, self.shard_bytes = shard_entries, shard_bytes
         self.index: dict[str, list[str]] = {}  # key -> shard files holding it, newest first
@@ -128,7 +133,8 @@ class FeatureStore:
                 self._quarantine(shard)
                 continue
             for key in keys:
-                index.setdefault(key, []).append(str(shard))
+                if not key.endswith(_SEPARATORS):
+                    index.setdefault(key, []).append(str(shard))
         self.index = index
         self._handles.clear()
 
@@ -167,28 +173,46 @@ class FeatureStore:
             self._handles.move_to_end(shard)
         return entry
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The entry's features, checked; ``None`` when absent or when every copy is bad."""
+    def _fits(self, tensor: torch.Tensor) -> bool:
+        if self.variable:
+            return tensor.dim() == 2 and tensor.shape[1] == self.shape[1]
+        return tuple(tensor.shape) == self.shape
+
+    def get(self, key: str) -> torch.Tensor | RaggedFeatures | None:
+        """The entry's features, checked; ``None`` when absent or when every copy is bad. A variable-
+        size modality's entry is a one-input :class:`RaggedFeatures` (with its separator rows)."""
         for shard in self.index.get(key, ()):
             try:
                 fh, sums = self._handle(shard)
                 tensor = fh.get_tensor(key)
-                good = (tuple(tensor.shape) == self.shape and tensor.dtype == self.dtype
-                        and sums.get(key) == checksum(tensor))
+                good = tensor.dtype == self.dtype and self._fits(tensor) and sums.get(key) == checksum(tensor)
+                seps = None
+                if good and self.variable and f"{key}{_SEPARATORS}" in sums:
+                    seps = fh.get_tensor(f"{key}{_SEPARATORS}")
+                    good = (sums[f"{key}{_SEPARATORS}"] == checksum(seps)
+                            and tuple(seps.shape) == (tensor.shape[0],))
+                    seps = seps.bool()
             except Exception:
                 good = False
             if good:
-                return tensor
+                return RaggedFeatures(tensor, (tensor.shape[0],), seps) if self.variable else tensor
             self.bad_entries += 1
         return None
 
     # -- writing --------------------------------------------------------------------------------
-    def put(self, key: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
-        if tuple(tensor.shape) != self.shape:
+    def put(self, key: str, features: torch.Tensor | RaggedFeatures) -> None:
+        """Store one input's features: ``[T, dim]`` (fixed size) or a one-input
+        :class:`RaggedFeatures` / ``[n, dim]`` tensor (variable size; separators kept beside it)."""
+        seps = None
+        if isinstance(features, RaggedFeatures):
+            features, seps = features.values, features.separators
+        tensor = features.detach().to("cpu", self.dtype).contiguous()
+        if not self._fits(tensor):
             raise ValueError(f"features of shape {tuple(tensor.shape)} for a cache of shape {self.shape}")
         self._pending[key] = tensor
         self._pending_bytes += tensor.numel() * tensor.element_size()
+        if seps is not None:
+            self._pending[f"{key}{_SEPARATORS}"] = seps.detach().to("cpu", torch.uint8).contiguous()
         if len(self._pending) >= self.shard_entries or self._pending_bytes >= self.shard_bytes:
             self.flush()
 
@@ -215,7 +239,8 @@ class FeatureStore:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.directory)
         for key in self._pending:
-            self.index.setdefault(key, []).insert(0, str(final))
+            if not key.endswith(_SEPARATORS):
+                self.index.setdefault(key, []).insert(0, str(final))
         self._pending, self._pending_bytes = {}, 0
         return final
 
@@ -246,6 +271,7 @@ class FeatureCache:
         stores = {}
         for modality, encoder in encoders.items():
             description = {"modality": modality, "encoder": encoder.identity(), **descriptions.get(modality, {})}
+            # a variable-size encoder (num_tokens None): one [n_i, dim] entry per input
             stores[modality] = FeatureStore(root, prefix=modality, description=description,
                                             shape=(encoder.num_tokens, encoder.output_dim), dtype=dtype).open()
         return cls(root, stores)
@@ -275,12 +301,12 @@ class FeatureCache:
         return {item: self.keys.get(item) for item in items}
 
     # -- reading and writing --------------------------------------------------------------------
-    def lookup(self, modality: str, path: str) -> tuple[torch.Tensor | None, str]:
+    def lookup(self, modality: str, path: str) -> tuple[torch.Tensor | RaggedFeatures | None, str]:
         """``(features or None, entry key)`` for one input."""
         key = self.key_for(modality, path)
         return self.stores[modality].get(key), key
 
-    def put(self, modality: str, key: str, features: torch.Tensor) -> None:
+    def put(self, modality: str, key: str, features: torch.Tensor | RaggedFeatures) -> None:
         self.stores[modality].put(key, features)
 
     def flush(self) -> None:
@@ -328,10 +354,10 @@ class FeatureCache:
             dataset = _Preprocessed(todo, preprocess[modality])
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                                  collate_fn=_collate_preprocessed)
-            for tensors, batch_keys, failures in loader:
+            for items, batch_keys, failures in loader:
                 stats.failed.extend(failures)
-                if tensors is not None:
-                    features = encode_frozen(encoder, tensors, device)
+                if items:
+                    features = split_features(encode_frozen(encoder, items, device))
                     for key, feat in zip(batch_keys, features, strict=True):
                         self.put(modality, key, feat)
                     stats.encoded += len(batch_keys)
@@ -346,15 +372,30 @@ class FeatureCache:
         return stats
 
 
-def encode_frozen(encoder: Any, inputs: torch.Tensor, device: Any = None) -> torch.Tensor:
-    """A frozen encoder's features for a batch of preprocessed inputs (no gradients)."""
+def encode_frozen(encoder: Any, items: Sequence[Any], device: Any = None) -> torch.Tensor | RaggedFeatures:
+    """A frozen encoder's features for preprocessed inputs (collated by the encoder's ``collate``;
+    no gradients): ``Tensor[K, T, dim]`` or :class:`RaggedFeatures` whose counts are checked
+    against ``num_tokens_for`` (the slots the prompt reserved)."""
+    batch = encoder.collate(list(items)) if hasattr(encoder, "collate") else torch.stack(list(items))
     param = next(encoder.parameters(), None)
     if param is not None:
-        inputs = inputs.to(device=param.device, dtype=param.dtype if inputs.is_floating_point() else inputs.dtype)
+        batch = move(batch, param.device, param.dtype)
     elif device is not None:
-        inputs = inputs.to(device)
+        batch = move(batch, device)
     with torch.no_grad():
-        return encoder(inputs)
+        if getattr(encoder, "num_tokens", 0) is None:
+            return encoder(batch, counts=[encoder.num_tokens_for(item) for item in items])
+        return encoder(batch)
+
+
+def split_features(features: Any) -> list[Any]:
+    """One entry per input of a batch's encoder features (what the feature cache stores per input):
+    ``[T, dim]`` rows of a fixed-size encoder's tensor, single-input :class:`RaggedFeatures` of a
+    variable-size one."""
+    if isinstance(features, RaggedFeatures):
+        return [RaggedFeatures(v, (v.shape[0],), s)
+                for v, s in zip(features.split(), features.split_separators(), strict=True)]
+    return list(features)
 
 
 class _Preprocessed(torch.utils.data.Dataset):
@@ -376,11 +417,10 @@ class _Preprocessed(torch.utils.data.Dataset):
 
 
 def _collate_preprocessed(items: Sequence[tuple[Any, str, str, str | None]]):
+    """The good inputs (collated by the encoder in the main process), their keys, and the failures."""
     good = [(t, k) for t, k, _, err in items if err is None]
     failures = [(p, err) for _, _, p, err in items if err is not None]
-    if not good:
-        return None, [], failures
-    return torch.stack([t for t, _ in good]), [k for _, k in good], failures
+    return [t for t, _ in good], [k for _, k in good], failures
 
 
 # -- training -------------------------------------------------------------------------------------

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 
-from mmkit.data.batching import Skipped
-from mmkit.records import Sample
-from mmkit.prompt import IGNORE_INDEX
+from mmkit.data.batch import Batch
+from mmkit.data.batching import Skipped, collate_modalities, separate_skipped
 from mmkit.data.sampler import StepSampler
-
-BATCHING = ("pad", "grouped", "packed")
-
+from mmkit.prompt import IGNORE_INDEX
+from mmkit.records import Sample
 
 def modality_group(sample: Sample) -> str:
     """The key samples are grouped by: their modalities in order (``image``, ``image+pointcloud``),
@@ -42,14 +40,21 @@ def modality_group(sample: Sample) -> str:
     return "+".join(sample.modalities) or "text"
 
 
-def sample_lengths(prompts: Any, samples: Sequence[Sample], chunk: int = 1024) -> list[int]:
-    """Token lengths with modality tokens, as ``prompts.encode_sample`` counts them (batched)."""
-    from mmkit.data.validate import PromptLengths
+def sample_lengths(prompts: Any, samples: Sequence[Sample], chunk: int = 1024,
+                   input_tokens: Sequence[Mapping[str, Sequence[int]] | None] | None = None) -> list[int]:
+    """Token lengths with modality tokens, as ``prompts.encode_sample`` counts them (batched).
+    ``input_tokens[i]``: sample ``i``'s token count per input of its variable-size modalities
+    (:func:`mmkit.data.batching.count_input_tokens`), so its real length is budgeted."""
+    from mmkit.errors import DataError
 
-    measure = PromptLengths(prompts)
     out: list[int] = []
     for start in range(0, len(samples), chunk):
-        out.extend(length for length, _ in measure(samples[start:start + chunk]))
+        part = samples[start:start + chunk]
+        counts = None if input_tokens is None else list(input_tokens[start:start + chunk])
+        for result in prompts.encode_samples(part, counts) if counts else prompts.encode_samples(part):
+            if isinstance(result, DataError):
+                raise result
+            out.append(len(result.input_ids))
     return out
 
 
@@ -172,17 +177,19 @@ class PackedView(torch.utils.data.Dataset):
 @attrs.define
 class PackingCollator:
     """Concatenates the items of each row (see :class:`PackedBatchSampler`) and pads rows to the
-    longest. The batch has ``position_ids`` restarting at 0 per sample and ``segment_ids`` (1, 2, ...
-    per sample in its row, 0 for padding) that :func:`packed_attention_mask` turns into the mask."""
+    longest. The :class:`~mmkit.data.batch.Batch` has ``position_ids`` restarting at 0 per sample,
+    ``segment_ids`` (1, 2, ... per sample in its row, 0 for padding) that
+    :func:`~mmkit.modeling.attention.packed_attention_mask` turns into the mask, and ``sample_rows``
+    (the row of each sample; the model routes a row's LoRA from its samples' modalities).
+    ``collate[m]``: the encoder's ``collate`` (``torch.stack`` when not given)."""
 
     pad_id: int
+    collate: dict[str, Any] = attrs.field(factory=dict)
     skipped: list[Skipped] = attrs.field(factory=list)
     #: append skipped items to ``skipped`` here (``False`` when :class:`~mmkit.data.batching.Batches` counts them)
     record_skipped: bool = True
 
-    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-        from mmkit.data.batching import separate_skipped, stack_modalities
-
+    def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> Batch:
         good, bad, empty = separate_skipped(items, self)
         if empty is not None:
             return empty
@@ -197,13 +204,9 @@ class PackingCollator:
         mask = torch.zeros(shape, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.long)
         segments = torch.zeros(shape, dtype=torch.long)
-        adapters = []
         flat: list[dict[str, Any]] = []
+        sample_rows: list[int] = []
         for r, row in enumerate(ordered):
-            routes = {it["adapter"] for it in row}
-            if len(routes) != 1:
-                raise ValueError(f"packed row {r} mixes LoRA routes {sorted(routes)}")
-            adapters.append(row[0]["adapter"])
             col = 0
             for seg, item in enumerate(row, start=1):
                 n = len(item["input_ids"])
@@ -216,47 +219,44 @@ class PackingCollator:
                 segments[r, col:col + n] = seg
                 col += n
                 flat.append(item)
+                sample_rows.append(r)
             positions[r, col:] = torch.arange(width - col)  # padding: a sequence of its own
-        real = int(mask.sum())
-        batch = {
-            "input_ids": ids,
-            "labels": labels,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "segment_ids": segments,
-            "adapters": adapters,
-            "ids": [item["id"] for item in flat],
-            "samples": len(flat),
-            "num_tokens": real,
-            "padding_fraction": 1.0 - real / mask.numel(),
-            "skipped": len(bad),
-            "skipped_items": bad,
-        }
-        batch.update(stack_modalities(flat))
-        return batch
+        inputs, features, pending = collate_modalities(flat, self.collate)
+        return Batch(ids, labels, mask, ids=[item["id"] for item in flat],
+                     modalities=tuple(tuple(item.get("modalities", ())) for item in flat),
+                     sample_rows=tuple(sample_rows), inputs=inputs, features=features, pending=pending,
+                     position_ids=positions, segment_ids=segments, num_tokens=int(mask.sum()),
+                     num_slots=mask.numel(), skipped=len(bad), skipped_items=bad)
+
+
+def lead_modality(sample: Sample) -> str:
+    """A sample's first modality, or ``text``: the packing key when rows may not mix samples of
+    different lead modalities (a per-modality LoRA trains each row on the lead modality's adapter)."""
+    return sample.modalities[0] if sample.modalities else "text"
 
 
 def make_batching(batching: str, samples: Sequence[Sample], dataset: torch.utils.data.Dataset, *, prompts: Any,
                   pad_id: int, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
-                  shuffle: bool = True, pack_max_tokens: int | None = None, adapters: Sequence[str] | None = None
+                  shuffle: bool = True, pack_max_tokens: int | None = None, mix_rows: bool = True,
+                  collate: dict[str, Any] | None = None, lengths: Sequence[int] | None = None
                   ) -> tuple[Any, Any, Any]:
-    """``(batch sampler, dataset to load from, collator)`` for ``batching`` = ``grouped`` or ``packed``."""
+    """``(batch sampler, dataset to load from, collator)`` for ``batching`` = ``grouped`` or ``packed``.
+    ``mix_rows=False``: a packed row holds samples of one lead modality only (:func:`lead_modality`;
+    needed with one LoRA adapter per modality). ``lengths``: each sample's token count with its
+    modality tokens (:func:`sample_lengths` when not given)."""
     from mmkit.data.batching import Collator
 
-    lengths = sample_lengths(prompts, samples)
+    lengths = list(lengths) if lengths is not None else sample_lengths(prompts, samples)
     groups = [modality_group(s) for s in samples]
-    if batching == "packed" and adapters is not None:
-        # a row trains one LoRA adapter: pack by route (one shared adapter: every sample together)
-        from mmkit.modeling.lora import route_for_sample
-
-        groups = [route_for_sample(s.modalities, adapters) for s in samples]
+    collate = dict(collate or {})
     common = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "rank": rank, "world_size": world_size,
               "seed": seed, "shuffle": shuffle}
     if batching == "grouped":
         return (GroupedBatchSampler(lengths, groups, **common), dataset,
-                Collator(pad_id=pad_id, record_skipped=False))
+                Collator(pad_id=pad_id, collate=collate, record_skipped=False))
     if batching == "packed":
+        groups = ["all" if mix_rows else lead_modality(s) for s in samples]
         max_tokens = pack_max_tokens or 2 * (prompts.max_length or max(lengths))
         return (PackedBatchSampler(lengths, groups, max_tokens=max_tokens, **common), PackedView(dataset),
-                PackingCollator(pad_id=pad_id, record_skipped=False))
+                PackingCollator(pad_id=pad_id, collate=collate, record_skipped=False))
     raise ValueError(f"batching {batching!r}: use pad, grouped or packed")

@@ -31,32 +31,31 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
     """Every option of every question scored in one padded batch (one row per option)."""
     import torch
 
-    from mmkit.data.batching import Collator
-    from mmkit.modeling.lora import route_for_sample
+    from mmkit.data.batching import Collator, collate_fns
     from mmkit.prompt import IGNORE_INDEX
 
     items = []
     for sample, options in questions:
         inputs = {m: [model.preprocess[m](Path(p)) for p in paths] for m, paths in sample.inputs.items()}
-        adapter = route_for_sample(sample.modalities, model.adapters or ["-"])
+        counts = {m: [model.counters[m].of_item(t) for t in inputs[m]] for m in inputs if m in model.counters}
         for option in options:
-            encoded = model.prompts.encode_sample(Sample(id=sample.id, turns=_answer_turns(sample, option),
-                                                         inputs=sample.inputs, system=sample.system,
-                                                         source=sample.source, index=sample.index))
+            answered = Sample(id=sample.id, turns=_answer_turns(sample, option), inputs=sample.inputs,
+                              system=sample.system, source=sample.source, index=sample.index)
+            encoded = model.prompts.encode_sample(answered, input_tokens=counts) if counts else \
+                model.prompts.encode_sample(answered)
             items.append({"id": sample.id, "input_ids": encoded.input_ids, "labels": encoded.labels,
-                          "inputs": inputs, "adapter": adapter})
-    batch = Collator(pad_id=model.tokenizer.pad_token_id)(items)
+                          "inputs": inputs, "modalities": tuple(sample.modalities)})
+    batch = Collator(pad_id=model.tokenizer.pad_token_id, collate=collate_fns(model.model.encoders))(items)
     net = model.model
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
-            out = net(batch["input_ids"], batch["attention_mask"], inputs=batch["inputs"],
-                      adapters=batch["adapters"] if model.adapters else None)
+            out = net(**batch.model_kwargs())
     finally:
         net.train(was_training)
     logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     flat = [float(v) for v in (logp * mask).sum(-1)]

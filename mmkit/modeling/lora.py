@@ -48,6 +48,22 @@ def route_for_sample(sample_modalities: Sequence[str], adapters: Sequence[str]) 
     return sample_modalities[0] if sample_modalities else TEXT_ADAPTER
 
 
+def routes_for_rows(modalities: Sequence[Sequence[str]], adapters: Sequence[str],
+                    sample_rows: Sequence[int] | None = None, rows: int | None = None) -> list[str]:
+    """The adapter of each batch row from its samples' modalities (``modalities[i]``: sample ``i``'s;
+    ``sample_rows[i]``: its row in a packed batch, ``None``: one sample per row). A packed row whose
+    samples route to different adapters is refused: it would train some of them on the wrong one."""
+    if sample_rows is None:
+        return [route_for_sample(m, adapters) for m in modalities]
+    out: list[str | None] = [None] * (rows if rows is not None else max(sample_rows, default=-1) + 1)
+    for sample_modalities, row in zip(modalities, sample_rows, strict=True):
+        route = route_for_sample(sample_modalities, adapters)
+        if out[row] is not None and out[row] != route:
+            raise ValueError(f"packed row {row} mixes LoRA routes {sorted({out[row], route})}")
+        out[row] = route
+    return [r if r is not None else route_for_sample((), adapters) for r in out]
+
+
 class RoutedLora:
     """Adds LoRA adapters to ``llm`` and routes each batch row to one adapter."""
 
@@ -87,6 +103,15 @@ class RoutedLora:
             name: torch.tensor([float(a == name) for a in adapter_per_row], device=device)
             for name in self.adapters
         }
+
+    def route(self, modalities: Sequence[Sequence[str]], device: torch.device,
+              sample_rows: Sequence[int] | None = None, rows: int | None = None, repeat: int = 1) -> None:
+        """:meth:`set_routes` from the samples' modalities (:func:`routes_for_rows`); ``repeat``
+        copies each row's route that many times, side by side (beam search)."""
+        if len(self.adapters) == 1:
+            return
+        routes = routes_for_rows(modalities, self.adapters, sample_rows, rows)
+        self.set_routes([r for r in routes for _ in range(repeat)], device)
 
     def _hook(self, layer: LoraLayer, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self._masks is None:

@@ -6,6 +6,7 @@ other token is embedded by the LLM (markers by a small trainable table, see ``to
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from mmkit.errors import ConfigError, DataError
 from mmkit.generation import GenerationOptions
 from mmkit.modeling.attention import packed_attention_mask
 from mmkit.modeling.encoder import ModalityEncoder
+from mmkit.modeling.features import RaggedFeatures, move
 from mmkit.modeling.loading import full_shape
 from mmkit.modeling.lora import RoutedLora
 from mmkit.modeling.tokens import ExtendedEmbedding
@@ -36,6 +38,8 @@ class MultimodalLM(nn.Module):
         self.modalities = tuple(encoders)
         self.lora = lora
         self.train_encoders = train_encoders
+        #: inputs one encoder call takes at most (see :meth:`encode`)
+        self.encode_chunk = 32
         self.hidden_size = full_shape(llm.get_input_embeddings().weight)[1]
         for encoder in self.encoders.values():
             encoder.requires_grad_(False)
@@ -48,70 +52,100 @@ class MultimodalLM(nn.Module):
         return self
 
     # -- features ----------------------------------------------------------------------------
-    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """Raw preprocessed inputs ``[K, ...]`` -> projected features ``[K, T, hidden]``."""
+    def encode(self, modality: str, inputs: Any) -> Any:
+        """A collated batch of preprocessed inputs -> projected features: ``Tensor[K, T, hidden]``
+        (a fixed-size encoder) or :class:`RaggedFeatures` (a variable-size one). Only floating-point
+        leaves take the encoder's dtype. A tensor batch larger than ``encode_chunk`` is encoded in
+        chunks (a packed batch holds many samples; each call's memory stays what a padded batch
+        needs), except under ZeRO-3, where every process must call each encoder once per pass."""
         encoder = self.encoders[modality]
         param = next(encoder.parameters(), None)
         if param is not None:
-            inputs = inputs.to(device=param.device, dtype=param.dtype if inputs.is_floating_point() else inputs.dtype)
-        if self.train_encoders:
-            features = encoder(inputs)
-        else:
-            with torch.no_grad():
+            inputs = move(inputs, param.device, param.dtype)
+        with contextlib.nullcontext() if self.train_encoders else torch.no_grad():
+            if (isinstance(inputs, torch.Tensor) and inputs.shape[0] > self.encode_chunk
+                    and not _partitioned(encoder)):
+                features = _concat([encoder(part) for part in inputs.split(self.encode_chunk)])
+            else:
                 features = encoder(inputs)
-        projector = self.projectors[modality]
-        proj_param = next(projector.parameters())
-        return projector(features.to(proj_param.dtype))
+        return self.project(modality, features)
 
-    def embed(self, input_ids: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-              features: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def project(self, modality: str, features: Any) -> Any:
+        """Encoder features (a tensor or :class:`RaggedFeatures`) -> LLM embeddings, in the
+        projector's dtype."""
+        projector = self.projectors[modality]
+        return projector(move(features, None, next(projector.parameters()).dtype))
+
+    def embed(self, input_ids: torch.Tensor, inputs: Mapping[str, Any],
+              features: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Token embeddings with each modality's slots filled by its projected features.
 
-        ``inputs[m]`` stacks modality ``m``'s inputs in batch order (sample by sample, each in
-        placeholder order). ``features[m]``, when given, are precomputed encoder outputs (the feature
-        cache) and skip the encoder. A modality with nothing in this batch still runs on a blank
-        input and adds ``0 * output``: under ZeRO-3 every rank must run every module, or ranks that
-        saw different modalities wait on each other forever.
+        ``inputs[m]`` is modality ``m``'s collated inputs in batch order (sample by sample, each in
+        placeholder order); the features' rows (``reshape(-1, hidden)`` of a tensor, ``.values`` of
+        :class:`RaggedFeatures`) fill the slots in that order. ``features[m]``, when given, are
+        precomputed encoder outputs (the feature cache) and skip the encoder. In training, a modality
+        with nothing in this batch runs on a blank input and adds ``0 * output`` when other processes
+        may run it (more than one process, or ZeRO-3): every rank must run every module there, or
+        ranks that saw different modalities wait on each other forever. One process skips it.
         """
         embeds = self.embeddings(input_ids)
-        zero = embeds.new_zeros(())
+        zero = None
         for modality in self.modalities:
             slot = input_ids == self.placeholder_ids[modality]
             if features is not None and modality in features:
-                projector = self.projectors[modality]
-                projected = projector(features[modality].to(next(projector.parameters()).dtype))
-            elif modality in inputs and inputs[modality].shape[0] > 0:
+                projected = self.project(modality, features[modality])
+            elif modality in inputs and _batch_size(inputs[modality]) != 0:
                 projected = self.encode(modality, inputs[modality])
             else:
                 projected = None
             if projected is None:
                 if bool(slot.any()):
                     raise DataError("batch", None, f"{int(slot.sum())} {modality} slots but no {modality} input")
-                if self.training and features is not None:
-                    # cached features: no process runs an encoder, so neither does the blank pass
-                    encoder, projector = self.encoders[modality], self.projectors[modality]
-                    blank = next(projector.parameters()).new_zeros(1, encoder.num_tokens, encoder.output_dim)
-                    zero = zero + 0.0 * projector(blank).sum()
-                elif self.training:
-                    blank = self.encoders[modality].blank_input(1)
-                    zero = zero + 0.0 * self.encode(modality, blank).sum()
+                if self.training and self._blank_pass_needed(modality):
+                    blank = self._blank(modality, cached=features is not None)
+                    zero = 0.0 * blank.sum() + (0.0 if zero is None else zero)
                 continue
-            flat = projected.reshape(-1, projected.shape[-1]).to(embeds.dtype)
+            if isinstance(projected, RaggedFeatures):
+                flat, what = projected.values, f"{projected.batch_size} inputs of {list(projected.counts)} tokens"
+            else:
+                flat = projected.reshape(-1, projected.shape[-1])
+                what = f"{projected.shape[0]} inputs x {projected.shape[1]} tokens"
             if int(slot.sum()) != flat.shape[0]:
-                raise DataError("batch", None, f"{int(slot.sum())} {modality} slots for {projected.shape[0]} inputs "
-                                               f"x {projected.shape[1]} tokens")
-            embeds = embeds.masked_scatter(slot.unsqueeze(-1), flat)
-        return embeds + zero
+                raise DataError("batch", None, f"{int(slot.sum())} {modality} slots for {what}")
+            embeds = embeds.masked_scatter(slot.unsqueeze(-1), flat.to(embeds.dtype))
+        return embeds if zero is None else embeds + zero
+
+    def _blank_pass_needed(self, modality: str) -> bool:
+        """Whether another process may run this modality's modules in this pass (see :meth:`embed`)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return True
+        return _partitioned(self.projectors[modality]) or _partitioned(self.encoders[modality])
+
+    def _blank(self, modality: str, *, cached: bool) -> Any:
+        encoder, projector = self.encoders[modality], self.projectors[modality]
+        if not cached:
+            blank = getattr(encoder, "blank", None) or encoder.blank_input
+            return _values(self.encode(modality, blank(1)))
+        # cached features: no process runs an encoder, so neither does the blank pass
+        param = next(projector.parameters())
+        if encoder.num_tokens is None:
+            return _values(projector(RaggedFeatures(param.new_zeros(1, encoder.output_dim), (1,))))
+        return _values(projector(param.new_zeros(1, encoder.num_tokens, encoder.output_dim)))
 
     # -- training forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                inputs: Mapping[str, torch.Tensor] | None = None, adapters: Sequence[str] | None = None,
-                position_ids: torch.Tensor | None = None, features: Mapping[str, torch.Tensor] | None = None,
-                segment_ids: torch.Tensor | None = None):
-        """``segment_ids`` (packed rows, see ``mmkit.data.packing``): which sample each token belongs
-        to; attention then stays inside each sample (``position_ids`` must restart per sample)."""
-        if self.lora is not None and adapters is not None:
-            self.lora.set_routes(adapters, input_ids.device)
+                inputs: Mapping[str, Any] | None = None, modalities: Sequence[Sequence[str]] | None = None,
+                position_ids: torch.Tensor | None = None, features: Mapping[str, Any] | None = None,
+                segment_ids: torch.Tensor | None = None, sample_rows: Sequence[int] | None = None):
+        """The fields of a :class:`mmkit.data.batch.Batch` (``batch.model_kwargs()``).
+
+        ``modalities``: each sample's modalities; the LoRA route of each row follows from them
+        (``sample_rows``: a packed batch's row of each sample). ``segment_ids`` (packed rows, see
+        ``mmkit.data.packing``): which sample each token belongs to; attention then stays inside
+        each sample (``position_ids`` must restart per sample)."""
+        if self.lora is not None and modalities is not None:
+            self.lora.route(modalities, input_ids.device, sample_rows, rows=input_ids.shape[0])
         embeds = self.embed(input_ids, inputs or {}, features)
         if segment_ids is not None:
             attention_mask = packed_attention_mask(segment_ids, embeds.dtype,
@@ -123,8 +157,8 @@ class MultimodalLM(nn.Module):
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-                 adapters: Sequence[str] | None, *, max_new_tokens: int | None = None, stop_ids: set[int],
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: Mapping[str, Any],
+                 modalities: Sequence[Sequence[str]] | None, *, max_new_tokens: int | None = None, stop_ids: set[int],
                  allowed_vocab: int, pad_id: int, options: GenerationOptions | None = None, tokenizer: Any = None,
                  streamer: Any = None) -> list[list[int]]:
         """Decode through the LLM's own ``generate`` from the prompts' embeddings (left-padded rows).
@@ -132,7 +166,8 @@ class MultimodalLM(nn.Module):
         ``options`` picks greedy (default), sampling or beams (``max_new_tokens`` overrides its
         length). Tokens at or above ``allowed_vocab`` (mmkit's markers, and any vocabulary padding
         rows) are suppressed, so never produced. ``tokenizer`` is needed for stop strings;
-        ``streamer`` (one row only) receives tokens as they come. Returns each row's new tokens up to,
+        ``streamer`` (one row only) receives tokens as they come. ``modalities``: each row's
+        modalities (its LoRA route). Returns each row's new tokens up to,
         not including, its first stop token.
         """
         from transformers import GenerationConfig
@@ -144,9 +179,9 @@ class MultimodalLM(nn.Module):
             raise ConfigError("streaming answers one prompt at a time, without beam search")
         if options.stop and tokenizer is None:
             raise ConfigError("stop strings need the tokenizer")
-        if self.lora is not None and adapters is not None:
+        if self.lora is not None and modalities is not None:
             # transformers repeats each row once per beam, next to itself: route the copies alike
-            self.lora.set_routes([a for a in adapters for _ in range(options.num_beams)], input_ids.device)
+            self.lora.route(modalities, input_ids.device, repeat=options.num_beams)
         embeds = self.embed(input_ids, inputs)
         vocab = self.llm.get_output_embeddings().weight.shape[0]
         stops = sorted(stop_ids)
@@ -173,6 +208,38 @@ class MultimodalLM(nn.Module):
             cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
             result.append(row[:cut])
         return result
+
+
+def _partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 partitions (gathered collectively in forward)."""
+    param = next(module.parameters(), None)
+    return param is not None and hasattr(param, "ds_id")
+
+
+def _batch_size(batch: Any) -> int | None:
+    """Inputs in a collated batch, where it can be told (``None``: an object that does not say)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, RaggedFeatures):
+        return batch.batch_size
+    graphs = getattr(batch, "num_graphs", None)
+    if isinstance(graphs, int):
+        return graphs
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return len(batch)
+    return None
+
+
+def _values(features: Any) -> torch.Tensor:
+    return features.values if isinstance(features, RaggedFeatures) else features
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """Encoder outputs of consecutive chunks of one batch, as one output."""
+    if isinstance(parts[0], RaggedFeatures):
+        seps = None if parts[0].separators is None else torch.cat([p.separators for p in parts])
+        return RaggedFeatures(torch.cat([p.values for p in parts]), [c for p in parts for c in p.counts], seps)
+    return torch.cat(list(parts))
 
 
 def stop_on_strings(stops: Sequence[str], tokenizer: Any) -> Any:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 
-def batch_slots(batch: dict[str, Any]) -> int:
+def batch_slots(batch: Any) -> int:
     """Token positions a micro-batch computes on, padding included (its real tokens are ``num_tokens``)."""
-    return int(batch["attention_mask"].numel())
+    return int(batch.num_slots)
 
 
 def window_rates(tokens: float, slots: float, seconds: float) -> dict[str, float]:
