@@ -222,13 +222,21 @@ class PluginHost:
         return problems
 
     # -- calling hooks ---------------------------------------------------------------------
-    def _per_plugin(self, hook_name: str) -> list[tuple[Any, Any]]:
-        """``(implementation, caller)`` per plugin implementing ``hook_name``, in pluggy's call order
-        (``tryfirst`` first, then the last registered); each caller is the hook restricted to that
-        plugin's implementation plus every wrapper, called through pluggy (so traced)."""
-        impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if not (i.wrapper or i.hookwrapper)]
-        return [(impl, self.pm.subset_hook_caller(hook_name, remove_plugins=[o.plugin for o in impls if o is not impl]))
-                for impl in reversed(impls)]
+    def _per_plugin(self, hook_name: str) -> list[tuple[Any, Callable[..., list[Any]]]]:
+        """``(implementation, call)`` per plugin implementing ``hook_name``, in pluggy's call order
+        (``tryfirst`` first, then the last registered). ``call(**kwargs)`` runs that one
+        implementation with every wrapper around it through pluggy's executor, the one
+        ``HookCaller.__call__`` uses, so tracing and monitoring see it. (Not
+        ``pm.subset_hook_caller``: it needs hashable plugin objects, and a plugin may be any object.)"""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        wrappers = [i for i in impls if i.wrapper or i.hookwrapper]
+        plain = [i for i in impls if not (i.wrapper or i.hookwrapper)]
+
+        def one(impl: Any) -> Callable[..., list[Any]]:
+            # pluggy's layout: implementations first, wrappers last (called outermost)
+            return lambda **kwargs: self.pm._hookexec(hook_name, [impl, *wrappers], kwargs, False)
+
+        return [(impl, one(impl)) for impl in reversed(plain)]
 
     # -- registries ------------------------------------------------------------------------
     def _build_registry(self) -> dict[str, dict[str, Registered]]:

@@ -496,6 +496,18 @@ def test_a_hook_wrapper_runs_around_each_plugins_registration_and_sees_its_failu
     assert host.records["wrapper"].status == "ok" and host.records["wrapper"].hooks == ["mmkit_modalities"]
 
 
+def test_any_object_can_be_a_plugin(host):
+    @hookimpl
+    def mmkit_metrics():
+        return [MetricSpec(name="from_namespace", compute=lambda predictions, references: {})]
+
+    import types
+
+    host.register(types.SimpleNamespace(mmkit_metrics=mmkit_metrics), name="ns")  # unhashable
+    host.register(MetricPlugin(), name="other")
+    assert {"from_namespace", "good_metric"} <= set(host.metrics())
+
+
 def test_lookup_and_load_errors_are_types(host):
     from mmkit.errors import NotRegisteredError, PluginLoadError
 
