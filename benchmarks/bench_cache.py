@@ -18,14 +18,12 @@ excluded). Reported, not asserted.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from mmkit.training import recipe
 from mmkit.training.config import resolve_config
@@ -42,8 +40,7 @@ PRESETS = {
 
 def run(options: dict, out: Path) -> tuple[dict, float]:
     start = time.perf_counter()
-    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out)}),
-                           console=Console(file=io.StringIO(), width=120))
+    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out)}))
     return summary, time.perf_counter() - start
 
 

@@ -4,16 +4,14 @@ with a scripted engine and clock)."""
 
 from __future__ import annotations
 
-import io
 import types
 from typing import Any
 
 import pytest
 import torch
-from rich.console import Console
-
-from mmkit.training import loop as loop_module
+from mmkit.training import trainer as loop_module
 from mmkit.training.checkpoint import TrainState
+from mmkit.training.config import TrainConfig
 from mmkit.training.metrics_log import window_rates
 
 
@@ -57,12 +55,18 @@ class Sampler:
         pass
 
 
-def _batch(real: int, slots: int, seconds: float) -> dict[str, Any]:
+_COST: dict[int, float] = {}  # id(batch) -> the seconds its forward pass takes on the fake clock
+
+
+def _batch(real: int, slots: int, seconds: float) -> Any:
+    from mmkit.data.batch import Batch
+
     rows = 2
     mask = torch.zeros(rows, slots // rows, dtype=torch.long)
     mask.view(-1)[:real] = 1
-    return {"num_tokens": real, "attention_mask": mask, "padding_fraction": 1 - real / slots, "ids": ["a", "b"],
-            "cost": seconds}
+    batch = Batch(mask, mask, mask, ids=["a", "b"], modalities=((), ()), num_tokens=real, num_slots=slots)
+    _COST[id(batch)] = seconds
+    return batch
 
 
 def test_loop_logs_time_weighted_tokens_per_s_and_window_padding(monkeypatch, tmp_path):
@@ -71,18 +75,18 @@ def test_loop_logs_time_weighted_tokens_per_s_and_window_padding(monkeypatch, tm
     # step 1: a slow, half-padded micro-batch then a fast, full one; step 2 likewise
     batches = [_batch(4, 8, 1.0), _batch(24, 24, 3.0)] * 2
 
-    def forward(engine: Any, batch: dict[str, Any], dev: Any) -> Any:
-        clock.now += batch["cost"]
+    def forward(engine: Any, batch: Any, dev: Any) -> Any:
+        clock.now += _COST[id(batch)]
         return types.SimpleNamespace(loss=torch.tensor(1.0))
 
     logged: list[dict[str, Any]] = []
     log = types.SimpleNamespace(log=lambda step, values: logged.append({"step": step, **values}))
-    cfg = types.SimpleNamespace(log_every=1, save_every=0, on_nonfinite_loss="skip", seed=0)
+    cfg = TrainConfig(llm="x", log_every=1, save_every=0, on_nonfinite_loss="skip", seed=0)
     sched = types.SimpleNamespace(get_last_lr=lambda: [1e-3])
 
-    loop_module.train_loop(cfg, Engine(), batches, Sampler(), sched, log, total_steps=2, state=TrainState(),
-                           console=Console(file=io.StringIO()), is_main=True, dev="cpu", rank=0, world=1,
-                           save=lambda s: "", forward=forward)
+    trainer = loop_module.Trainer(cfg, Engine(), batches, Sampler(), sched, log, process=loop_module.Process(),
+                                  save=lambda s: "", forward=forward)
+    trainer.run(TrainState(), 2)
     assert [r["step"] for r in logged if "loss" in r] == [1, 2]
     first = logged[0]
     # 28 real tokens in 4 s: 7 tokens/s (the mean of the two micro-batches' rates would say 6)

@@ -194,10 +194,6 @@ print(json.dumps(seen))
     ("full_in_log", "could not write the metrics of step 4"),  # metrics.jsonl / TensorBoard
 ])
 def test_a_full_disk_in_any_writer_keeps_the_previous_checkpoint(tiny, tmp_path: Path, monkeypatch, kind, says):
-    import io
-
-    from rich.console import Console
-
     from drill import TINY_OPTIONS
     from mmkit.training import recipe
     from mmkit.training.config import resolve_config
@@ -207,7 +203,7 @@ def test_a_full_disk_in_any_writer_keeps_the_previous_checkpoint(tiny, tmp_path:
                "save_every": 2, "modalities": ["image", "pointcloud"]}
     monkeypatch.setenv(faults.FAULT_ENV, f"{kind}@4")
     with pytest.raises(faults.TrainingError) as failure:
-        recipe.train(resolve_config(None, options), console=Console(file=io.StringIO()))
+        recipe.train(resolve_config(None, options))
     text = str(failure.value)
     assert says in text and ("File too large" in text or "the disk is full" in text), text
     previous = out / "checkpoints" / "step-00000002"
@@ -216,5 +212,5 @@ def test_a_full_disk_in_any_writer_keeps_the_previous_checkpoint(tiny, tmp_path:
     assert not list((out / "checkpoints").glob(".step-*")) and ckpt.verify(previous, 0) is None
     if kind == "full_in_engine_save":  # space freed: the same command resumes from the kept checkpoint
         monkeypatch.delenv(faults.FAULT_ENV)
-        summary = recipe.train(resolve_config(None, options), console=Console(file=io.StringIO()))
+        summary = recipe.train(resolve_config(None, options))
         assert summary["resumed_from_step"] == 2 and summary["steps"] == 6

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -207,13 +208,13 @@ def test_preprocess_errors_name_file_plugin_and_record(tmp_path: Path):
         def encode_sample(self, _sample):
             return None
 
-    strict = SampleDataset([sample], Prompts(), {"sonar": run}, ["-"])
+    strict = SampleDataset([sample], Prompts(), {"sonar": run})
     with pytest.raises(DataError) as info:
         strict[0]
     message = str(info.value)
     assert "\n" not in message and "train.jsonl record 7 (id rec-7)" in message and str(bad) in message
     assert "plugin acme" in message
-    skipped = SampleDataset([sample], Prompts(), {"sonar": run}, ["-"], skip_bad_records=True)[0]
+    skipped = SampleDataset([sample], Prompts(), {"sonar": run}, skip_bad_records=True)[0]
     records = skipped_records([skipped])
     assert records == [{"record": "train.jsonl record 7 (id rec-7)", "reason": skipped.reason}]
     lines = write_skipped(tmp_path / "skipped.jsonl", records).read_text().splitlines()
@@ -263,7 +264,7 @@ def test_unknown_answer_words_are_warned_about():
 
 def test_an_encoder_fault_in_training_names_the_batch_records():
     from mmkit.data.batching import in_batch
-    from mmkit.training.loop import forward_batch
+    from mmkit.training.trainer import forward_batch
 
     host = _host(WrongWidth.build)
     encoder = build_encoder(host, host.modality("sonar"))
@@ -271,10 +272,12 @@ def test_an_encoder_fault_in_training_names_the_batch_records():
     def engine(**inputs):
         return encoder(inputs["inputs"]["sonar"])
 
-    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
-             "labels": torch.zeros(2, 3, dtype=torch.long), "inputs": {"sonar": torch.zeros(2, 6)},
-             "adapters": ["-", "-"], "ids": ["rec-1", "rec-2"]}
+    from mmkit.data.batch import Batch
+
+    batch = Batch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
+                  torch.ones(2, 3, dtype=torch.long), inputs={"sonar": torch.zeros(2, 6)}, ids=["rec-1", "rec-2"],
+                  modalities=(("sonar",), ("sonar",)))
     with pytest.raises(PluginError, match=r"plugin acme, modality sonar.*declared .* \(in the batch of records "
                                           r"rec-1, rec-2\)"):
         forward_batch(engine, batch, "cpu")
-    assert str(in_batch(PluginError("x"), {"ids": list(range(10))})).endswith("records 0, 1, 2, 3, 4, 5, 6, 7 and 2 more)")
+    assert str(in_batch(PluginError("x"), attrs.evolve(batch, ids=list(range(10))))).endswith("records 0, 1, 2, 3, 4, 5, 6, 7 and 2 more)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -14,14 +13,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from mmkit.errors import CheckpointMismatchError, ConfigError
 from mmkit.training.rundir import LOCK, RunInUseError, RunLock, check_output_dir, same_tree
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -148,7 +142,7 @@ def finished_demo(tmp_path_factory, mm_host):
     out = tmp_path_factory.mktemp("demo") / "run"
     options = {"modalities": [DEMO], "max_steps": 2, "micro_batch_size": 8, "eval_batch_size": 64,
                "output_dir": str(out), "num_workers": 0}
-    summary = recipe.train(resolve_config(None, options), console=quiet())
+    summary = recipe.train(resolve_config(None, options))
     return out, options, summary
 
 
@@ -163,7 +157,7 @@ def test_refused_reruns_leave_a_finished_demo_exactly_as_it_was(finished_demo, m
     assert "config.yaml" in before and "eval.json" in before and "demo_data/base_llm/model.safetensors" in before
 
     def rerun(**changes):
-        recipe.train(resolve_config(None, {**options, **changes}), console=quiet())
+        recipe.train(resolve_config(None, {**options, **changes}))
 
     # another seed: the checkpoint belongs to another run (before: demo_data and config.yaml rewritten)
     with pytest.raises(CheckpointMismatchError, match=r"different training run \(seed: checkpoint 0, now 1\)"):
@@ -209,7 +203,7 @@ def test_the_same_command_again_is_accepted_without_rewriting_the_demo(finished_
     shutil.copytree(out, copy)
     demo_before = snapshot(copy / "demo_data")
     inode = (copy / "demo_data" / "base_llm" / "model.safetensors").stat().st_ino
-    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(copy)}), console=quiet())
+    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(copy)}))
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 2
     assert snapshot(copy / "demo_data") == demo_before
     assert (copy / "demo_data" / "base_llm" / "model.safetensors").stat().st_ino == inode  # not even replaced

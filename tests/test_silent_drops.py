@@ -4,13 +4,11 @@ accepted; a number as a turn and deeply nested JSON are named for what they are.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from mmkit.data.readers import iter_raw_records
 from mmkit.records import ReadContext
@@ -51,7 +49,7 @@ def test_training_refuses_inputs_it_would_ignore_or_skips_and_names_them(tmp_pat
                "micro_batch_size": 2, "tensorboard": False, "lora_r": 4, "log_every": 1}
     out = tmp_path / "strict"
     with pytest.raises(DataError) as refused:
-        recipe.train(resolve_config(None, {**options, "output_dir": str(out)}), console=Console(file=io.StringIO()))
+        recipe.train(resolve_config(None, {**options, "output_dir": str(out)}))
     text = str(refused.value)
     assert "record 4 (id with-cloud): key 'pointcloud' holds pointcloud input, but pointcloud is not among the " \
            "selected modalities (image): add it to --modalities or remove the key" in text
@@ -59,8 +57,7 @@ def test_training_refuses_inputs_it_would_ignore_or_skips_and_names_them(tmp_pat
     assert not (out / "config.yaml").exists() and not (out / "model").exists()
 
     out = tmp_path / "skipping"
-    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out), "skip_bad_records": True}),
-                           console=Console(file=io.StringIO()))
+    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out), "skip_bad_records": True}))
     assert summary["skipped_records"] == 2
     named = (out / "skipped.jsonl").read_text()
     assert "with-cloud" in named and "with-video" in named and "unknown key 'video'" in named

@@ -6,7 +6,6 @@ reuse it.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from rich.console import Console
 from safetensors.torch import load_file
 
 import mmkit
@@ -34,10 +32,6 @@ DEMO = "audio_example"
 SMALL = {"modalities": [DEMO], "max_steps": 30, "micro_batch_size": 8, "eval_batch_size": 64, "log_every": 5}
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=120)
-
-
 @pytest.fixture(scope="module")
 def demo_host(mm_host):
     if DEMO not in mm_host.modalities():
@@ -53,7 +47,7 @@ def read_metrics(out: Path) -> list[dict]:
 def demo_run(tmp_path_factory, demo_host):
     out = tmp_path_factory.mktemp("demo_run")
     cfg = resolve_config(None, {**SMALL, "output_dir": str(out)})
-    summary = recipe.train(cfg, console=quiet())
+    summary = recipe.train(cfg)
     return out, summary
 
 
@@ -111,8 +105,7 @@ def test_reloaded_model_answers_as_the_evaluation_did(demo_run, demo_host):
 
 def test_align_then_instruct_starts_from_the_align_projectors(tmp_path, demo_host, monkeypatch):
     align_out = tmp_path / "align"
-    recipe.train(resolve_config(None, {**SMALL, "max_steps": 10, "stage": "align", "output_dir": str(align_out)}),
-                 console=quiet())
+    recipe.train(resolve_config(None, {**SMALL, "max_steps": 10, "stage": "align", "output_dir": str(align_out)}))
     align_meta = read_meta(align_out / "model")
     assert align_meta["stage"] == "align" and align_meta["lora"] is None
     align_state = load_file(str(align_out / "model" / "trainable.safetensors"))
@@ -131,7 +124,7 @@ def test_align_then_instruct_starts_from_the_align_projectors(tmp_path, demo_hos
     monkeypatch.setattr(recipe, "start_from", spy)
     instruct_out = tmp_path / "instruct"
     summary = recipe.train(resolve_config(None, {**SMALL, "max_steps": 5, "output_dir": str(instruct_out),
-                                                  "init_from": str(align_out)}), console=quiet())
+                                                  "init_from": str(align_out)}))
     assert set(seen["started"]) == set(align_state)
     for name, value in align_state.items():
         assert torch.equal(seen["started"][name], value), name
@@ -167,12 +160,11 @@ def test_bad_record_stops_the_run_before_training_unless_skipped(tmp_path, mm_ho
 
     out = tmp_path / "strict"
     with pytest.raises(DataError, match=r"train.jsonl record 3 .*turn 0 is from assistant, expected user"):
-        recipe.train(resolve_config(None, {**options, "output_dir": str(out)}), console=quiet())
+        recipe.train(resolve_config(None, {**options, "output_dir": str(out)}))
     assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
 
     out = tmp_path / "skipping"
-    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out), "skip_bad_records": True}),
-                           console=quiet())
+    summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out), "skip_bad_records": True}))
     assert summary["skipped_records"] == 2 and summary["steps"] == 3
     logs = read_metrics(out)
     assert logs[-1]["step"] == 3 and logs[-1]["skipped_records"] == 2

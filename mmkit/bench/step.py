@@ -1,4 +1,4 @@
-"""The training step, measured: mmkit's own loop (``mmkit.training.loop.train_loop``, unchanged)
+"""The training step, measured: mmkit's own loop (``mmkit.training.trainer.Trainer``, unchanged)
 driven with timing wrappers around its loader, engine and log, and module hooks on the encoders
 and projectors; and the plain LLaVA-style loop (``plain_loop.py``) under the same timers.
 
@@ -9,7 +9,6 @@ first step of every round is left out of the figures (it starts the loader's wor
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -41,13 +40,17 @@ class Recorder:
     def add(self, phase: str, seconds: float) -> None:
         self.current[phase] += seconds
 
-    def batch(self, batch: dict[str, Any]) -> None:
-        if batch.get("empty"):
+    def batch(self, batch: Any) -> None:
+        if isinstance(batch, dict):  # the plain loop's: what the spliced sequences hold (one slot per input)
+            self.current["samples"] += len(batch["ids"])
+            self.current["tokens"] += int(batch["num_tokens"])
+            self.current["slots"] += int(batch["num_slots"])
             return
-        self.current["samples"] += len(batch["ids"])
-        # the plain loop's batches say what the spliced sequences hold (its ids have one slot per input)
-        self.current["tokens"] += int(batch.get("num_tokens", batch["attention_mask"].sum()))
-        self.current["slots"] += int(batch.get("num_slots", batch["attention_mask"].numel()))
+        if batch.is_empty:
+            return
+        self.current["samples"] += batch.samples
+        self.current["tokens"] += batch.num_tokens
+        self.current["slots"] += batch.num_slots
 
     def start_round(self) -> None:
         self._reset()
@@ -159,7 +162,7 @@ class TimedLog:
 
 
 def timed_forward(rec: Recorder) -> Callable[[Any, dict[str, Any], Any], Any]:
-    from mmkit.training.loop import forward_batch
+    from mmkit.training.trainer import forward_batch
 
     def forward(engine: Any, batch: dict[str, Any], dev: Any) -> Any:
         rec.in_forward = True
@@ -250,11 +253,9 @@ def step_config(preset: str, root: Path, modalities: Sequence[str], host: Any) -
 
 
 def build_rig(preset: str, root: Path, *, modalities: Sequence[str] | None = None, host: Any = None,
-              max_samples: int | None = None) -> Rig:
-    """Everything ``mmkit.training.recipe.train`` builds before its loop: data, model, DeepSpeed engine."""
-    import deepspeed
-    from transformers import get_cosine_schedule_with_warmup
-
+              max_samples: int | None = None, optimizer_step: str | None = None) -> Rig:
+    """Everything ``mmkit.training.recipe.train`` builds before its loop: data, model, engine (the one
+    training picks: ``recipe.make_engine``; ``optimizer_step`` overrides the configuration's choice)."""
     from mmkit.modeling.assemble import assemble, trainable_parameters
     from mmkit.plugins import get_host
     from mmkit.training import recipe
@@ -265,6 +266,8 @@ def build_rig(preset: str, root: Path, *, modalities: Sequence[str] | None = Non
     host = host or get_host()
     modalities = tuple(modalities or recipe.default_modalities(host))
     cfg, plan = step_config(preset, root, modalities, host)
+    if optimizer_step is not None:
+        cfg = attrs.evolve(cfg, optimizer_step=optimizer_step)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     init_distributed(cfg.collective_timeout_s)
@@ -280,9 +283,8 @@ def build_rig(preset: str, root: Path, *, modalities: Sequence[str] | None = Non
     if "lora" in groups:
         param_groups.append({"params": groups["lora"], "lr": cfg.lr})
     horizon = 10**6  # the schedule's length does not change the step's cost
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups, config=recipe.deepspeed_config(cfg, 1),
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, 0, horizon))
+    engine, scheduler = recipe.make_engine(attrs.evolve(cfg, warmup_ratio=0.0), model, param_groups, world=1,
+                                           total_steps=horizon)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out, tensorboard=False)
@@ -317,19 +319,17 @@ def add_plain(rig: Rig) -> None:
 
 def run_variant(rig: Rig, name: str, steps: int) -> None:
     """``steps`` more optimizer steps of mmkit's loop on variant ``name``."""
-    from rich.console import Console
-
-    from mmkit.training.loop import train_loop
+    from mmkit.training.trainer import Process, Trainer
 
     v = rig.variants[name]
     rec = v.rec
     hooks = rec.hook_model(rig.assembled.model, rig.modalities)
-    quiet = Console(file=io.StringIO(), width=120)
     try:
         rec.start_round()
-        train_loop(v.cfg, TimedEngine(rig.engine, rec), TimedLoader(v.loader, rec), v.sampler, rig.scheduler,
-                   TimedLog(rig.log, rec), total_steps=v.state.step + steps, state=v.state, console=quiet,
-                   is_main=True, dev=rig.dev, rank=0, world=1, save=lambda _s: "", forward=timed_forward(rec))
+        trainer = Trainer(v.cfg, TimedEngine(rig.engine, rec), TimedLoader(v.loader, rec), v.sampler, rig.scheduler,
+                          TimedLog(rig.log, rec), process=Process(0, 1, rig.dev), save=lambda _s: "",
+                          forward=timed_forward(rec))
+        trainer.run(v.state, v.state.step + steps)
     finally:
         for h in hooks:
             h.remove()
@@ -428,4 +428,4 @@ def step_flops(rig: Rig, variant: str = "padded") -> tuple[float, int]:
         out.loss.backward()
     for p in model.parameters():
         p.grad = None
-    return float(counter.get_total_flops()), batch["attention_mask"].numel()
+    return float(counter.get_total_flops()), batch.num_slots

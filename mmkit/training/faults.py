@@ -1,11 +1,16 @@
 """Faults during training, each with a clear outcome.
 
 - non-finite loss: skip the optimizer step and count it, or stop naming the step and its records
-  (``on_nonfinite_loss``); every process takes the same decision.
-- out of memory: a :class:`TrainingError` with advice.
+  (``on_nonfinite_loss``; :class:`NonFinitePolicy`).
+- out of memory: a :class:`TrainingError` with advice, or (``on_out_of_memory: skip``, ZeRO stage 0)
+  the micro-batch is dropped and the step's update skipped and counted (:class:`OutOfMemoryPolicy`).
 - a collective that fails or times out (another process died or hangs): a :class:`TrainingError`
-  that says so, instead of a hang (the timeout is ``collective_timeout_s``).
+  that says so, instead of a hang (the timeout is ``collective_timeout_s``; :class:`CollectiveFailurePolicy`).
 - disk full while saving a checkpoint: see :mod:`mmkit.training.checkpoint`.
+
+The faults of one optimizer step are shared in one place, :func:`agree` (one all-reduce of the step's
+flags at its boundary), so every process takes the same decision and runs the same collectives after it;
+each policy then decides from the agreed flags. A new recoverable policy is a new flag and a policy object.
 
 ``MMKIT_FAULT`` injects faults for fault drills and tests: comma-separated ``KIND@STEP`` or
 ``KIND@STEP:RANK`` (rank 0 when omitted; ``*`` for every rank), where STEP is the optimizer step
@@ -237,3 +242,134 @@ class StepGate:
             return original(*args, **kwargs)
 
         optimizer.step = step
+
+
+# -- policies: what a fault does to the run, decided the same way on every process -----------------------
+class StepFaults:
+    """What went wrong on this process during the micro-batches of the step being computed."""
+
+    def __init__(self) -> None:
+        self.nonfinite: list[str] = []  # "loss nan on process R, records ..."
+        self.out_of_memory: list[str] = []  # "process R: <the error>"
+        self.first_oom: BaseException | None = None
+
+    def clear(self) -> None:
+        self.__init__()
+
+
+class Agreed:
+    """The step's faults as every process sees them: the flags were summed over processes in one
+    collective, so every process takes the same branch (and runs the same collectives after it)."""
+
+    def __init__(self, nonfinite: bool, out_of_memory: bool):
+        self.nonfinite, self.out_of_memory = nonfinite, out_of_memory
+
+    @property
+    def skip(self) -> bool:
+        return self.nonfinite or self.out_of_memory
+
+
+def agree(local: StepFaults, world: int) -> Agreed:
+    """The one place fault decisions are shared: one all-reduce of this step's flags per optimizer step."""
+    from mmkit.training import distributed as dist_util
+
+    flags = [1.0 if local.nonfinite else 0.0, 1.0 if local.out_of_memory else 0.0]
+    if world > 1:
+        flags = dist_util.all_reduce_sum(flags)
+    return Agreed(nonfinite=flags[0] > 0, out_of_memory=flags[1] > 0)
+
+
+def gather_notes(notes: list[str], world: int) -> list[str]:
+    """Every process's notes (a collective: call only on an agreed branch)."""
+    from mmkit.training import distributed as dist_util
+
+    everywhere = dist_util.all_gather_objects(notes) if world > 1 else [notes]
+    return [n for ns in everywhere for n in ns]
+
+
+class NonFinitePolicy:
+    """A NaN/inf loss: ``skip`` the update everywhere and count it (stop after ``max_consecutive`` in a
+    row: the weights have diverged), or ``stop`` naming the step and its records."""
+
+    def __init__(self, mode: str, *, max_consecutive: int = MAX_CONSECUTIVE_NONFINITE):
+        self.mode, self.max_consecutive = mode, max_consecutive
+        self.consecutive = 0
+
+    def before_update(self, agreed: Agreed, notes: list[str], *, world: int, step: int, epoch: int,
+                      step_in_epoch: int, last_checkpoint: str | None) -> None:
+        """Raises under ``stop`` (every process, with every process's notes) before any update."""
+        if agreed.nonfinite and self.mode == "stop":
+            detail = "; ".join(gather_notes(notes, world))
+            raise TrainingError(
+                f"non-finite loss at step {step} (epoch {epoch}, step {step_in_epoch + 1} of the epoch): {detail}. "
+                "No update was applied. Check those records, lower the learning rate, or set on_nonfinite_loss: "
+                f"skip to skip such steps; the last checkpoint is {last_checkpoint or 'none (nothing saved yet)'}")
+
+    def after_skip(self, agreed: Agreed, *, step: int, last_checkpoint: str | None) -> None:
+        if not agreed.nonfinite:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingError(
+                f"{self.consecutive} steps in a row up to step {step} had a non-finite loss: the weights have most "
+                "likely diverged. Lower the learning rate (or use fp32 / bf16 instead of fp16) and resume from the "
+                f"last checkpoint ({last_checkpoint or 'none'})")
+
+
+class OutOfMemoryPolicy:
+    """Out of memory in a micro-batch: ``stop`` with advice (the default), or ``skip``: the micro-batch
+    is replaced by a zero-weight stand-in (so the gradient all-reduce still pairs up), the step's
+    update is skipped on every process and counted; ``max_consecutive`` skipped steps in a row stop."""
+
+    def __init__(self, mode: str, *, cfg: Any, device: Any, max_consecutive: int = 10):
+        self.mode, self.cfg, self.device, self.max_consecutive = mode, cfg, device, max_consecutive
+        self.consecutive = 0
+        self.skipped_steps = 0
+
+    def recover(self, exc: BaseException, *, step: int) -> bool:
+        """Whether to carry on after ``exc`` (an OOM) in a micro-batch of ``step``; else the caller raises
+        :meth:`error`."""
+        if self.mode != "skip":
+            return False
+        free_memory(self.device)
+        return True
+
+    def error(self, exc: BaseException, *, step: int) -> TrainingError:
+        return out_of_memory_error(exc, step=step, cfg=self.cfg, device=self.device)
+
+    def after_skip(self, agreed: Agreed, *, step: int) -> None:
+        if not agreed.out_of_memory:
+            self.consecutive = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingError(f"out of memory in {self.consecutive} steps in a row up to step {step} "
+                                "(on_out_of_memory: skip): the batches do not fit; lower micro_batch_size or "
+                                "max_length, or turn on --gradient-checkpointing")
+
+
+class CollectiveFailurePolicy:
+    """A collective that failed or timed out: another process died or hangs. Nothing to agree on (the
+    group is broken): every process that sees it stops with an error saying so."""
+
+    def __init__(self, *, rank: int, world: int, timeout_s: float):
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+
+    def error(self, exc: BaseException, *, step: int, last_checkpoint: str | None) -> TrainingError | None:
+        if self.world > 1 and is_collective_failure(exc):
+            return collective_failure_error(exc, rank=self.rank, world=self.world, step=step,
+                                            timeout_s=self.timeout_s, last_checkpoint=last_checkpoint)
+        return None
+
+
+def free_memory(device: Any) -> None:
+    """Hand cached accelerator memory back after an out-of-memory error."""
+    import gc
+
+    gc.collect()
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

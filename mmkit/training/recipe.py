@@ -1,4 +1,4 @@
-"""The training recipe: data -> assembled model -> DeepSpeed loop -> saved model -> evaluation.
+"""The training recipe: data -> assembled model -> engine -> Trainer -> saved model -> evaluation.
 
 Read top to bottom; each step is one function call.
 """
@@ -6,12 +6,14 @@ Read top to bottom; each step is one function call.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from mmkit.data.batching import Batches, Collator, SampleDataset, Skipped, make_preprocessor
+from mmkit.data.batching import (Batches, Collator, SampleDataset, Skipped, collate_fns, count_input_tokens,
+                                 input_counters, make_preprocessor)
 from mmkit.records import ReadContext, Sample
 from mmkit.data.sources import DataSource, ignored_key_reason, read_mixture
 from mmkit.errors import ConfigError, DataError, MmkitError
@@ -26,8 +28,11 @@ from mmkit.training.faults import TrainingError, is_storage_error, storage_error
 from mmkit.modeling.loading import device
 from mmkit.training.distributed import init_distributed
 from mmkit.training.skipped import skipped_records, write_skipped
-from mmkit.training.loop import train_loop
+from mmkit.training import logs
+from mmkit.training.logs import LogConsole, log
+from mmkit.training.trainer import Process, Trainer
 from mmkit.training.metrics_log import MetricsLog
+from mmkit.training.optim import PlainEngine, use_plain_step
 from mmkit.training.preflight import preflight
 from mmkit.training.rundir import DEMO, Admission, RunLock, admit
 from mmkit.data.sampler import GlobalBatchSampler, batch_geometry
@@ -141,14 +146,15 @@ def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, ass
         raise
     good = []
     installed = host.modalities()
-    for sample in samples:
+    tokens = _variable_input_tokens(host, assembled, samples)
+    for sample, counts in zip(samples, tokens, strict=True):
         try:
             ignored = sample.meta.get("unknown_keys", ())
             if ignored:  # an input the model would never see: refused, never dropped silently
                 raise DataError(sample.source, sample.index,
                                 "; ".join(ignored_key_reason(k, installed, plan.modalities) for k in ignored)
                                 + " (its content would be ignored in training)", kind="ignored_input")
-            assembled.prompts.encode_sample(sample)
+            assembled.prompts.encode_sample(sample, input_tokens=counts)
             missing = [p for paths in sample.inputs.values() for p in paths if not Path(p).is_file()]
             if missing:
                 raise DataError(sample.source, sample.index, f"file not found: {missing[0]}", kind="missing_file")
@@ -168,6 +174,18 @@ def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, ass
     return good, skipped
 
 
+def _variable_input_tokens(host: PluginHost, assembled: Assembled, samples: Sequence[Sample]
+                           ) -> list[dict[str, list[int]] | None]:
+    """The slots of each input of a variable-size modality, from its preprocessed input (counted once:
+    the dataset and packing reuse the counts)."""
+    model = assembled.model
+    counters = input_counters(model.encoders, model.projectors)
+    if not counters:
+        return [None] * len(samples)
+    preprocess = {m: make_preprocessor(resolve(host.modality(m).load), model.encoders[m].preprocess) for m in counters}
+    return count_input_tokens(samples, preprocess, counters)
+
+
 def _first_of(problems: list[DataError]) -> DataError:
     first = problems[0]
     if len(problems) == 1:
@@ -178,8 +196,7 @@ def _first_of(problems: list[DataError]) -> DataError:
 
 
 def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, samples: list[Sample],
-                 modalities: tuple[str, ...], *, rank: int, world: int, console: Any = None
-                 ) -> tuple[Batches, Any, Collator]:
+                 modalities: tuple[str, ...], *, rank: int, world: int) -> tuple[Batches, Any, Collator]:
     """The training batches: each rank reads its part of every global batch (``sampler.py``: the
     same global batches whatever the number of processes). ``cfg.batching`` picks random padded,
     grouped or packed batches (``mmkit/data/packing.py``); ``cfg.cache_features`` fills the feature
@@ -189,7 +206,9 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
     model = assembled.model
     preprocess = {m: make_preprocessor(resolve(host.modality(m).load), model.encoders[m].preprocess)
                   for m in modalities}
-    adapters = model.lora.adapters if model.lora is not None else ["-"]
+    encoders = {m: model.encoders[m] for m in modalities}
+    counters = input_counters(encoders, {m: model.projectors[m] for m in modalities})
+    collate = collate_fns(encoders)
     cache = None
     if cfg.cache_features:
         from mmkit.data.feature_cache import open_training_cache
@@ -198,23 +217,28 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
         cache = open_training_cache(cfg.cache_features, host=host, encoders={m: model.encoders[m] for m in modalities},
                                     samples=samples, preprocess=preprocess, precision=cfg.precision, device=device(),
                                     batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, rank=rank,
-                                    world=world, barrier=barrier, gather=all_gather_objects, console=console,
+                                    world=world, barrier=barrier, gather=all_gather_objects,
+                                    console=logs.console() if rank == 0 else None,
                                     strict=not cfg.skip_bad_records)
-    dataset = SampleDataset(samples, assembled.prompts, preprocess, adapters, skip_bad_records=cfg.skip_bad_records,
-                            cache=cache, defer_errors=True)
+    dataset = SampleDataset(samples, assembled.prompts, preprocess, counters=counters,
+                            skip_bad_records=cfg.skip_bad_records, cache=cache, defer_errors=True)
     grad_accum, _ = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                                    global_batch_size=cfg.global_batch_size, world_size=world)
     if cfg.batching == "pad":
         sampler = GlobalBatchSampler(len(dataset), micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum,
                                      rank=rank, world_size=world, seed=cfg.seed, shuffle=cfg.shuffle)
-        source, collator = dataset, Collator(pad_id=assembled.tokenizer.pad_token_id, record_skipped=False)
+        source, collator = dataset, Collator(pad_id=assembled.tokenizer.pad_token_id, collate=collate,
+                                             record_skipped=False)
     else:
-        from mmkit.data.packing import make_batching
+        from mmkit.data.packing import make_batching, sample_lengths
 
+        tokens = count_input_tokens(samples, preprocess, counters, cache=cache) if counters else None
         sampler, source, collator = make_batching(
             cfg.batching, samples, dataset, prompts=assembled.prompts, pad_id=assembled.tokenizer.pad_token_id,
             micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum, rank=rank, world_size=world, seed=cfg.seed,
-            shuffle=cfg.shuffle, pack_max_tokens=cfg.pack_max_tokens, adapters=adapters)
+            shuffle=cfg.shuffle, pack_max_tokens=cfg.pack_max_tokens, collate=collate,
+            mix_rows=model.lora is None or len(model.lora.adapters) == 1,
+            lengths=sample_lengths(assembled.prompts, samples, input_tokens=tokens))
     # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
     loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
@@ -253,22 +277,49 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
-def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
-    preflight(cfg)  # every check that needs no model, before anything loads or is written
-    import torch
-    from rich.console import Console
+def make_engine(cfg: TrainConfig, model: Any, param_groups: list[dict[str, Any]], *, world: int, total_steps: int
+                ) -> tuple[Any, Any]:
+    """The engine that runs the optimizer step, and its LR schedule: the plain torch step where DeepSpeed
+    adds nothing (``optimizer_step``, :mod:`mmkit.training.optim`), DeepSpeed's engine otherwise."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    console = console or Console()
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def schedule(opt: Any) -> Any:
+        return get_cosine_schedule_with_warmup(opt, warmup, total_steps)
+
+    if use_plain_step(cfg.optimizer_step, world_size=world, zero_stage=cfg.zero_stage, precision=cfg.precision):
+        grad_accum, _ = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                                       global_batch_size=cfg.global_batch_size, world_size=world)
+        engine = PlainEngine(model, param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             max_grad_norm=cfg.max_grad_norm, grad_accum=grad_accum, device=device(),
+                             lr_scheduler=schedule)
+        return engine, engine.lr_scheduler
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups,
+                                                   config=deepspeed_config(cfg, world), lr_scheduler=schedule)
+    return engine, scheduler
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg``; what the run says goes to the ``mmkit`` logger (:mod:`mmkit.training.logs`)."""
+    preflight(cfg)  # every check that needs no model, before anything loads or is written
+    if cfg.on_out_of_memory == "skip" and cfg.zero_stage > 0:  # a partial ZeRO 1-3 reduction cannot be dropped
+        raise ConfigError(f"on_out_of_memory: skip needs ZeRO stage 0 (now {cfg.zero_stage}); use stop")
+    import torch
+
     rank, world = init_distributed(cfg.collective_timeout_s)
+    logs.setup(is_main=rank == 0)
     host = get_host()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # The run directory is a transaction: the lock and every check that can refuse the run come
     # before anything in it changes (rundir.py); a refused run leaves it as it was.
     lock = RunLock(Path(cfg.output_dir))
-    admission = admit_run(cfg, host, lock, rank=rank, console=console)
+    admission = admit_run(cfg, host, lock, rank=rank)
     try:
-        return _train(cfg, host, admission, rank=rank, world=world, console=console)
+        return _train(cfg, host, admission, rank=rank, world=world)
     except BaseException:
         lock.release(refused=True)  # removes the output directory only if this run created it and it is empty
         raise
@@ -276,7 +327,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> dict[str, Any]:
         lock.release()
 
 
-def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int, console: Any) -> Admission:
+def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int) -> Admission:
     """Process 0 takes the output directory's lock, runs every check that can refuse the run and
     makes its first writes (the demo data); the others learn the outcome (every process calls this)."""
     from mmkit.training.distributed import broadcast_object
@@ -289,7 +340,7 @@ def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int, c
             from mmkit.demo.task import prepare_demo
 
             admission = admit(cfg, host, run_modalities(cfg, host), prepare_demo=prepare_demo)
-            admission.commit(console)
+            admission.commit(LogConsole())
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
             admission.abandon()
             lock.release(refused=True)
@@ -303,17 +354,14 @@ def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int, c
     return admission
 
 
-def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: int, world: int, console: Any
-           ) -> dict[str, Any]:
-    import deepspeed
+def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: int, world: int) -> dict[str, Any]:
     import torch
-    from transformers import get_cosine_schedule_with_warmup
 
     is_main = rank == 0
     out = Path(cfg.output_dir)
     if is_main:
         for note in admission.notes:
-            console.print(f"note: {note}")
+            log.info("note: %s", note)
     torch.manual_seed(cfg.seed)
     plan = plan_run(cfg, host)
     torch.manual_seed(cfg.seed)
@@ -322,7 +370,7 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     if cfg.init_from:
         for note in start_from(assembled, cfg.init_from, allow_base_mismatch=cfg.allow_base_mismatch):
             if is_main:
-                console.print(f"note: {note}")
+                log.info("note: %s", note)
     model = assembled.model
     groups = trainable_parameters(model, cfg.stage)
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
@@ -331,10 +379,9 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
 
         warning = unknown_words_warning(assembled.tokenizer, samples)
         if warning:
-            console.print(f"[yellow]warning: {warning}[/]")
+            log.warning("warning: %s", warning)
 
-    loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world,
-                                             console=console if is_main else None)
+    loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -345,7 +392,7 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     resume = plan_resume(resume=cfg.resume, output_dir=out, config=resolved, world_size=world, geometry=geometry,
                          trainable=trainable, on_world_size_change=cfg.on_world_size_change, rank=rank,
-                         console=console if is_main else None, trust=cfg.trust_checkpoint)
+                         console=LogConsole() if is_main else None, trust=cfg.trust_checkpoint)
     if resume is not None:
         resume.before_engine(assembled)
     if is_main:  # the run is accepted: its configuration replaces an earlier one
@@ -357,10 +404,7 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     if "lora" in groups:
         param_groups.append({"params": groups["lora"], "lr": cfg.lr})
     n_trainable = sum(p.numel() for group in groups.values() for p in group)  # before ZeRO-3 partitions them
-    warmup = int(cfg.warmup_ratio * total_steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups, config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps))
+    engine, scheduler = make_engine(cfg, model, param_groups, world=world, total_steps=total_steps)
 
     state = TrainState()
     if resume is not None:
@@ -368,20 +412,21 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     if is_main:  # a resumed run logs the steps after its checkpoint again
         _storage_guard(lambda: trim_metrics(out, state.step), f"{out / 'metrics.jsonl'}", resume)
     _barrier()
-    log = _storage_guard(lambda: MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main),
+    metrics = _storage_guard(lambda: MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main),
                          f"the metrics log in {out}", resume)
     if is_main:
-        console.print(f"[bold]mmkit train[/] stage={cfg.stage} modalities={','.join(plan.modalities)} "
-                      f"llm={cfg.llm or 'embedded demo (tiny LLaMA)'} samples={len(samples)} steps={total_steps} "
-                      f"processes={world} global_batch={sampler.global_batch_size} zero={cfg.zero_stage} "
-                      f"precision={cfg.precision} trainable={n_trainable:,} params")
+        log.info("mmkit train stage=%s modalities=%s llm=%s samples=%d steps=%d processes=%d global_batch=%d zero=%d "
+                 "precision=%s trainable=%s params optimizer=%s", cfg.stage, ",".join(plan.modalities),
+                 cfg.llm or "embedded demo (tiny LLaMA)", len(samples), total_steps, world, sampler.global_batch_size,
+                 cfg.zero_stage, cfg.precision, f"{n_trainable:,}",
+                 "torch" if isinstance(engine, PlainEngine) else "deepspeed")
         if resume is not None:
-            console.print(f"resuming from {resume.checkpoint} (step {state.step}, epoch {state.epoch})")
+            log.info("resuming from %s (step %d, epoch %d)", resume.checkpoint, state.step, state.epoch)
             for note in resume.notes:
-                console.print(f"  note: {note}")
+                log.info("  note: %s", note)
             if state.step >= total_steps:
-                console.print(f"  the run had already reached step {total_steps}: nothing left to train "
-                              "(raise max_steps/epochs to continue, or --resume never to start over)")
+                log.info("  the run had already reached step %d: nothing left to train (raise max_steps/epochs to "
+                         "continue, or --resume never to start over)", total_steps)
 
     run_info = {"world_size": world, **geometry, "zero_stage": cfg.zero_stage, "precision": cfg.precision,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "config": resolved,
@@ -401,9 +446,9 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
         last[0] = save(at)
         return last[0]
 
-    summary = train_loop(cfg, engine, loader, sampler, scheduler, log, total_steps=total_steps, state=state,
-                         console=console, is_main=is_main, dev=device(), rank=rank, world=world, save=save_tracked,
-                         last_checkpoint=last[0])
+    trainer = Trainer(cfg, engine, loader, sampler, scheduler, metrics, process=Process(rank, world, device()),
+                      save=save_tracked)
+    summary = trainer.run(state, total_steps, last_checkpoint=last[0])
     if not saved_at or saved_at[-1] != state.step:
         save_tracked(state)  # the final checkpoint
     summary["skipped_records"] = len(skipped) + _skipped_in_training(collator, world)
@@ -413,25 +458,25 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
     summary["resumed_from_step"] = resume.step if resume is not None else None
 
     def finish_log() -> None:
-        log.log(summary["steps"], {"skipped_records": summary["skipped_records"],
-                                   "nonfinite_steps": summary["nonfinite_steps"]})
-        log.close()
+        metrics.log(summary["steps"], {"skipped_records": summary["skipped_records"],
+                                       "nonfinite_steps": summary["nonfinite_steps"]})
+        metrics.close()
 
     _storage_guard(finish_log, f"the metrics log in {out}", last[0])
     _storage_guard(lambda: save_model(out, assembled, stage=cfg.stage, write=is_main), f"{out / 'model'}", last[0])
     _barrier()
     if is_main:
         if summary["steps_this_run"]:
-            console.print(f"saved {out / 'model'} ({summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_records']} skipped records)")
+            log.info("saved %s (%d steps, final loss %.4f, %.0f tokens/s, %d skipped records)", out / "model",
+                     summary["steps"], summary["final_loss"], summary["tokens_per_s"], summary["skipped_records"])
         else:  # resumed at its end: no loss or rate was measured in this run
-            console.print(f"saved {out / 'model'} ({summary['steps']} steps, none trained in this run)")
+            log.info("saved %s (%d steps, none trained in this run)", out / "model", summary["steps"])
     if is_main and plan.eval_sources:
         from mmkit.evaluation.evaluate import evaluate_run, print_eval
 
         results = evaluate_run(out, plan.eval_sources, chance=plan.chance, batch_size=cfg.eval_batch_size,
                                max_new_tokens=cfg.eval_max_new_tokens, host=host)
-        print_eval(results, console)
+        print_eval(results, logs.console())
         summary["eval"] = results
     return summary
 
