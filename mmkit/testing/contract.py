@@ -21,6 +21,8 @@ class ModalityContract:
     encoder_options: ClassVar[dict[str, Any] | None] = None
     #: Absolute tolerance of the batch-invariance check.
     atol: ClassVar[float] = 1e-5
+    #: Largest difference of the bf16-parameter forward from the fp32 one, relative to the features' scale.
+    mixed_precision_tolerance: ClassVar[float] = 0.1
     #: Torch threads while the contract runs (pinned: small tests on many cores spend their time
     #: synchronising threads, and parallel test runs oversubscribe the machine). ``None``: leave as is.
     num_threads: ClassVar[int | None] = 1
@@ -93,10 +95,15 @@ class ModalityContract:
         assert not [p for p in host.verify_lazy() if p.startswith(owner + ":")]
 
     def test_plugin_import_does_not_import_torch(self, host):
+        import os
+
         owner = host.provider("modality", self.modality)
         module = host.records[owner].module.__name__
         code = f"import sys, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))"
-        out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+        # this process's import path, so a plugin registered in-process imports in the child too
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
+                             env=env)
         assert json.loads(out.stdout) == [], f"importing {module} imports {out.stdout.strip()}"
 
     def test_preprocess_shape_and_dtype(self, spec, encoder, valid_files):
@@ -105,41 +112,123 @@ class ModalityContract:
         load = resolve(spec.load)
         for path in valid_files:
             x = encoder.preprocess(load(path))
-            assert tuple(x.shape) == tuple(encoder.input_shape), path
-            assert x.dtype.is_floating_point
-            assert bool(x.isfinite().all()), f"{path}: preprocessing produced NaN/inf"
+            if encoder.input_shape is not None:
+                assert tuple(x.shape) == tuple(encoder.input_shape), path
+                assert x.dtype.is_floating_point
+            floats = [t for t in _tensors(x) if t.is_floating_point()]
+            assert floats, f"{path}: preprocess returned no floating-point tensor ({type(x).__name__})"
+            assert all(bool(t.isfinite().all()) for t in floats), f"{path}: preprocessing produced NaN/inf"
+            count = encoder.num_tokens_for(x)
+            assert isinstance(count, int) and not isinstance(count, bool) and count >= 1, (
+                f"{path}: num_tokens_for returned {count!r}, declared a positive int")
+            if encoder.num_tokens is not None:
+                assert count == encoder.num_tokens, path
 
     def test_encode_shape_dtype_and_finite(self, spec, encoder, valid_files):
-        batch = self._batch(spec, encoder, valid_files)
+        items = self._items(spec, encoder, valid_files)
         with _no_grad():
-            out = encoder(batch)
-        assert tuple(out.shape) == (len(valid_files), encoder.num_tokens, encoder.output_dim)
-        assert out.dtype.is_floating_point
-        assert bool(out.isfinite().all())
+            out = encoder(encoder.collate(items))
+        if encoder.num_tokens is not None:
+            assert tuple(out.shape) == (len(valid_files), encoder.num_tokens, encoder.output_dim)
+        else:
+            from mmkit.modeling.features import RaggedFeatures
+
+            assert isinstance(out, RaggedFeatures), type(out).__name__
+            assert out.dim == encoder.output_dim
+        values = _values(out)
+        assert values.dtype.is_floating_point
+        assert bool(values.isfinite().all())
+
+    def test_token_counts_as_announced(self, spec, encoder, valid_files):
+        """Each input gets the tokens ``num_tokens_for`` announced before encoding: the prompt
+        reserved exactly that many slots for it."""
+        items = self._items(spec, encoder, valid_files)
+        announced = [encoder.num_tokens_for(item) for item in items]
+        with _no_grad():
+            out = encoder(encoder.collate(items))
+        assert _counts(out) == announced, f"encoded {_counts(out)} tokens per input, num_tokens_for said {announced}"
+
+    def test_collate_of_mixed_sizes(self, spec, encoder, valid_files):
+        """A variable-size encoder batches inputs of different sizes (``make_valid_files`` must include
+        some); the counts come back per input, in order."""
+        if encoder.num_tokens is not None:
+            pytest.skip("a fixed-size encoder (num_tokens is set)")
+        items = self._items(spec, encoder, valid_files)
+        counts = [encoder.num_tokens_for(item) for item in items]
+        assert len(set(counts)) >= 2, ("make_valid_files must return inputs of different sizes for a variable-size "
+                                       f"encoder; their token counts are {counts}")
+        order = sorted(range(len(items)), key=lambda i: -counts[i])  # another order: the counts follow the items
+        with _no_grad():
+            out = encoder(encoder.collate([items[i] for i in order]), counts=[counts[i] for i in order])
+        assert _counts(out) == [counts[i] for i in order]
 
     def test_batch_invariance(self, spec, encoder, valid_files):
+        """A collated batch encodes as its items one by one (padding or batching never leaks
+        between inputs)."""
         import torch
 
-        batch = self._batch(spec, encoder, valid_files)
+        items = self._items(spec, encoder, valid_files)
         with _no_grad():
-            together = encoder(batch)
-            alone = torch.cat([encoder(batch[i:i + 1]) for i in range(len(valid_files))])
-        assert torch.allclose(together, alone, atol=self.atol), float((together - alone).abs().max())
+            together = _per_input(encoder(encoder.collate(items)))
+            alone = [_per_input(encoder(encoder.collate([item])))[0] for item in items]
+        for i, (a, b) in enumerate(zip(together, alone, strict=True)):
+            assert a.shape == b.shape, f"input {i}: {list(a.shape)} in the batch, {list(b.shape)} alone"
+            assert torch.allclose(a, b, atol=self.atol), f"input {i}: {float((a - b).abs().max())}"
 
     def test_deterministic(self, spec, encoder, valid_files):
         import torch
 
         batch = self._batch(spec, encoder, valid_files)
         with _no_grad():
-            assert torch.equal(encoder(batch), encoder(batch))
+            assert torch.equal(_values(encoder(batch)), _values(encoder(batch)))
 
     def test_distinct_inputs_give_distinct_features(self, spec, encoder, valid_files):
         import torch
 
         batch = self._batch(spec, encoder, valid_files)
         with _no_grad():
-            out = encoder(batch)
-        assert not torch.allclose(out[0], out[1]), "two different inputs encode identically"
+            first, second = _per_input(encoder(batch))[:2]
+        assert first.shape != second.shape or not torch.allclose(first, second), "two different inputs encode identically"
+
+    def test_blank_works(self, encoder):
+        """``blank(n)``: the batch of the evaluation ablation and of the ZeRO-3 dummy pass encodes into n
+        finite inputs."""
+        blank = encoder.blank(2)
+        with _no_grad():
+            out = encoder(blank)
+        assert len(_counts(out)) == 2
+        if encoder.num_tokens is not None:
+            assert tuple(out.shape) == (2, encoder.num_tokens, encoder.output_dim)
+        assert bool(_values(out).isfinite().all()), "encoding a blank batch gave NaN or inf"
+
+    def test_mixed_precision_forward(self, spec, encoder, valid_files):
+        """Parameters in bf16, buffers left in fp32 (as DeepSpeed leaves them), the batch's floating
+        leaves in bf16 (integer ones untouched, as mmkit moves batches): the forward runs and stays
+        near the fp32 features."""
+        import copy
+
+        import torch
+
+        from mmkit.modeling.features import move
+
+        batch = self._batch(spec, encoder, valid_files)
+        half = copy.deepcopy(encoder)
+        for param in half.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+        with _no_grad():
+            reference = _values(encoder(batch)).float()
+            try:
+                out = half(move(self._batch(spec, encoder, valid_files), "cpu", torch.bfloat16))
+            except Exception as exc:
+                pytest.fail(f"the forward with bf16 parameters and fp32 buffers failed: {exc}")
+        values = _values(out).float()
+        assert values.shape == reference.shape
+        assert bool(values.isfinite().all()), "bf16 forward gave NaN or inf"
+        scale = float(reference.abs().max()) or 1.0
+        error = float((values - reference).abs().max()) / scale
+        assert error <= self.mixed_precision_tolerance, (
+            f"bf16 features differ from fp32 by {error:.3f} of their scale (tolerance {self.mixed_precision_tolerance})")
 
     def test_identity_is_json(self, encoder):
         ident = encoder.identity()
@@ -206,13 +295,15 @@ class ModalityContract:
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    def _batch(spec, encoder, files):
-        import torch
-
+    def _items(spec, encoder, files) -> list:
         from mmkit.specs import resolve
 
         load = resolve(spec.load)
-        return torch.stack([encoder.preprocess(load(p)) for p in files])
+        return [encoder.preprocess(load(p)) for p in files]
+
+    @classmethod
+    def _batch(cls, spec, encoder, files):
+        return encoder.collate(cls._items(spec, encoder, files))
 
 
 def _spread(items: list, limit: int) -> list:
@@ -223,6 +314,45 @@ def _spread(items: list, limit: int) -> list:
         return items
     keep = sorted(random.Random(0).sample(range(len(items)), limit))
     return [items[i] for i in keep]
+
+
+def _values(out: Any) -> Any:
+    """The feature rows of a fixed ``[B, T, D]`` tensor or of RaggedFeatures."""
+    from mmkit.modeling.features import RaggedFeatures
+
+    return out.values if isinstance(out, RaggedFeatures) else out
+
+
+def _counts(out: Any) -> list[int]:
+    from mmkit.modeling.features import RaggedFeatures
+
+    if isinstance(out, RaggedFeatures):
+        return [int(c) for c in out.counts]
+    return [int(out.shape[1])] * int(out.shape[0])
+
+
+def _per_input(out: Any) -> list:
+    """One ``[n_i, D]`` tensor per input."""
+    from mmkit.modeling.features import RaggedFeatures
+
+    return out.split() if isinstance(out, RaggedFeatures) else list(out)
+
+
+def _tensors(obj: Any) -> list:
+    """The tensors inside a preprocessed item (a tensor, a list / tuple / dict of them, or an object with
+    ``to_dict()`` such as a torch-geometric ``Data``)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        return _tensors(to_dict())
+    return []
 
 
 def _no_grad():

@@ -38,16 +38,18 @@ def linear_probe(encoder: Any, load: Callable[[Path], Any], train: Sequence[tupl
     import torch
 
     from mmkit.modeling import seeded
+    from mmkit.modeling.features import RaggedFeatures
 
     def features(examples: Sequence[tuple[Path, str]]) -> torch.Tensor:
         rows = []
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start:start + batch_size]
-                x = torch.stack([encoder.preprocess(load(path)) for path, _ in chunk])
-                tokens = encoder(x).float()
-                rows.append(torch.cat([tokens.mean(dim=1), tokens.std(dim=1, unbiased=False)], dim=1))
-        return torch.cat(rows)
+                out = encoder(encoder.collate([encoder.preprocess(load(path)) for path, _ in chunk]))
+                # one [n_i, D] tensor per input (a variable-size encoder's inputs differ in n_i)
+                per_input = out.split() if isinstance(out, RaggedFeatures) else list(out)
+                rows += [torch.cat([t.float().mean(dim=0), t.float().std(dim=0, unbiased=False)]) for t in per_input]
+        return torch.stack(rows)
 
     classes = tuple(sorted({label for _, label in [*train, *test]}))
     index = {c: i for i, c in enumerate(classes)}
