@@ -144,6 +144,7 @@ def _encode_only(cls: type, modality: str, encoder: Any, projector: Any) -> Any:
     shell.encoders = torch.nn.ModuleDict({modality: encoder})
     shell.projectors = torch.nn.ModuleDict({modality: projector})
     shell.train_encoders = False
+    shell.encode_chunk = getattr(cls, "encode_chunk", 32)  # the step's chunk size (MultimodalLM's default)
     return shell
 
 
