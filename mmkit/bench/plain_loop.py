@@ -70,8 +70,16 @@ class PlainLlavaLoop:
         lengths = [len(item["input_ids"]) for item in items]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
                 "num_tokens": sum(lengths), "num_slots": len(items) * max(lengths),
-                "inputs": {m: torch.stack(t) for m, t in inputs.items()},
+                "inputs": {m: self.stock_input(m, torch.stack(t)) for m, t in inputs.items()},
                 "adapters": [item["adapter"] for item in items], "ids": [item["id"] for item in items]}
+
+    def stock_input(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """What a stock encoder takes. An encoder whose ``preprocess`` also does weight-free work that
+        stock implementations do in every forward (sampling, grouping) offers ``stock_input(batch)``:
+        the batch without that work, which its forward then does itself. The baseline feeds that, so
+        it keeps paying what a plain script pays."""
+        stock = getattr(self.model.encoders[modality], "stock_input", None)
+        return stock(x).contiguous() if callable(stock) else x
 
     def loader(self, dataset: Any, batches: Sequence[Sequence[int]]) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches], collate_fn=self.collate,
