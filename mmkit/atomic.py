@@ -80,6 +80,7 @@ def atomic_directory(final: Path, fill: Callable[[Path], None]) -> None:
 def swap_in(staged: Path, final: Path) -> None:
     """Replace the directory ``final`` by ``staged`` (same filesystem: renames), never leaving
     neither in place."""
+    _fsync_dir(staged)  # its entries are on disk before the rename makes them visible
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old")

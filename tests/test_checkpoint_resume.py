@@ -306,6 +306,27 @@ def test_manifest_signatures(uninterrupted: Path, tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.slow
+def test_the_manifest_reuses_the_weights_hashes_of_mmkit_json(uninterrupted: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save reads each file once: the weights were hashed into model/mmkit.json as they were written."""
+    from mmkit.modeling import persistence
+    from mmkit.training.checkpoint.store import _model_hashes
+
+    checkpoint = tmp_path / "step-00000008"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000008", checkpoint)
+    saved = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    (checkpoint / "manifest.json").unlink()
+    hashed, real = [], persistence.sha256
+    monkeypatch.setattr(persistence, "sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    known = _model_hashes(checkpoint / "model")
+    assert "model/trainable.safetensors" in known
+    write_manifest(checkpoint, 8, known)
+    assert "trainable.safetensors" not in hashed and len(hashed) == len(set(hashed))
+    assert json.loads((checkpoint / "manifest.json").read_text())["files"] == saved
+    assert ckpt.verify(checkpoint, 0) is None
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("content, reason", [
     ("[1, 2]", "manifest.json is a JSON list, not the object mmkit writes"),
     ('{"format": 1, "files": [1]}', "no valid 'files' table"),

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,19 @@ from mmkit.training.checkpoint.layout import FORMAT, MANIFEST, STATE
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)")
 
 
-def write_manifest(directory: Path, step: int) -> None:
+def write_manifest(directory: Path, step: int, known: Mapping[str, str] | None = None) -> None:
+    """Hash every file under ``directory`` and write the manifest (signed when a key is set).
+    ``known``: sha256 by relative path of files this process hashed as it wrote them (the model's
+    weights, in ``mmkit.json``), so a save reads each file once."""
     from mmkit.modeling.persistence import sha256
 
+    known = known or {}
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
         rel = path.relative_to(directory).as_posix()
-        files[rel] = {"sha256": sha256(path), "size": path.stat().st_size}
+        files[rel] = {"sha256": known.get(rel) or sha256(path), "size": path.stat().st_size}
     manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": files}
     key = signing_key()
     if key is not None:

@@ -10,7 +10,6 @@ nobody is left waiting in a collective). Only the newest ``keep_last`` checkpoin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from mmkit.atomic import _fsync_dir, atomic_write_text
+from mmkit.atomic import atomic_write_text, swap_in
 from mmkit.errors import CheckpointMismatchError
 from mmkit.training import distributed as dist_util
 from mmkit.training.checkpoint.layout import (
@@ -145,9 +144,9 @@ def save_checkpoint(output_dir: Path, *, engine: Any, assembled: Any, stage: str
         record = {**run_info, "format": FORMAT, **attrs.asdict(state), "saved_at": time.time()}
         _attempt(failures, lambda: (tmp / STATE).write_text(json.dumps(json_safe(record), indent=1, sort_keys=True),
                                                             encoding="utf-8"))
-        _attempt(failures, write_manifest, tmp, state.step)
+        _attempt(failures, write_manifest, tmp, state.step, _model_hashes(tmp / "model"))
         if not failures:
-            _attempt(failures, _swap_in, tmp, final)
+            _attempt(failures, swap_in, tmp, final)
         if failures:
             shutil.rmtree(tmp, ignore_errors=True)
     problems = _agree(failures)
@@ -164,12 +163,13 @@ def save_checkpoint(output_dir: Path, *, engine: Any, assembled: Any, stage: str
     return final
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    _fsync_dir(tmp)
-    if final.exists():  # the same step written again (a run restarted with resume: never)
-        remove_dir(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def _model_hashes(model_dir: Path) -> dict[str, str]:
+    """The weights' sha256 that ``write_model_files`` recorded in ``mmkit.json`` as it wrote them, by
+    path in the checkpoint: the manifest reuses them instead of reading the files a second time."""
+    from mmkit.modeling.persistence import META
+
+    weights = json.loads((model_dir / META).read_text(encoding="utf-8"))["weights"]
+    return {f"{model_dir.name}/{name}": entry["sha256"] for name, entry in weights.items()}
 
 
 def _agree(failures: list[str]) -> list[str]:
