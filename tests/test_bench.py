@@ -186,6 +186,11 @@ def test_plain_llava_loop_computes_mmkits_loss_on_the_same_batch(mm_host, tmp_pa
     assert plain_batch["input_ids"].shape[1] < batch.input_ids.shape[1]
     assert plain_batch["num_tokens"] == batch.num_tokens
     assert plain_loss.item() == pytest.approx(mmkit_loss.item(), rel=1e-5)
+    # the plain loop hands the point-cloud encoder bare points, which it samples and groups in every forward
+    # (a stock PointNet++); mmkit's items carry the grouping preprocess computed
+    pcl = rig.assembled.model.encoders["pointcloud"]
+    assert plain_batch["inputs"]["pointcloud"].shape[1:] == (pcl.cfg.num_points, pcl.cfg.in_channels)
+    assert batch.inputs["pointcloud"].shape[1:] == pcl.input_shape
 
 
 # -- every figure, once, through the CLI ----------------------------------------------------------
@@ -212,11 +217,16 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     assert figs["step/demo/cached/share/encoders"]["median"] == 0.0  # cached features: no encoder in the step
     assert figs["step/demo/padded/share/encoders"]["median"] > 0
     assert 0 < figs["step/demo/padded/mfu"]["median"] < 1
-    for name in ("mmkit_vs_plain", "cached_vs_online", "cached_vs_plain", "packed_vs_padded", "grouped_vs_padded"):
+    for name in ("mmkit_vs_plain", "cached_vs_online", "cached_vs_plain", "packed_vs_padded", "grouped_vs_padded",
+                 *(f"{v}_vs_plain_tokens" for v in ("padded", "cached", "packed", "grouped"))):
         assert figs[f"ratio/demo/{name}"]["median"] > 0
+    # the padded variant sees the plain loop's batches: the same real tokens, so both ratios agree
+    assert figs["ratio/demo/padded_vs_plain_tokens"]["median"] == pytest.approx(
+        figs["ratio/demo/mmkit_vs_plain"]["median"])
     # the same batches: the plain loop sees mmkit's real tokens and padding
     assert figs["step/demo/plain/padding"]["median"] == pytest.approx(figs["step/demo/padded/padding"]["median"])
-    for word in ("training step", "where a step's time goes", "MFU", "mmkit_vs_plain", "matmul peak"):
+    for word in ("training step", "where a step's time goes", "MFU", "mmkit_vs_plain", "matmul peak",
+                 "each configuration against"):
         assert word in result.output
 
 

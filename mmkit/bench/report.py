@@ -6,6 +6,10 @@ from typing import Any
 
 from mmkit.bench.compare import Change
 
+#: The step variants the bench measures, named as a user configures them.
+CONFIGURATIONS = {"padded": "defaults", "cached": "--cache-features", "packed": "--batching packed",
+                  "grouped": "--batching grouped"}
+
 
 def _num(value: float, unit: str = "") -> str:
     if unit == "fraction":
@@ -81,6 +85,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
             table.add_row(f"{preset}/{variant}", *(_num(figs[f"{base}/share/{p}"]["median"], "fraction")
                                                   for p in phases))
         console.print(table)
+        _configurations_table(figs, steps, console)
         for preset in sorted({p for p, _ in steps}):
             mfu = figs.get(f"step/{preset}/padded/mfu")
             if mfu:
@@ -97,6 +102,26 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         console.print(table)
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _configurations_table(figs: dict[str, Any], steps: list[tuple[str, str]], console: Any) -> None:
+    """One row per configuration: its real tokens/s against the plain loop's (same rounds), and the
+    step shares that explain the difference."""
+    from rich.table import Table
+
+    rows = [(p, v) for p, v in steps if f"ratio/{p}/{v}_vs_plain_tokens" in figs]
+    if not rows:
+        return
+    table = Table(title="each configuration against the plain LLaVA-style loop (real tokens/s)")
+    for col in ("preset", "configuration", "vs plain", "tokens/s", "ms/step", "enc", "data", "optim"):
+        table.add_column(col, justify="left" if col in ("preset", "configuration") else "right")
+    for preset, variant in rows:
+        base = f"step/{preset}/{variant}"
+        shares = (_num(figs[f"{base}/share/{p}"]["median"], "fraction") for p in ("encoders", "data", "optimizer"))
+        table.add_row(preset, CONFIGURATIONS.get(variant, variant),
+                      spread(figs[f"ratio/{preset}/{variant}_vs_plain_tokens"]),
+                      _num(figs[f"{base}/tokens_per_s"]["median"]), _num(figs[f"{base}/step_ms"]["median"]), *shares)
+    console.print(table)
 
 
 def print_comparison(changes: list[Change], flagged: list[Change], only_base: list[str], only_new: list[str],
