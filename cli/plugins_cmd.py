@@ -258,12 +258,14 @@ def new_plugin(
     directory: Path = typer.Option(Path("."), "--dir", help="Folder to create the package in."),
     modality: str | None = typer.Option(None, "--modality",
                                         help="Modality name (default: NAME without 'mmkit-plugin-')."),
+    variable: bool = typer.Option(False, "--variable",
+                                  help="A variable-size encoder: the token count follows each input (contract 1.1)."),
 ) -> None:
     """Generate a working modality plugin package (loader, encoder, demo task, contract tests)."""
     from mmkit import create_plugin, plugin_names
 
     names = plugin_names(name, modality)
-    target = create_plugin(name, directory, modality=modality)
+    target = create_plugin(name, directory, modality=modality, variable=variable)
     typer.secho(f"created {target}", fg="green")
     typer.echo(f"  distribution {names.distribution}, package {names.package}, modality {names.modality!r}")
     try:

@@ -84,6 +84,45 @@ def test_generated_tree(tmp_path):
     assert not re.search(r"^\s*(import|from)\s+(torch|numpy)\b", plugin_source, re.M)
 
 
+def test_the_variable_kind_replaces_the_encoder_and_keeps_the_default_as_it_was(tmp_path):
+    names = derive_names("mmkit-plugin-demo")
+    fixed, variable = plan(names), plan(names, variable=True)
+    assert set(variable) == set(fixed) == {f.format(pkg="mmkit_plugin_demo") for f in EXPECTED_FILES}
+    encoder = variable["src/mmkit_plugin_demo/encoder.py"]
+    for part in ("num_tokens = None", "def num_tokens_for(", "def collate(", "def blank(", "RaggedFeatures("):
+        assert part in encoder and part not in fixed["src/mmkit_plugin_demo/encoder.py"], part
+    assert "self.input_shape = (length,)" in fixed["src/mmkit_plugin_demo/encoder.py"]
+    assert '"max_tokens": 16' in variable["src/mmkit_plugin_demo/plugin.py"]
+    assert "int(rng.integers(64, 513))" in variable["src/mmkit_plugin_demo/demo.py"]
+    assert "make_signal(kind, rng))" in fixed["src/mmkit_plugin_demo/demo.py"]
+    assert "variable-size (contract 1.1)" in variable["README.md"] and "contract 1.1" not in fixed["README.md"]
+    for rel, text in variable.items():
+        assert "{{" not in text, rel
+        if rel.endswith(".py"):
+            compile(text, rel, "exec")
+    target = create_plugin("mmkit-plugin-demo", tmp_path, variable=True)
+    assert (target / "src" / "mmkit_plugin_demo" / "encoder.py").read_text() == encoder
+
+
+def test_generated_variable_plugin_passes_its_own_tests(tmp_path):
+    """``mmkit plugin new NAME --variable``: the generated package (seen as installed through its
+    entry point) passes its own contract suite, variable-size checks included, with nothing skipped."""
+    mmkit = str(Path(sys.executable).with_name("mmkit"))
+    made = subprocess.run([mmkit, "plugin", "new", "mmkit-plugin-ragged", "--variable", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, env=_clean_env(), timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    target = tmp_path / "mmkit-plugin-ragged"
+    env = _installed_on_path(target, tmp_path / "site", "ragged")
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                            "-rA", "tests"], cwd=target, capture_output=True, text=True, env=env, timeout=300)
+    assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
+    assert " passed" in tests.stdout and "skipped" not in tests.stdout
+    for check in ("test_collate_of_mixed_sizes", "test_token_counts_as_announced", "test_mixed_precision_forward",
+                  "test_demo_features_are_separable", "test_the_token_count_follows_the_signal_length"):
+        assert f"PASSED tests/test_{'plugin' if 'signal_length' in check else 'contract'}.py::" in tests.stdout
+        assert check in tests.stdout, check
+
+
 def test_existing_directory_is_refused_and_left_alone(tmp_path):
     existing = tmp_path / "mmkit-plugin-demo"
     existing.mkdir()

@@ -4,6 +4,12 @@ The template lives in ``template/`` next to this file. Every file there ends in 
 neither pytest nor setuptools mistakes it for code) and may contain ``{{key}}`` placeholders; the
 directory ``__package__`` becomes the import package. No templating dependency: placeholders are
 replaced by a strict regex pass that fails on any unknown key.
+
+Two kinds of plugin come out of it (contract 1.1): the default, a fixed-size encoder (every input
+resampled to one shape, a fixed token count), and with ``variable=True`` (``mmkit plugin new NAME
+--variable``) a variable-size one (the token count follows the input's length). A template file
+``X.variable.tmpl`` replaces ``X.tmpl`` in the variable kind and is left out of the default; the
+values in :data:`KIND_VALUES` fill the few lines that differ inside shared files.
 """
 
 from __future__ import annotations
@@ -19,6 +25,30 @@ import attrs
 from mmkit.errors import MmkitError
 
 TEMPLATE_SUFFIX = ".tmpl"
+VARIANT_SUFFIX = ".variable.tmpl"
+#: Placeholder values that differ between the fixed-size (default) and the variable-size kind.
+KIND_VALUES: dict[bool, dict[str, str]] = {
+    False: {
+        "encoder_tiny": '{"length": 256, "patch_size": 32, "hidden_size": 32, "num_layers": 1}',
+        "demo_encoder_options": '{"length": 256}',
+        "encoder_description": "patch embedding + residual MLP blocks over a resampled signal",
+        "demo_length_arg": "",
+        "separability_threshold": "0.6",
+        "probe_measured": "0.79",
+        "variable_note": "",
+    },
+    True: {
+        "encoder_tiny": '{"patch_size": 32, "max_tokens": 16, "hidden_size": 32, "num_layers": 1}',
+        "demo_encoder_options": '{"max_tokens": 16}',
+        "encoder_description": "one token per patch of a signal of any length (a variable token count)",
+        "demo_length_arg": ", int(rng.integers(64, 513))",  # 2 to 16 patches of 32: token counts differ per input
+        "separability_threshold": "0.6",
+        "probe_measured": "0.75",
+        "variable_note": (" This encoder is variable-size (contract 1.1): `num_tokens = None`, `num_tokens_for(item)`"
+                          " gives each input's token count before encoding, `collate` pads a batch and `forward`"
+                          " returns `RaggedFeatures`; see mmkit's docs/plugins.md, \"Fixed and variable inputs\"."),
+    },
+}
 PACKAGE_DIR = "__package__"
 PREFIX = "mmkit-plugin-"
 # Template names that cannot be stored under their real name (a dotfile may be dropped from a wheel).
@@ -115,21 +145,31 @@ def _walk(node: Traversable, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[s
     return found
 
 
-def plan(names: PluginNames) -> dict[str, str]:
-    """The files to write: relative path -> rendered content."""
-    values = names.as_mapping()
+def plan(names: PluginNames, *, variable: bool = False) -> dict[str, str]:
+    """The files to write: relative path -> rendered content. ``variable``: the variable-size kind."""
+    values = {**names.as_mapping(), **KIND_VALUES[variable]}
     files: dict[str, str] = {}
+    chosen: dict[str, tuple[tuple[str, ...], Traversable]] = {}
     for parts, node in _walk(template_root()):
-        rel_parts = [names.package if part == PACKAGE_DIR else render(part, values) for part in parts]
-        leaf = rel_parts[-1].removesuffix(TEMPLATE_SUFFIX)
-        rel_parts[-1] = _RENAMES.get(leaf, leaf)
+        is_variant = parts[-1].endswith(VARIANT_SUFFIX)
+        if is_variant and not variable:
+            continue
+        leaf = parts[-1].removesuffix(VARIANT_SUFFIX if is_variant else TEMPLATE_SUFFIX)
+        key = "/".join((*parts[:-1], leaf))
+        if is_variant or key not in chosen:  # a variant replaces the shared file, in either walk order
+            chosen[key] = (parts, node)
+    for key, (parts, node) in chosen.items():
+        rel_parts = [names.package if part == PACKAGE_DIR else render(part, values) for part in key.split("/")]
+        rel_parts[-1] = _RENAMES.get(rel_parts[-1], rel_parts[-1])
         rel = "/".join(rel_parts)
         files[rel] = render(node.read_text(encoding="utf-8"), values, source="/".join(parts))
     return files
 
 
-def create_plugin(name: str, dest: str | Path | None = None, *, modality: str | None = None) -> Path:
+def create_plugin(name: str, dest: str | Path | None = None, *, modality: str | None = None,
+                  variable: bool = False) -> Path:
     """Generate the plugin package ``name`` into ``dest / <distribution>`` and return that folder.
+    ``variable``: a variable-size encoder (token count per input) instead of a fixed-size one.
 
     Refuses to touch an existing folder: scaffolding never overwrites work.
     """
@@ -138,7 +178,7 @@ def create_plugin(name: str, dest: str | Path | None = None, *, modality: str | 
     target = parent / names.distribution
     if target.exists():
         raise ScaffoldError(f"{target} already exists; choose another name or --dir, or remove it first")
-    files = plan(names)  # render everything before writing anything
+    files = plan(names, variable=variable)  # render everything before writing anything
     if parent.exists() and not parent.is_dir():
         raise ScaffoldError(f"{parent} is not a directory")
     target.mkdir(parents=True)
@@ -149,4 +189,4 @@ def create_plugin(name: str, dest: str | Path | None = None, *, modality: str | 
     return target
 
 
-__all__ = ["PluginNames", "ScaffoldError", "create_plugin", "derive_names", "plan", "render"]
+__all__ = ["KIND_VALUES", "PluginNames", "ScaffoldError", "create_plugin", "derive_names", "plan", "render"]
