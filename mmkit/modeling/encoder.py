@@ -139,13 +139,14 @@ def describe(encoder: nn.Module) -> str:
 
 def batch_size_of(batch: Any) -> int | None:
     """The number of inputs in a collated batch when it can be told (a tensor's first dimension, a
-    torch-geometric ``Batch``'s ``num_graphs``, a list's length); ``None`` otherwise."""
+    torch-geometric ``Batch``'s ``num_graphs``, a list's length: one entry per input); ``None``
+    otherwise (a tuple or dict, such as a padded tensor with its lengths)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() > 0 else None
     graphs = getattr(batch, "num_graphs", None)
     if isinstance(graphs, int):
         return graphs
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+    if isinstance(batch, list):
         return len(batch)
     return None
 
