@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the drill kit the tests use
     import drill
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -179,3 +179,24 @@ def test_cli_imports_only_the_public_api():
 def test_the_cli_check_catches_a_private_import(snippet, expected):
     assert any(expected in p for p in cli_problems("data_cmd.py", snippet))
     assert cli_problems("data_cmd.py", "from mmkit import train, ConfigError, __version__\n") == []
+
+
+# -- tests stand on their own ---------------------------------------------------------------------
+def test_core_tests_import_nothing_from_benchmarks():
+    """benchmarks/ holds measurements and drills that use the test kit, not code the tests need."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert not any(p.rstrip("/").split("/")[0] == "benchmarks" for p in config["pythonpath"])
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                      if n.split(".")[0] in scripts | {"benchmarks"}]
+    assert found == []
+    import drill  # the fault-drill kit the tests share
+
+    assert Path(drill.__file__).resolve().parent == ROOT / "tests" / "support"

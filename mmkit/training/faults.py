@@ -25,7 +25,7 @@ being computed (1-based) or, for the ``*_in_save`` kinds, the step of the checkp
   (JSONL and TensorBoard) are written: the process's file-size limit (``RLIMIT_FSIZE``) drops to
   zero for that write, so the library's own writer fails with its own error type.
 
-A whole run can also be drilled under a file-size limit (``benchmarks/drill.py``: ``run(...,
+A whole run can also be drilled under a file-size limit (``tests/support/drill.py``: ``run(...,
 max_file_size=...)``).
 """
 

@@ -1,5 +1,5 @@
-"""Fault drills: tiny training runs that are killed and resumed, for ``benchmarks/fault_drill.py``
-and the test suite.
+"""Fault drills: tiny training runs that are killed and resumed, for the test suite and
+``benchmarks/fault_drill.py`` (it lives with the tests: core tests import nothing from benchmarks/).
 
 :func:`write_tiny_run` writes a tiny LLaMA-architecture LM and a small image + point-cloud data
 set (needs the ``image`` and ``pointcloud`` plugins); :func:`train_command` builds the ``mmkit
