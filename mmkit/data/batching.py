@@ -3,6 +3,7 @@ builder, and pad into batches."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,12 @@ class SampleDataset(torch.utils.data.Dataset):
 class InputTokens:
     """The prompt slots one input of a variable-size modality gets: the projector's fixed output
     count, else (a token-wise projector) the encoder's ``num_tokens_for`` of the preprocessed input,
-    or the rows of its cached features."""
+    or the rows of its cached features. ``counted`` remembers :func:`count_input_tokens`' counts per
+    file, so the read check and packing preprocess each input once."""
 
     encoder: Any = attrs.field(eq=False)
     fixed: int | None = None
+    counted: dict[str, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     def of_item(self, item: Any) -> int:
         return self.fixed if self.fixed is not None else int(self.encoder.num_tokens_for(item))
@@ -132,8 +135,15 @@ class InputTokens:
 def input_counters(encoders: Mapping[str, Any], projectors: Mapping[str, Any]) -> dict[str, InputTokens]:
     """:class:`InputTokens` of each variable-size modality (``num_tokens is None``); fixed ones need
     none (the prompt builder knows their count)."""
-    return {m: InputTokens(enc) for m, enc in encoders.items()
-            if getattr(enc, "num_tokens", None) is None and getattr(projectors[m], "num_output_tokens", None) is None}
+    out = {}
+    for m, enc in encoders.items():
+        if getattr(enc, "num_tokens", None) is None and getattr(projectors[m], "num_output_tokens", None) is None:
+            out[m] = _COUNTERS.get(enc) or _COUNTERS.setdefault(enc, InputTokens(enc))
+    return out
+
+
+#: one :class:`InputTokens` per encoder object, so counts made before training are reused
+_COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
@@ -169,8 +179,8 @@ def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Prepr
             if counter is None or modality not in preprocess:
                 continue
             for p in paths:
-                n = None
-                if cache is not None:
+                n = counter.counted.get(str(p))
+                if n is None and cache is not None:
                     try:
                         feat, _ = cache.lookup(modality, p)
                     except OSError:
@@ -181,6 +191,8 @@ def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Prepr
                         n = counter.of_item(preprocess[modality](Path(p)))
                     except (DataError, InputError):
                         n = 0
+                    else:
+                        counter.counted[str(p)] = n
                 counts.setdefault(modality, []).append(n)
         out.append(counts or None)
     return out

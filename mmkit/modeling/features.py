@@ -21,7 +21,9 @@ def _counts(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-@attrs.frozen(eq=False)
+# slots=False: DeepSpeed ZeRO-3's post-forward hook reads a module output that is not a tensor, list or
+# dict through vars(); a slotted class has no __dict__ and every variable-size encoder failed there.
+@attrs.frozen(eq=False, slots=False)
 class RaggedFeatures:
     """``values[sum(counts), dim]``: input ``i``'s rows are ``counts[i]`` consecutive rows.
 
