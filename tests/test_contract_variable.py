@@ -1,4 +1,4 @@
-"""Contract 1.1: inputs of any size. The graph plugin (tests/plugins/mmkit_graph_gin: GIN on
+"""Contract 1.1: inputs of any size. The graph plugin (tests/plugins/mmkit_plugin_graph_gin: GIN on
 torch-geometric, one token per node) passes the contract suite as a third-party plugin would; the
 encoder checks, the projectors on ragged features, token counts through assembly, validation and
 inspection."""
@@ -15,10 +15,10 @@ from torch import nn
 
 pytest.importorskip("torch_geometric")
 
-import mmkit_graph_gin  # noqa: E402  (tests/plugins, on the pytest pythonpath)
-from mmkit_graph_gin.demo import make_graph  # noqa: E402
-from mmkit_graph_gin.encoder import GINEncoder  # noqa: E402
-from mmkit_graph_gin.io import write_graph  # noqa: E402
+import mmkit_plugin_graph_gin  # noqa: E402  (tests/plugins, on the pytest pythonpath)
+from mmkit_plugin_graph_gin.demo import make_graph  # noqa: E402
+from mmkit_plugin_graph_gin.encoder import GINEncoder  # noqa: E402
+from mmkit_plugin_graph_gin.io import write_graph  # noqa: E402
 from torch_geometric.nn import GINConv  # noqa: E402
 
 from mmkit.errors import PluginError  # noqa: E402
@@ -33,7 +33,7 @@ from mmkit.testing import ModalityContract  # noqa: E402
 
 def graph_host() -> PluginHost:
     host = PluginHost(load_entrypoints=False)
-    host.register(mmkit_graph_gin)
+    host.register(mmkit_plugin_graph_gin)
     return host
 
 
@@ -87,7 +87,7 @@ class _PlainGIN(GINEncoder):
 
 
 def test_the_mixed_precision_check_catches_a_fp32_buffer_meeting_bf16_weights(tmp_path: Path):
-    from mmkit_graph_gin.io import load_graph
+    from mmkit_plugin_graph_gin.io import load_graph
 
     files = graph_files(tmp_path)
     spec = graph_host().modality("graph")
@@ -112,7 +112,7 @@ def test_a_variable_encoder_that_breaks_its_announcement_is_named(tmp_path: Path
              for n in (3, 5)]
     out = encode_items(encoder, items)
     assert isinstance(out, RaggedFeatures) and out.counts == (3, 5) and is_variable(encoder)
-    with pytest.raises(PluginError, match=r"plugin mmkit_graph_gin, modality graph, encoder gin: encode returned "
+    with pytest.raises(PluginError, match=r"plugin mmkit_plugin_graph_gin, modality graph, encoder gin: encode returned "
                                           r"\[3, 5\] tokens per input, num_tokens_for announced \[3, 4\]"):
         encoder(encoder.collate(items), counts=[3, 4])
 
@@ -325,13 +325,13 @@ def test_assembly_validation_and_inspect_count_each_graphs_nodes(graph_data, tin
 
 
 def test_the_graph_demo_builds_and_varies_in_size(tmp_path: Path):
-    from mmkit_graph_gin.demo import build_demo
+    from mmkit_plugin_graph_gin.demo import build_demo
 
     task = build_demo(tmp_path, seed=0)
     assert task.answers == ("ring", "star") and len(task.train) == 120 and len(task.test) == 40
     host = graph_host()
     encoder = build_encoder(host, host.modality("graph"))
-    from mmkit_graph_gin.io import load_graph
+    from mmkit_plugin_graph_gin.io import load_graph
 
     counts = {encoder.num_tokens_for(encoder.preprocess(load_graph(tmp_path / r["graph"]))) for r in task.train[:40]}
     assert len(counts) >= 4 and min(counts) >= 4 and max(counts) <= 9

@@ -22,13 +22,13 @@ MODALITY = "graph"
 def mmkit_modalities() -> list[ModalitySpec]:
     return [ModalitySpec(
         name=MODALITY, data_keys=("graph",), markers=MarkerSpec("<graph>", begin="<Graph>", end="</Graph>"),
-        load="mmkit_graph_gin.io:load_graph", encoder="gin", projector="mlp", file_types=(".json",),
-        demo=DemoSpec(build="mmkit_graph_gin.demo:build_demo", description="rings and stars of 4-9 nodes"),
+        load="mmkit_plugin_graph_gin.io:load_graph", encoder="gin", projector="mlp", file_types=(".json",),
+        demo=DemoSpec(build="mmkit_plugin_graph_gin.demo:build_demo", description="rings and stars of 4-9 nodes"),
         description="graphs (JSON nodes + edges) through a GIN, one token per node")]
 
 
 @hookimpl
 def mmkit_encoders() -> list[EncoderSpec]:
-    return [EncoderSpec(name="gin", modality=MODALITY, build="mmkit_graph_gin.encoder:GINEncoder.build",
+    return [EncoderSpec(name="gin", modality=MODALITY, build="mmkit_plugin_graph_gin.encoder:GINEncoder.build",
                         tiny={"in_dim": 4, "hidden": 16, "num_layers": 2},
                         description="GIN layers (torch_geometric.nn.GINConv), one feature row per node")]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from mmkit import DemoTask
 
-from mmkit_graph_gin.io import write_graph
+from mmkit_plugin_graph_gin.io import write_graph
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 60, 20
 QUESTIONS = ("<graph>\nIs this graph a ring or a star?", "Which shape is this graph, ring or star?\n<graph>")
