@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from mmkit.modeling import ModalityEncoder, seeded, weights_sha256
+from mmkit import ModalityEncoder, seeded, weights_sha256
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperPreTrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -50,7 +50,7 @@ class WhisperEncoderOnly(WhisperPreTrainedModel):
 
 
 class WhisperAudioEncoder(ModalityEncoder):
-    """A frozen Whisper encoder as an mmkit :class:`~mmkit.modeling.ModalityEncoder`."""
+    """A frozen Whisper encoder as an mmkit :class:`~mmkit.ModalityEncoder`."""
 
     def __init__(self, model: WhisperEncoderOnly, feature_extractor: WhisperFeatureExtractor, *,
                  num_tokens: int, source: dict[str, Any]):
