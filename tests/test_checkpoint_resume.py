@@ -16,7 +16,9 @@ from mmkit.training import checkpoint as ckpt
 from mmkit.training.checkpoint.manifest import write_manifest
 
 TIMEOUT = 300
-OPTIONS = {"max_steps": 8, "save_every": 2, "keep_last": 2}
+#: DeepSpeed's engine, whose torch.save files the safe-loading tests plant and read; the plain torch
+#: step's checkpoints (safetensors + JSON) and exact resume: tests/test_optim_step.py.
+OPTIONS = {"max_steps": 8, "save_every": 2, "keep_last": 2, "optimizer_step": "deepspeed"}
 
 
 @pytest.fixture(scope="module")

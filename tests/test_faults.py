@@ -114,6 +114,38 @@ def test_out_of_memory_gives_advice(tiny, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_out_of_memory_on_one_process_can_skip_the_step_everywhere(tiny, tmp_path: Path) -> None:
+    """on_out_of_memory: skip: process 1's micro-batch of step 3 runs out of memory; it runs a zero-weight
+    stand-in instead (its gradient all-reduce still pairs up), both processes agree to skip step 3's
+    update, count it and go on."""
+    from drill import load_trainable
+
+    out = tmp_path / "run"
+    result = _train(tiny, out, fault="oom@3:1", num_procs=2, global_batch_size=4, save_every=1, keep_last=10,
+                    on_out_of_memory="skip")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert ("step 3: out of memory, update skipped (process 1: injected out-of-memory (MMKIT_FAULT))"
+            in _text(result))
+    at2, at3, at4 = (load_trainable(out / "checkpoints" / f"step-0000000{s}") for s in (2, 3, 4))
+    assert all(bool((at2[k] == at3[k]).all()) for k in at2)  # neither process applied step 3
+    assert any(not bool((at3[k] == at4[k]).all()) for k in at3)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["oom_skipped_steps"] for r in logged if "loss" in r] == [0, 0, 1, 1, 1]
+    assert "Traceback" not in _text(result)
+
+
+def test_skipping_out_of_memory_needs_zero_stage_0(tmp_path: Path) -> None:
+    from mmkit.errors import ConfigError
+    from mmkit.training import recipe
+    from mmkit.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="on_out_of_memory: skip needs ZeRO stage 0 \\(now 2\\)"):
+        recipe.train(TrainConfig(llm="x", data=("d.jsonl",), zero_stage=2, on_out_of_memory="skip",
+                                 output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny, tmp_path: Path) -> None:
     """ENOSPC on process 1 in the middle of DeepSpeed's ZeRO-2 writes: its failure is held back until
     every process has finished its part, then all of them stop with the same clear error."""

@@ -185,28 +185,7 @@ class PlainEngine:
         return tensors, _json_safe(groups), _json_safe(extra)
 
     def _read_plain(self, directory: Path) -> tuple[dict[str, Any], dict[str, Any], Any, int]:
-        from safetensors.torch import load_file
-
-        meta = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise CheckpointMismatchError(f"{directory / STATE_FILE}: format {meta.get('format')!r}, expected {FORMAT}")
-        tensors = load_file(str(directory / OPTIMIZER_FILE))
-        index = {name: i for i, name in enumerate(self._names[id(p)] for p in self._params)}
-        groups_now = [[self._names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
-        groups_saved = [g["params"] for g in meta["param_groups"]]
-        if groups_now != groups_saved:
-            raise CheckpointMismatchError(
-                f"{directory}: the optimizer's parameter groups differ from this run's "
-                f"(saved {[len(g) for g in groups_saved]} parameters per group, now {[len(g) for g in groups_now]})")
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            name, _, field = key.rpartition("/")
-            state.setdefault(index[name], {})[field] = value
-        for name, values in meta["state"].items():
-            state.setdefault(index[name], {}).update(values)
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
-        module = load_file(str(directory / MODULE_FILE))
-        return module, {"state": state, "param_groups": groups}, meta.get("lr_scheduler"), int(meta["global_steps"])
+        return read_plain_state(directory, self.module, self.optimizer)
 
     def _read_deepspeed(self, path: Path) -> tuple[dict[str, Any], dict[str, Any], Any, int]:
         """A ZeRO-0 DeepSpeed checkpoint (another process count, or optimizer_step: deepspeed): its
@@ -220,6 +199,57 @@ class PlainEngine:
             raise CheckpointMismatchError(f"{path}: no whole optimizer state (a ZeRO 1-3 checkpoint cannot be resumed "
                                           "by the plain step; use optimizer_step: deepspeed)")
         return saved.get("module") or {}, optimizer, saved.get("lr_scheduler"), int(saved.get("global_steps", 0))
+
+
+def read_plain_state(directory: Path, module: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any], Any, int]:
+    """A plain step's checkpoint in ``directory``: trainable weights, the optimizer's state dict (parameters
+    matched by name, the groups checked), the LR schedule's state and the optimizer steps done."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{directory / STATE_FILE}: format {meta.get('format')!r}, expected {FORMAT}")
+    names = {id(p): n for n, p in module.named_parameters()}
+    groups_now = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    groups_saved = [g["params"] for g in meta["param_groups"]]
+    if groups_now != groups_saved:
+        raise CheckpointMismatchError(
+            f"{directory}: the optimizer's parameter groups differ from this run's "
+            f"(saved {[len(g) for g in groups_saved]} parameters per group, now {[len(g) for g in groups_now]})")
+    index = {name: i for i, name in enumerate(n for g in groups_now for n in g)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(index[name], {})[field] = value
+    for name, values in meta["state"].items():
+        state.setdefault(index[name], {}).update(values)
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in meta["param_groups"]]
+    weights = load_file(str(directory / MODULE_FILE))
+    return weights, {"state": state, "param_groups": groups}, meta.get("lr_scheduler"), int(meta["global_steps"])
+
+
+def accept_plain_checkpoints(engine: Any) -> None:
+    """Let a DeepSpeed ZeRO-0 engine resume a plain step's checkpoint (a one-process run continued with
+    more processes: at ZeRO 0 the optimizer state is whole, and DeepSpeed's optimizer is torch's AdamW
+    over the same groups). Its own checkpoints load as before."""
+    original = engine.load_checkpoint
+
+    def load_checkpoint(load_dir: str, tag: str, *args: Any, **kwargs: Any) -> Any:
+        directory = Path(load_dir) / tag
+        if not (directory / STATE_FILE).is_file():
+            return original(load_dir, tag, *args, **kwargs)
+        from mmkit.modeling.persistence import load_state_strict
+
+        optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        weights, state, schedule, steps = read_plain_state(directory, engine.module, optimizer)
+        load_state_strict(engine.module, weights, what=str(directory))
+        optimizer.load_state_dict(state)
+        if engine.lr_scheduler is not None and schedule is not None:
+            engine.lr_scheduler.load_state_dict(schedule)
+        engine.global_steps = steps
+        return str(directory), {}
+
+    engine.load_checkpoint = load_checkpoint
 
 
 def _json_safe(value: Any) -> Any:

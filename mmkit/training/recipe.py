@@ -32,7 +32,7 @@ from mmkit.training import logs
 from mmkit.training.logs import LogConsole, log
 from mmkit.training.trainer import Process, Trainer
 from mmkit.training.metrics_log import MetricsLog
-from mmkit.training.optim import PlainEngine, use_plain_step
+from mmkit.training.optim import PlainEngine, accept_plain_checkpoints, use_plain_step
 from mmkit.training.preflight import preflight
 from mmkit.training.rundir import DEMO, Admission, RunLock, admit
 from mmkit.data.sampler import GlobalBatchSampler, batch_geometry
@@ -299,14 +299,16 @@ def make_engine(cfg: TrainConfig, model: Any, param_groups: list[dict[str, Any]]
 
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups,
                                                    config=deepspeed_config(cfg, world), lr_scheduler=schedule)
+    if cfg.zero_stage == 0 and cfg.precision == "fp32":
+        accept_plain_checkpoints(engine)  # e.g. a one-process run continued with more processes
     return engine, scheduler
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg``; what the run says goes to the ``mmkit`` logger (:mod:`mmkit.training.logs`)."""
-    preflight(cfg)  # every check that needs no model, before anything loads or is written
     if cfg.on_out_of_memory == "skip" and cfg.zero_stage > 0:  # a partial ZeRO 1-3 reduction cannot be dropped
         raise ConfigError(f"on_out_of_memory: skip needs ZeRO stage 0 (now {cfg.zero_stage}); use stop")
+    preflight(cfg)  # every check that needs no model, before anything loads or is written
     import torch
 
     rank, world = init_distributed(cfg.collective_timeout_s)
