@@ -96,6 +96,7 @@ _LAZY: dict[str, str] = {
     "LoadedModel": "mmkit.inference:LoadedModel",
     "GenerationOptions": "mmkit.generation:GenerationOptions",
     "export_run": "mmkit.export:export_run",
+    "ExportRefused": "mmkit.export:ExportRefused",
     # evaluation
     "evaluate": "mmkit.evaluation.evaluate:evaluate_run",
     "print_eval": "mmkit.evaluation.evaluate:print_eval",
@@ -116,11 +117,11 @@ _LAZY: dict[str, str] = {
 # a literal list, as type checkers read it; tests/test_public_api.py checks it against _LAZY
 __all__ = [
     "BENCHMARK_SCORES", "BenchmarkSpec", "CheckpointMismatchError", "ConfigError", "CorruptFileError",
-    "DataError", "DemoSpec", "DemoTask", "EncoderSpec", "ExporterSpec", "GenerationOptions", "HOOK_API_VERSION",
-    "InputError", "LoadedModel", "MarkerSpec", "MetricSpec", "MissingFileError", "MissingInputError",
-    "MmkitError", "ModalityEncoder", "ModalitySpec", "NotRegisteredError", "PluginError", "PluginHost",
-    "PluginLoadError", "PretrainedEncoder", "Projector", "ProjectorSpec", "RaggedFeatures", "ReadContext",
-    "ReaderSpec", "RecordSchemaError", "Sample", "TRAIN_DEMO_DEFAULTS", "TrainConfig", "Turn",
+    "DataError", "DemoSpec", "DemoTask", "EncoderSpec", "ExportRefused", "ExporterSpec", "GenerationOptions",
+    "HOOK_API_VERSION", "InputError", "LoadedModel", "MarkerSpec", "MetricSpec", "MissingFileError",
+    "MissingInputError", "MmkitError", "ModalityEncoder", "ModalitySpec", "NotRegisteredError", "PluginError",
+    "PluginHost", "PluginLoadError", "PretrainedEncoder", "Projector", "ProjectorSpec", "RaggedFeatures",
+    "ReadContext", "ReaderSpec", "RecordSchemaError", "Sample", "TRAIN_DEMO_DEFAULTS", "TrainConfig", "Turn",
     "atomic_write_text", "bench_regressions", "check_encoders", "check_template", "compare_bench",
     "config_field_accepts", "config_field_type", "create_plugin", "default_tokens_per_input", "dry_run",
     "evaluate", "export_run", "get_host", "hookimpl", "inspect_record", "iter_records", "launch",
@@ -166,7 +167,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from mmkit.evaluation.evaluate import print_eval
     from mmkit.evaluation.recipe import resolve_benchmark
     from mmkit.evaluation.scoring import score_predictions_file
-    from mmkit.export import export_run
+    from mmkit.export import ExportRefused, export_run
     from mmkit.generation import GenerationOptions
     from mmkit.hookspecs import HOOK_API_VERSION
     from mmkit.inference import LoadedModel, load
