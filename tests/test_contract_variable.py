@@ -335,3 +335,34 @@ def test_the_graph_demo_builds_and_varies_in_size(tmp_path: Path):
 
     counts = {encoder.num_tokens_for(encoder.preprocess(load_graph(tmp_path / r["graph"]))) for r in task.train[:40]}
     assert len(counts) >= 4 and min(counts) >= 4 and max(counts) <= 9
+
+
+def test_data_cli_shows_and_checks_each_graphs_token_count(graph_data, tiny_llm, monkeypatch):
+    """``mmkit data inspect`` prints the slots of each input (the graph's node count) and ``mmkit data
+    validate`` measures the real length with them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmkit.plugins import set_host
+    from mmkit_cli.main import _register_commands, app
+
+    data, _ = graph_data
+    set_host(graph_host())
+    monkeypatch.setenv("COLUMNS", "200")
+    _register_commands()
+    runner = CliRunner()
+    shown = runner.invoke(app, ["data", "inspect", str(data), "--llm", str(tiny_llm()), "--json"])
+    assert shown.exit_code == 0, shown.output + repr(shown.exception)
+    entries = [json.loads(line) for line in shown.output.splitlines() if line.startswith("{")]
+    assert [e["slots"] for e in entries] == [{"graph": [4]}, {"graph": [9]}]
+    text = runner.invoke(app, ["data", "inspect", str(data), "--llm", str(tiny_llm())])
+    assert text.exit_code == 0 and "slots per input: graph: [9]" in text.output
+    limit = entries[0]["tokens"]  # the ring fits exactly, the star's 5 more nodes do not
+    checked = runner.invoke(app, ["data", "validate", str(data), "--llm", str(tiny_llm()), "--max-length", str(limit),
+                                  "--json"])
+    assert checked.exit_code == 1, checked.output
+    report = json.loads(checked.output)
+    bad = [r for r in report["records"] if r["status"] == "error"]
+    assert [r["id"] for r in bad] == ["g1"] and bad[0]["issues"][0]["kind"] == "too_long", json.dumps(bad)
+    assert "(1 graph x 9)" in bad[0]["issues"][0]["reason"]

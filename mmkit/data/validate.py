@@ -116,8 +116,9 @@ class Report:
         out = []
         for summary in self.files:
             whole = by_record.get((summary.file, None))
-            if whole:
-                out.append({"file": summary.file, "record": None, "id": None, "status": ERROR,
+            if whole:  # whole-file issues (a file-level warning, such as unknown answer words, is not an error)
+                status = ERROR if any(i.severity == ERROR for i in whole) else WARNING
+                out.append({"file": summary.file, "record": None, "id": None, "status": status,
                             "issues": [_short(i) for i in whole]})
             for index, rid in self.record_ids.get(summary.file, []):
                 issues = by_record.get((summary.file, index), [])
