@@ -178,7 +178,9 @@ def write_model_card(out: Path, *, title: str, summary: str, contents: Sequence[
               "- modalities: " + ", ".join(
                   f"{m} (encoder `{c['encoder']}`"
                   + (f" from `{c['encoder_pretrained']}`" if c.get("encoder_pretrained") else ", random init")
-                  + f", projector `{c['projector']}`, {c['tokens_per_input']} tokens per input)"
+                  + f", projector `{c['projector']}`, "
+                  + (f"{c['tokens_per_input']} tokens per input)" if c["tokens_per_input"] is not None
+                     else "a token count per input)")  # a variable-size encoder (contract 1.1)
                   for m, c in components.items()),
               "- LoRA adapters: " + (", ".join(model.adapters) if model.adapters else "none"),
               "", "## Loading", "", "```python", usage.strip(), "```", ""]
