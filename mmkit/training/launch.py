@@ -68,7 +68,7 @@ def torchrun_args(num_procs: int, config_path: Path, log_dir: Path) -> list[str]
             "--tee", "3", "-m", "mmkit.training.launch", str(config_path)]
 
 
-def launch(config: Any, *, console: Any = None, env: dict[str, str] | None = None) -> int:
+def launch(config: Any, *, env: dict[str, str] | None = None) -> int:
     """Run ``config`` (a :class:`~mmkit.training.config.TrainConfig`) in ``config.num_procs``
     processes; returns the exit status (0 when every worker succeeded)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -97,7 +97,7 @@ def launch(config: Any, *, console: Any = None, env: dict[str, str] | None = Non
         elastic_launch(launch_config, entrypoint)(*cmd_args)
         return 0
     except ChildFailedError as exc:
-        return _report_failure(exc, n, out, console)
+        return _report_failure(exc, n, out)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -129,7 +129,7 @@ def _describe_peer(exitcode: int) -> str:
     return _describe(exitcode)
 
 
-def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
+def _report_failure(exc: Any, n: int, out: Path) -> int:
     """Name the rank that failed first (the root cause), its log, and how the others ended."""
     # the root cause: a process killed by a signal if any (its peers then fail in their collectives,
     # possibly within the same poll of the launcher), else the first to fail
@@ -140,10 +140,7 @@ def _report_failure(exc: Any, n: int, out: Path, console: Any) -> int:
                + (f"; {', '.join(others)}" if others else "; the other processes were stopped")
                + (f". Its output: {log}" if log else "")
                + f". Checkpoints (if any) are in {out / 'checkpoints'}: rerun the same command to resume.")
-    if console is not None:
-        console.print(f"[red]error:[/] {message}", soft_wrap=True)
-    else:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {message}", file=sys.stderr, flush=True)  # the CLI's error format (the launcher has no log setup)
     code = failure.exitcode
     return code if code > 0 else 128 - code
 

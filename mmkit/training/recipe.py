@@ -342,7 +342,7 @@ def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int) -
             from mmkit.demo.task import prepare_demo
 
             admission = admit(cfg, host, run_modalities(cfg, host), prepare_demo=prepare_demo)
-            admission.commit(LogConsole())
+            admission.commit()
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
             admission.abandon()
             lock.release(refused=True)

@@ -158,14 +158,15 @@ class Admission:
     notes: list[str] = attrs.field(factory=list)
     committed: bool = False
 
-    def commit(self, console: Any = None) -> None:
+    def commit(self) -> None:
         """Apply the run's first writes: put the demo data in place (only when it changed)."""
         from mmkit.training.checkpoint import start_over
+        from mmkit.training.logs import log
 
         if self.start_over:
             removed = start_over(self.output_dir)
-            if removed and console is not None:
-                console.print(f"resume: never: removed {' and '.join(removed)} of an earlier run in {self.output_dir}")
+            if removed:
+                log.info("resume: never: removed %s of an earlier run in %s", " and ".join(removed), self.output_dir)
         if self.demo_staged is not None:
             if self.demo_changed:
                 swap_in(self.demo_staged, self.output_dir / DEMO)
