@@ -140,6 +140,10 @@ class AnyresImage:
         """``mmkit.modeling.features.move`` hook: ``fn`` over the tensors."""
         return AnyresImage(fn(self.pixels), self.grid, self.original)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields (as torch-geometric's ``Data.to_dict``: how the contract suite finds the tensors)."""
+        return attrs.asdict(self, recurse=False)
+
 
 @attrs.frozen(eq=False)
 class AnyresBatch:
@@ -166,6 +170,9 @@ class AnyresBatch:
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AnyresBatch:
         """``mmkit.modeling.features.move`` hook: ``fn`` over the tensors."""
         return AnyresBatch(fn(self.pixels), self.grids, self.originals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self, recurse=False)
 
 
 def tile(image: Image.Image, *, grid_size: tuple[int, int], crop: int, base: int, resample: int
