@@ -366,3 +366,15 @@ def test_data_cli_shows_and_checks_each_graphs_token_count(graph_data, tiny_llm,
     bad = [r for r in report["records"] if r["status"] == "error"]
     assert [r["id"] for r in bad] == ["g1"] and bad[0]["issues"][0]["kind"] == "too_long", json.dumps(bad)
     assert "(1 graph x 9)" in bad[0]["issues"][0]["reason"]
+
+
+def test_dry_run_reports_a_variable_token_count(tiny_llm, tmp_path: Path, capsys):
+    from mmkit.training.config import resolve_config
+    from mmkit.training.dry_run import dry_run, print_report
+
+    host = graph_host()
+    report = dry_run(resolve_config(None, {"llm": str(tiny_llm()), "modalities": "graph",
+                                           "output_dir": str(tmp_path / "run")}), host)
+    assert report["tokens_per_sample"]["per_input"] == {"graph": None}
+    print_report(report)
+    assert "graph (varies per input) LLM tokens per input" in " ".join(capsys.readouterr().out.split())

@@ -106,8 +106,10 @@ def build_meta_model(cfg: Any, host: Any) -> dict[str, Any]:
             encoder.requires_grad_(False)
             projector = build_projector(host, cfg.projectors.get(m) or spec.projector, in_dim=encoder.output_dim,
                                         out_dim=hidden, num_tokens=encoder.num_tokens,
-                                        options=dict(cfg.projector_options.get(m, {})))
-            encoders[m], projectors[m], tokens[m] = encoder, projector, int(projector.num_output_tokens)
+                                        options=dict(cfg.projector_options.get(m, {})),
+                                        separator=bool(getattr(encoder, "uses_separators", False)))
+            fixed = projector.num_output_tokens  # None: a variable-size encoder's count follows each input
+            encoders[m], projectors[m], tokens[m] = encoder, projector, None if fixed is None else int(fixed)
         if cfg.stage == "instruct":
             settings = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                     targets=cfg.lora_targets, mode=cfg.lora_mode)
@@ -207,7 +209,8 @@ def print_report(report: dict[str, Any], console: Any = None, *, as_json: bool =
     both = report["parameters_all"]
     table.add_row("all", f"{_human(both['total'])} ({both['total']:,})", f"{both['trainable']:,}", style="bold")
     console.print(table)
-    per_input = ", ".join(f"{m} {t}" for m, t in report["tokens_per_sample"]["per_input"].items())
+    per_input = ", ".join(f"{m} {'(varies per input)' if t is None else t}"
+                          for m, t in report["tokens_per_sample"]["per_input"].items())
     console.print(f"tokens per sample: {per_input} LLM tokens per input, plus the text; at most "
                   f"{report['tokens_per_sample']['max_length']} (max_length)")
     memory = Table(title=f"model-state memory per GPU on {report['num_gpus']} GPU(s) (--num-procs; "
