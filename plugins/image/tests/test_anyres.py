@@ -28,7 +28,7 @@ THREE_RATIOS = {
     "tall 1:3": ((48, 16), (3, 1), 16 + 12 * (4 + 1)),
 }
 #: Shapes whose best canvas does not match their aspect ratio, so unpadding drops rows or columns.
-ODD_SHAPES = [(32, 48), (17, 50), (100, 7), (20, 21)]
+ODD_SHAPES = [(32, 48), (17, 50), (100, 7), (20, 21), (1, 300), (300, 1)]
 
 
 def _image(height: int, width: int, seed: int = 0) -> Image.Image:
