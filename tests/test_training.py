@@ -1,4 +1,5 @@
-"""End to end: the DeepSpeed recipe on CPU (one process, gloo), saving, evaluation and reloading.
+"""End to end: the training recipe on CPU (one process: the plain torch step), saving, evaluation and
+reloading.
 
 The first DeepSpeed run in a fresh environment compiles a small op (about a minute); later runs
 reuse it.
@@ -170,3 +171,39 @@ def test_bad_record_stops_the_run_before_training_unless_skipped(tmp_path, mm_ho
     assert logs[-1]["step"] == 3 and logs[-1]["skipped_records"] == 2
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]
     assert (out / "model" / "mmkit.json").is_file() and "eval" not in summary
+
+
+def test_progress_is_plain_log_lines_when_not_a_terminal(monkeypatch):
+    """A log file shows the run moving: one line per logged step (rich's live bar only on a terminal)."""
+    import logging
+
+    from mmkit.training import logs
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    logs.log.addHandler(handler)
+    level = logs.log.level
+    logs.log.setLevel(logging.INFO)  # as logs.setup sets it on process 0
+    monkeypatch.setattr(logs, "is_terminal", lambda: False)
+    try:
+        with logs.TrainProgress(20, 10, enabled=True) as progress:
+            progress.advance(11)
+            progress.measured(15, 1.23456, 4321.0)
+        with logs.TrainProgress(20, 0, enabled=False) as quiet:  # processes other than 0
+            quiet.measured(5, 1.0, 1.0)
+    finally:
+        logs.log.removeHandler(handler)
+        logs.log.setLevel(level)
+    assert len(seen) == 1 and seen[0].startswith("step 15/20 (75%) loss 1.2346 4,321 tok/s elapsed 0:00:00 ETA ")
+    console = logs.LogConsole(logs.log)  # for functions that still take a console: WARNING, markup removed
+    logs.log.addHandler(handler)
+    try:
+        console.print("[yellow]checkpoint x failed verification[/]")
+    finally:
+        logs.log.removeHandler(handler)
+    assert seen[-1] == "checkpoint x failed verification"
