@@ -193,6 +193,30 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(uninterrupted: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_changed_learning_rate_and_weight_decay_apply_after_resuming(tiny, uninterrupted: Path,
+                                                                       tmp_path: Path) -> None:
+    """The optimizer's and schedule's saved state hold the old lr and weight decay; a resumed run that
+    reports them changed trains with the new ones (from the same point of the schedule)."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    shutil.rmtree(out / "model")
+    result = _train(tiny, out, lr=3e-3, weight_decay=0.1, optimizer_step="torch")  # drill's lr: 1e-3
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "lr changed: checkpoint 0.001, now 0.003" in result.stdout
+
+    def logged_lr(run: Path) -> dict[int, float]:
+        entries = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return {e["step"]: e["lr"] for e in entries if "lr" in e}
+
+    before, after = logged_lr(uninterrupted), logged_lr(out)
+    assert [after[s] for s in (1, 6)] == [before[s] for s in (1, 6)]
+    assert after[7] == pytest.approx(3 * before[7], rel=1e-9) and before[7] > 0
+    engine = json.loads((out / "checkpoints" / "step-00000008" / "deepspeed" / "engine.json").read_text())
+    assert [(g["initial_lr"], g["weight_decay"]) for g in engine["param_groups"]] == [(3e-3, 0.1)] * 2
+
+
+@pytest.mark.slow
 def test_process_count_change_policy(uninterrupted: Path) -> None:
     saved = _saved(uninterrupted)
     mode, notes = _check(saved, world=2)  # ZeRO 0: the optimizer state is whole

@@ -4,7 +4,6 @@ it; ``resume: never`` starts over."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from mmkit.training.checkpoint.layout import (
     MANIFEST, TrainState, discard_checkpoints, list_checkpoints, read_state, remove_dir,
 )
 from mmkit.training.checkpoint.manifest import verify
-from mmkit.training.checkpoint.rng import load_rng
+from mmkit.training.checkpoint.rng import load_rng, seed_fresh
 from mmkit.training.checkpoint.store import load_engine_state, load_trainable_weights
 
 
@@ -79,24 +78,53 @@ class Resume:
 
     def after_engine(self, engine: Any, scheduler: Any, *, rank: int, seed: int) -> TrainState:
         """Restore DeepSpeed's state (or the schedule alone), this process's RNG and the data position."""
+        configured = Hyperparameters.of(scheduler)
         if self.mode == "exact":
             load_engine_state(self.checkpoint, engine, trust=self.trust)
         else:
             scheduler.load_state_dict(self.saved["scheduler"])
-            optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
-            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr
             engine.global_steps = self.step
+        configured.restore(scheduler)
         if not load_rng(self.checkpoint, rank):
             # a process the checkpoint did not have (more processes now): a fresh, reproducible stream
-            import numpy as np
-            import torch
-
-            derived = (seed * 1_000_003 + rank * 7919 + self.step) % 2**32
-            torch.manual_seed(derived)
-            np.random.seed(derived)
-            random.seed(derived)
+            seed_fresh(seed, rank, self.step)
         return TrainState(**{f.name: int(self.saved[f.name]) for f in attrs.fields(TrainState)})
+
+
+@attrs.frozen
+class Hyperparameters:
+    """The base learning rate and weight decay this run's configuration gives each parameter group.
+
+    Loading a checkpoint brings back the ones it was saved with (the optimizer's param groups, the
+    schedule's base rates). ``lr``, ``projector_lr``, ``weight_decay`` and the schedule's length may
+    change on resume (the change is reported), so they are put back after loading."""
+
+    base_lrs: tuple[float, ...]
+    weight_decays: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, scheduler: Any) -> Hyperparameters:
+        """Read before loading, from the schedule and optimizer built from this run's configuration."""
+        return cls(tuple(scheduler.base_lrs), tuple(g.get("weight_decay") for g in scheduler.optimizer.param_groups))
+
+    def restore(self, scheduler: Any) -> None:
+        """Each group's rate from this run's base rate and schedule at the restored step (unchanged
+        options give the very values the checkpoint holds)."""
+        groups = scheduler.optimizer.param_groups
+        if not len(groups) == len(scheduler.base_lrs) == len(self.base_lrs):
+            raise CheckpointMismatchError(f"the checkpoint's optimizer has {len(scheduler.base_lrs)} parameter "
+                                          f"group(s), this run {len(self.base_lrs)}")
+        lambdas = getattr(scheduler, "lr_lambdas", None)  # LambdaLR: our warmup + cosine schedule
+        last = scheduler.get_last_lr()
+        for i, group in enumerate(groups):
+            loaded = scheduler.base_lrs[i]
+            factor = lambdas[i](scheduler.last_epoch) if lambdas else (last[i] / loaded if loaded else 0.0)
+            group["lr"] = self.base_lrs[i] * factor
+            group["initial_lr"] = self.base_lrs[i]
+            if self.weight_decays[i] is not None:
+                group["weight_decay"] = self.weight_decays[i]
+        scheduler.base_lrs = list(self.base_lrs)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports until the next step
 
 
 def plan_resume(*, resume: str, output_dir: Path, config: dict[str, Any], world_size: int, geometry: dict[str, int],

@@ -72,3 +72,14 @@ def load_rng(checkpoint: Path, rank: int) -> bool:
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     set_rng_state(tensors, meta)
     return True
+
+
+def seed_fresh(seed: int, rank: int, step: int) -> None:
+    """A fresh, reproducible stream for a process the checkpoint had no RNG state for (more processes now)."""
+    import numpy as np
+    import torch
+
+    derived = (seed * 1_000_003 + rank * 7919 + step) % 2**32
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
