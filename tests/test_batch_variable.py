@@ -188,6 +188,17 @@ def test_variable_modality_trains_and_the_feature_cache_gives_the_same_losses(se
     assert sorted(online) == [1, 2, 3, 4] and all(np.isfinite(v) for v in online.values())
     assert with_cache == online
     assert max_weight_diff(one_process, cached) == 0.0
+    # cache_features: auto -> a cache in the run, filled by the loader worker in the first epoch
+    auto = tmp_path / "auto"
+    _train_here(_options(seq_data, auto, cache_features="auto", num_workers=1))
+    assert logged_losses(auto) == online  # 2 epochs: the second reads what the worker stored
+    from safetensors import safe_open
+
+    shapes = []
+    for shard in (auto / "feature_cache").glob("seq-*/shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as fh:
+            shapes += [fh.get_slice(k).get_shape()[0] for k in fh.keys() if not k.endswith(".separators")]
+    assert sorted(shapes) == sorted(seq_data["lengths"])  # each input encoded once, [n_i, dim] each
 
 
 @pytest.mark.slow

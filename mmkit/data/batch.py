@@ -50,6 +50,8 @@ class Batch:
     skipped_items: list[Any] = attrs.field(factory=list)
     #: cache misses the main process encodes (``Batches.complete``): ``{m: (places, items, keys)}``
     pending: dict[str, tuple[list[int], list[Any], list[str | None]]] | None = None
+    #: features a loader worker encoded for cache misses, for the main process to store: ``(m, key, features)``
+    fresh: list[tuple[str, str, Any]] | None = None
 
     @classmethod
     def empty(cls, skipped_items: Sequence[Any] = ()) -> Batch:

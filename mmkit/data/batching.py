@@ -156,12 +156,15 @@ def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
 
 
 def blank_item(encoder: Any) -> Any:
-    """One blank preprocessed input (the evaluation ablation): a 1.0 encoder's zeros of
-    ``input_shape``; a variable-size encoder's ``blank(1)`` taken apart again when it is a tensor
-    batch, else the blank batch itself (its ``collate`` must accept it)."""
+    """One blank preprocessed input (the evaluation ablation): the first input of the encoder's
+    ``blank(1)`` batch (a tensor's first row, a torch-geometric batch's first graph); otherwise the
+    blank batch itself, which the encoder's ``collate`` must then accept."""
     blank = getattr(encoder, "blank", None) or encoder.blank_input
     batch = blank(1)
-    return batch[0] if isinstance(batch, torch.Tensor) else batch
+    if isinstance(batch, torch.Tensor):
+        return batch[0]
+    to_list = getattr(batch, "to_data_list", None)
+    return to_list()[0] if callable(to_list) else batch
 
 
 def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Preprocess],
@@ -309,6 +312,9 @@ class Collator:
     skipped: list[Skipped] = attrs.field(factory=list)
     #: append skipped items to ``skipped`` here (``False`` when :class:`Batches` counts them)
     record_skipped: bool = True
+    #: frozen CPU encoders: inputs the feature cache lacks are encoded here, in the loader worker
+    #: (off the training step), and :class:`Batches` stores them (:func:`encode_pending`)
+    encoders: dict[str, Any] | None = None
 
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> Batch:
         good, bad, empty = separate_skipped(items, self)
@@ -325,10 +331,13 @@ class Collator:
             labels[row, cols] = torch.tensor(item["labels"])
             mask[row, cols] = 1
         inputs, features, pending = collate_modalities(good, self.collate)
-        return Batch(ids, labels, mask, ids=[item["id"] for item in good],
-                     modalities=tuple(tuple(item.get("modalities", ())) for item in good),
-                     inputs=inputs, features=features, pending=pending, num_tokens=int(mask.sum()),
-                     num_slots=mask.numel(), skipped=len(items) - len(good), skipped_items=bad)
+        batch = Batch(ids, labels, mask, ids=[item["id"] for item in good],
+                      modalities=tuple(tuple(item.get("modalities", ())) for item in good),
+                      inputs=inputs, features=features, pending=pending, num_tokens=int(mask.sum()),
+                      num_slots=mask.numel(), skipped=len(items) - len(good), skipped_items=bad)
+        if pending and self.encoders is not None:
+            batch.fresh = encode_pending(batch, self.encoders)
+        return batch
 
 
 def collate_modalities(items: Sequence[dict[str, Any]], collate: Mapping[str, Collate] | None = None
@@ -445,25 +454,40 @@ class Batches:
         self.collator.skipped.extend(skipped)
         if batch.pending:
             self.complete(batch)
+        fresh, batch.fresh = batch.fresh, None
+        for modality, key, feat in fresh or ():  # encoded by the loader worker
+            self.cache.put(modality, key, feat)
+            self.recomputed += 1
         return batch
 
     def complete(self, batch: Batch) -> None:
         """Encode the inputs the cache could not serve, store their features and fill them in."""
-        pending, batch.pending = batch.pending or {}, None
-        for modality, (places, values, keys) in pending.items():
-            if self.recompute_error is not None:
-                raise DataError("feature cache", None, f"{len(places)} {modality} input(s) of records "
-                                f"{', '.join(map(str, batch.ids[:8]))} have no usable cache entry "
-                                f"({self.recompute_error})")
-            encoded = split_features(encode_frozen(self.encoders[modality], values))
-            column = batch.features[modality]
-            for place, key, feat in zip(places, keys, encoded, strict=True):
-                column[place] = feat
-                if key is not None:
-                    self.cache.put(modality, key, feat)
-            first = encoded[0].values if isinstance(encoded[0], RaggedFeatures) else encoded[0]
-            batch.features[modality] = join_features(column, first.device, first.dtype)
-            self.recomputed += len(places)
+        if self.recompute_error is not None:
+            modality, (places, _, _) = next(iter(batch.pending.items()))
+            raise DataError("feature cache", None, f"{len(places)} {modality} input(s) of records "
+                            f"{', '.join(map(str, batch.ids[:8]))} have no usable cache entry "
+                            f"({self.recompute_error})")
+        for modality, key, feat in encode_pending(batch, self.encoders):
+            self.cache.put(modality, key, feat)
+            self.recomputed += 1
+
+
+def encode_pending(batch: Batch, encoders: Mapping[str, Any]) -> list[tuple[str, str, Any]]:
+    """Encode the inputs of ``batch`` the feature cache could not serve (``batch.pending``) with the
+    frozen encoders and fill them into ``batch.features``; returns ``(modality, key, features)`` of
+    each input with a cache key, for the cache."""
+    pending, batch.pending = batch.pending or {}, None
+    out = []
+    for modality, (places, values, keys) in pending.items():
+        encoded = split_features(encode_frozen(encoders[modality], values))
+        column = batch.features[modality]
+        for place, key, feat in zip(places, keys, encoded, strict=True):
+            column[place] = feat
+            if key is not None:
+                out.append((modality, key, feat))
+        first = encoded[0].values if isinstance(encoded[0], RaggedFeatures) else encoded[0]
+        batch.features[modality] = join_features(column, first.device, first.dtype)
+    return out
 
 
 def _background(iterable: Any, depth: int):

@@ -448,14 +448,17 @@ def open_training_cache(root: str | Path, *, host: Any, encoders: Mapping[str, A
                         device: Any = "cpu", batch_size: int = 32, num_workers: int = 0, rank: int = 0,
                         world: int = 1, barrier: Callable[[], None] | None = None,
                         gather: Callable[[Any], list[Any]] | None = None, console: Any = None,
-                        strict: bool = False) -> FeatureCache:
+                        strict: bool = False, fill: bool = True) -> FeatureCache:
     """The cache a training run reads: opened for the model's encoders and filled with every input
     of ``samples`` before training starts (encoders frozen, nothing partitioned yet). ``strict``:
     an input that fails to load raises :class:`DataError` naming its first record, on every process
     (``gather``: all-gather of a picklable object over the processes); otherwise training meets it
-    and skips its records."""
+    and skips its records. ``fill=False``: only opened; the loader workers encode what it lacks
+    during the first epoch (:attr:`mmkit.data.batching.Collator.encoders`)."""
     cache = FeatureCache.for_model(root, encoders, descriptions=plugin_descriptions(host, encoders),
                                    dtype=_PRECISION_DTYPES[precision])
+    if not fill:
+        return cache
     inputs = [(m, p) for s in samples for m, paths in s.inputs.items() if m in encoders for p in paths]
     for encoder in encoders.values():
         encoder.to(device)

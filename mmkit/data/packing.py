@@ -29,7 +29,7 @@ import attrs
 import torch
 
 from mmkit.data.batch import Batch
-from mmkit.data.batching import Skipped, collate_modalities, separate_skipped
+from mmkit.data.batching import Skipped, collate_modalities, encode_pending, separate_skipped
 from mmkit.data.sampler import StepSampler
 from mmkit.prompt import IGNORE_INDEX
 from mmkit.records import Sample
@@ -188,6 +188,8 @@ class PackingCollator:
     skipped: list[Skipped] = attrs.field(factory=list)
     #: append skipped items to ``skipped`` here (``False`` when :class:`~mmkit.data.batching.Batches` counts them)
     record_skipped: bool = True
+    #: see :attr:`mmkit.data.batching.Collator.encoders`
+    encoders: dict[str, Any] | None = None
 
     def __call__(self, items: Sequence[dict[str, Any] | Skipped]) -> Batch:
         good, bad, empty = separate_skipped(items, self)
@@ -222,11 +224,14 @@ class PackingCollator:
                 sample_rows.append(r)
             positions[r, col:] = torch.arange(width - col)  # padding: a sequence of its own
         inputs, features, pending = collate_modalities(flat, self.collate)
-        return Batch(ids, labels, mask, ids=[item["id"] for item in flat],
-                     modalities=tuple(tuple(item.get("modalities", ())) for item in flat),
-                     sample_rows=tuple(sample_rows), inputs=inputs, features=features, pending=pending,
-                     position_ids=positions, segment_ids=segments, num_tokens=int(mask.sum()),
-                     num_slots=mask.numel(), skipped=len(bad), skipped_items=bad)
+        batch = Batch(ids, labels, mask, ids=[item["id"] for item in flat],
+                      modalities=tuple(tuple(item.get("modalities", ())) for item in flat),
+                      sample_rows=tuple(sample_rows), inputs=inputs, features=features, pending=pending,
+                      position_ids=positions, segment_ids=segments, num_tokens=int(mask.sum()),
+                      num_slots=mask.numel(), skipped=len(bad), skipped_items=bad)
+        if pending and self.encoders is not None:
+            batch.fresh = encode_pending(batch, self.encoders)
+        return batch
 
 
 def lead_modality(sample: Sample) -> str:
@@ -238,8 +243,8 @@ def lead_modality(sample: Sample) -> str:
 def make_batching(batching: str, samples: Sequence[Sample], dataset: torch.utils.data.Dataset, *, prompts: Any,
                   pad_id: int, micro_batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
                   shuffle: bool = True, pack_max_tokens: int | None = None, mix_rows: bool = True,
-                  collate: dict[str, Any] | None = None, lengths: Sequence[int] | None = None
-                  ) -> tuple[Any, Any, Any]:
+                  collate: dict[str, Any] | None = None, lengths: Sequence[int] | None = None,
+                  encoders: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
     """``(batch sampler, dataset to load from, collator)`` for ``batching`` = ``grouped`` or ``packed``.
     ``mix_rows=False``: a packed row holds samples of one lead modality only (:func:`lead_modality`;
     needed with one LoRA adapter per modality). ``lengths``: each sample's token count with its
@@ -253,10 +258,10 @@ def make_batching(batching: str, samples: Sequence[Sample], dataset: torch.utils
               "seed": seed, "shuffle": shuffle}
     if batching == "grouped":
         return (GroupedBatchSampler(lengths, groups, **common), dataset,
-                Collator(pad_id=pad_id, collate=collate, record_skipped=False))
+                Collator(pad_id=pad_id, collate=collate, record_skipped=False, encoders=encoders))
     if batching == "packed":
         groups = ["all" if mix_rows else lead_modality(s) for s in samples]
         max_tokens = pack_max_tokens or 2 * (prompts.max_length or max(lengths))
         return (PackedBatchSampler(lengths, groups, max_tokens=max_tokens, **common), PackedView(dataset),
-                PackingCollator(pad_id=pad_id, collate=collate, record_skipped=False))
+                PackingCollator(pad_id=pad_id, collate=collate, record_skipped=False, encoders=encoders))
     raise ValueError(f"batching {batching!r}: use pad, grouped or packed")
