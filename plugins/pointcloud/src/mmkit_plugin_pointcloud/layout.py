@@ -42,10 +42,9 @@ def group(pos: Tensor, cfg: PointNet2Config) -> Grouping:
     """FPS centres and kNN groups of every level for ``pos`` ``[B, N, 3]`` (float32: the precision
     the encoder has always grouped at). Per cloud, so a batch groups exactly as its clouds alone."""
     pos = pos.float()
-    if pos.device.type == "cpu":  # one cloud in a loader worker: numpy's per-op cost is a fraction of torch's
-        order = torch.stack([torch.from_numpy(farthest_point_sample_single(cloud.numpy(), cfg.centres[0],
-                                                                           dtype=np.float32)) for cloud in pos])
-    else:
+    if pos.device.type == "cpu" and pos.shape[0] == 1:  # preprocess: numpy's per-op cost is a fraction of torch's
+        order = torch.from_numpy(farthest_point_sample_single(pos[0].numpy(), cfg.centres[0], dtype=np.float32))[None]
+    else:  # a batch: one torch loop over all clouds at once
         order = farthest_point_sample(pos, cfg.centres[0])
     centre_pos = gather_points(pos, order)  # [B, centres[0], 3], FPS order
     neighbours, points = [], pos
