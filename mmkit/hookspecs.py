@@ -82,7 +82,9 @@ def mmkit_projectors() -> Sequence[ProjectorSpec]:
     """Register projectors (encoder features -> LLM embeddings).
 
     Return a list of :class:`mmkit.specs.ProjectorSpec`. mmkit's own ``linear``, ``mlp`` and
-    ``resampler`` projectors are registered through this hook too.
+    ``resampler`` projectors are registered through this hook too. A projector also takes the
+    ``RaggedFeatures`` of a variable-size encoder (``num_tokens=None`` at build time), and
+    ``separator=True`` when that encoder marks layout rows (see :class:`mmkit.specs.ProjectorSpec`).
 
     Example::
 
