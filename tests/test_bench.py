@@ -210,6 +210,7 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     for variant in ("padded", "cached", "packed", "grouped", "plain"):
         assert figs[f"step/demo/{variant}/samples_per_s"]["median"] > 0
         assert figs[f"step/demo/{variant}/tokens_per_s"]["median"] > 0
+        assert figs[f"step/demo/{variant}/cpu_ms"]["median"] > 0
         shares = [figs[f"step/demo/{variant}/share/{p}"]["median"]
                   for p in ("data", "encoders", "projectors", "llm_forward", "backward", "optimizer", "logging",
                             "other")]
@@ -218,7 +219,7 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     assert figs["step/demo/padded/share/encoders"]["median"] > 0
     assert 0 < figs["step/demo/padded/mfu"]["median"] < 1
     for name in ("mmkit_vs_plain", "cached_vs_online", "cached_vs_plain", "packed_vs_padded", "grouped_vs_padded",
-                 *(f"{v}_vs_plain_tokens" for v in ("padded", "cached", "packed", "grouped"))):
+                 *(f"{v}_vs_plain_{unit}" for v in ("padded", "cached", "packed", "grouped") for unit in ("tokens", "cpu"))):
         assert figs[f"ratio/demo/{name}"]["median"] > 0
     # the padded variant sees the plain loop's batches: the same real tokens, so both ratios agree
     assert figs["ratio/demo/padded_vs_plain_tokens"]["median"] == pytest.approx(

@@ -113,13 +113,15 @@ def _configurations_table(figs: dict[str, Any], steps: list[tuple[str, str]], co
     if not rows:
         return
     table = Table(title="each configuration against the plain LLaVA-style loop (real tokens/s)")
-    for col in ("preset", "configuration", "vs plain", "tokens/s", "ms/step", "enc", "data", "optim"):
+    for col in ("preset", "configuration", "vs plain", "vs plain (CPU)", "tokens/s", "ms/step", "enc", "data",
+                "optim"):
         table.add_column(col, justify="left" if col in ("preset", "configuration") else "right")
     for preset, variant in rows:
         base = f"step/{preset}/{variant}"
         shares = (_num(figs[f"{base}/share/{p}"]["median"], "fraction") for p in ("encoders", "data", "optimizer"))
         table.add_row(preset, CONFIGURATIONS.get(variant, variant),
                       spread(figs[f"ratio/{preset}/{variant}_vs_plain_tokens"]),
+                      spread(figs.get(f"ratio/{preset}/{variant}_vs_plain_cpu") or {"median": float("nan")}),
                       _num(figs[f"{base}/tokens_per_s"]["median"]), _num(figs[f"{base}/step_ms"]["median"]), *shares)
     console.print(table)
 

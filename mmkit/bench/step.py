@@ -28,6 +28,7 @@ class Recorder:
         self._open: dict[str, float] = {}
         self._reset()
         self.mark = time.perf_counter()
+        self.cpu_mark = time.process_time()
 
     def _reset(self) -> None:
         self.current = {"data": 0.0, "encoders": 0.0, "projectors": 0.0, "forward": 0.0, "backward": 0.0,
@@ -55,12 +56,17 @@ class Recorder:
     def start_round(self) -> None:
         self._reset()
         self.mark = time.perf_counter()
+        self.cpu_mark = time.process_time()
 
     def end_step(self) -> None:
         self.sync()
         now = time.perf_counter()
         step = dict(self.current)
         step["seconds"] = now - self.mark
+        # this process's CPU time (loader workers are other processes): on a shared machine other
+        # processes stretch the wall time, far less the CPU time a step needs
+        cpu = time.process_time()
+        step["cpu_seconds"], self.cpu_mark = cpu - self.cpu_mark, cpu
         self.steps.append(step)
         self.mark = now
         self._reset()
@@ -390,7 +396,9 @@ def round_figures(rec: Recorder, steps_per_round: int, *, skip_first: int = 1) -
         rounds.append({
             "samples_per_s": total["samples"] / seconds, "tokens_per_s": total["tokens"] / seconds,
             "slots_per_s": total["slots"] / seconds, "padding": 1.0 - total["tokens"] / max(total["slots"], 1),
-            "step_s": seconds / len(chunk), **{f"t_{k}": total[k] for k in total},
+            "step_s": seconds / len(chunk), "cpu_step_s": total["cpu_seconds"] / len(chunk),
+            "cpu_tokens_per_s": total["tokens"] / max(total["cpu_seconds"], 1e-9),
+            **{f"t_{k}": total[k] for k in total},
         })
     return rounds
 

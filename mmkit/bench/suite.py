@@ -173,6 +173,8 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
                     steps_per_round=counts[name] - 1)
         figures.add(f"{base}/{name}/tokens_per_s", Stat([x["tokens_per_s"] for x in rounds], "tokens/s"), **info)
         figures.add(f"{base}/{name}/step_ms", Stat([1e3 * x["step_s"] for x in rounds], "ms", higher_is_better=False))
+        figures.add(f"{base}/{name}/cpu_ms", Stat([1e3 * x["cpu_step_s"] for x in rounds], "ms", higher_is_better=False),
+                    what="the training process's CPU time per step (loader workers excluded)")
         figures.add(f"{base}/{name}/padding", Stat([x["padding"] for x in rounds], "fraction", higher_is_better=False),
                     compare=False)
         for phase, share in st.phase_shares(recs[name], counts[name]).items():
@@ -196,6 +198,10 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
         figures.add(f"ratio/{preset}/{name}_vs_plain_tokens", ratio(series(name, "tokens_per_s"),
                                                                     series("plain", "tokens_per_s")),
                     what=f"real tokens/s of mmkit's {CONFIGURATIONS.get(name, name)} step over the plain loop's")
+        figures.add(f"ratio/{preset}/{name}_vs_plain_cpu", ratio(series(name, "cpu_tokens_per_s"),
+                                                                 series("plain", "cpu_tokens_per_s")),
+                    what="the same in real tokens per CPU-second of the training process: steadier than wall "
+                         "time on a shared machine, blind to waiting for data")
     if full:
         figures.add(f"ratio/{preset}/cached_vs_online", ratio(series("cached", "samples_per_s"),
                                                                 series("padded", "samples_per_s")))
