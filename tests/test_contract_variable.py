@@ -366,6 +366,15 @@ def test_data_cli_shows_and_checks_each_graphs_token_count(graph_data, tiny_llm,
     bad = [r for r in report["records"] if r["status"] == "error"]
     assert [r["id"] for r in bad] == ["g1"] and bad[0]["issues"][0]["kind"] == "too_long", json.dumps(bad)
     assert "(1 graph x 9)" in bad[0]["issues"][0]["reason"]
+    # a graph file that cannot be read is reported once, by the file check (counting it is skipped)
+    records = json.loads(data.read_text())
+    (data.parent / "broken.json").write_text('{"x": [[1, 2, 3, 4]], "edge_index": [[0], [7]]}')
+    records.append({**records[0], "id": "g2", "graph": "broken.json"})
+    data.write_text(json.dumps(records))
+    checked = runner.invoke(app, ["data", "validate", str(data), "--llm", str(tiny_llm()), "--json"])
+    report = json.loads(checked.output)
+    bad = {r["id"]: [i["kind"] for i in r["issues"]] for r in report["records"] if r["status"] == "error"}
+    assert bad == {"g2": ["corrupt_file"]}, bad
 
 
 def test_dry_run_reports_a_variable_token_count(tiny_llm, tmp_path: Path, capsys):
