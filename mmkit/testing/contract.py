@@ -189,6 +189,35 @@ class ModalityContract:
             first, second = _per_input(encoder(batch))[:2]
         assert first.shape != second.shape or not torch.allclose(first, second), "two different inputs encode identically"
 
+    def test_default_projector_takes_the_features(self, host, spec, encoder, valid_files):
+        """The modality's default projector (built as the assembler builds it) maps the features to
+        exactly the slots the prompt reserves per input (:func:`mmkit.modeling.encoder.tokens_per_input`);
+        an encoder that sets ``uses_separators`` marks its separator rows, which get the projector's
+        learned separator."""
+        import torch
+
+        from mmkit.modeling.components import build_projector
+        from mmkit.modeling.encoder import tokens_per_input
+        from mmkit.modeling.features import RaggedFeatures
+
+        uses_separators = bool(getattr(encoder, "uses_separators", False))
+        torch.manual_seed(0)
+        projector = build_projector(host, spec.projector, in_dim=encoder.output_dim, out_dim=8,
+                                    num_tokens=encoder.num_tokens, separator=uses_separators)
+        items = self._items(spec, encoder, valid_files)
+        with _no_grad():
+            features = encoder(encoder.collate(items))
+            out = projector(features)
+        slots = [tokens_per_input(encoder, projector, item) for item in items]
+        assert _counts(out) == slots, f"the projector gives {_counts(out)} tokens per input, the prompt reserves {slots}"
+        assert _values(out).shape[-1] == 8
+        if uses_separators:
+            assert isinstance(features, RaggedFeatures) and features.separators is not None, (
+                "uses_separators is set but the features mark no separator rows (RaggedFeatures.separators)")
+            if isinstance(out, RaggedFeatures) and hasattr(projector, "separator"):
+                rows = out.values[features.separators.to(out.values.device)]
+                assert torch.equal(rows, projector.separator.detach().expand_as(rows).to(rows.dtype))
+
     def test_blank_works(self, encoder):
         """``blank(n)``: the batch of the evaluation ablation and of the ZeRO-3 dummy pass encodes into n
         finite inputs."""
