@@ -3,7 +3,8 @@
 Subclass :class:`ModalityContract` in your plugin's tests and point it at your modality; pytest
 then runs the whole contract (shapes and dtypes as declared, batch invariance, determinism, no NaN,
 bad files rejected with a clear error, no torch at import time, the demo task builds, a blank batch
-encodes, a forward with bf16 parameters and fp32 buffers as DeepSpeed leaves them). For a
+encodes, the default projector gives each input the slots the prompt reserves, a forward with bf16
+parameters and fp32 buffers as DeepSpeed leaves them). For a
 variable-size encoder (``num_tokens = None``) it also checks that each input gets the tokens
 ``num_tokens_for`` announced and that inputs of different sizes collate (``make_valid_files`` must
 then return inputs of at least two sizes)::
