@@ -28,7 +28,7 @@ class Components:
     modality: str
     encoder: Any
     projector: Any
-    batch: torch.Tensor  # preprocessed inputs
+    batch: Any  # preprocessed inputs, collated (a tensor for a fixed-size encoder)
     preset: str = "demo"
 
 
@@ -59,9 +59,25 @@ def components(host: PluginHost, modality: str, *, batch_size: int, hidden: int 
     encoder = encoder.eval().to(device=device, dtype=dtype)
     proj = build_projector(host, projector or spec.projector, in_dim=encoder.output_dim, out_dim=hidden,
                            num_tokens=encoder.num_tokens).eval().to(device=device, dtype=dtype)
-    # Random inputs of the preprocessed shape: throughput does not depend on content.
-    batch = torch.randn(batch_size, *encoder.input_shape, device=device)
-    return Components(modality, encoder, proj, batch, preset or "demo")
+    return Components(modality, encoder, proj, _inputs(encoder, batch_size, device, dtype), preset or "demo")
+
+
+def _inputs(encoder: Any, batch_size: int, device: Any, dtype: torch.dtype) -> Any:
+    """Random inputs of the preprocessed shape (throughput does not depend on content); a variable-size
+    encoder (no ``input_shape``) gets its own ``blank(batch_size)``, the one batch every encoder can make."""
+    if encoder.input_shape is None:
+        from mmkit.modeling.features import move
+
+        return move(encoder.blank(batch_size), device, dtype)
+    return torch.randn(batch_size, *encoder.input_shape, device=device)
+
+
+def _tokens_per_input(features: Any) -> float:
+    """Feature rows per input: fixed ``[B, T, D]`` or ``RaggedFeatures`` (its mean count)."""
+    counts = getattr(features, "counts", None)
+    if counts is not None:
+        return sum(counts) / max(len(counts), 1)
+    return int(features.shape[1])
 
 
 def encode(c: Components) -> torch.Tensor:
@@ -95,12 +111,15 @@ def bench_components(host: PluginHost, modality: str, *, batch_sizes: Sequence[i
     base = components(host, modality, batch_size=max(batch_sizes), hidden=hidden, preset=preset, device=device,
                       dtype=dtype, pretrained=pretrained)
     for size in batch_sizes:
-        c = attrs.evolve(base, batch=base.batch[:size].to(dtype))
+        batch = base.batch[:size].to(dtype) if isinstance(base.batch, torch.Tensor) else \
+            _inputs(base.encoder, size, device, dtype)
+        c = attrs.evolve(base, batch=batch)
         features = encode(c)
         enc = rate(lambda c=c: encode(c), size, rounds=rounds, min_seconds=min_seconds, sync=sync, unit="inputs/s")
         proj = rate(lambda c=c, f=features: project(c, f), size, rounds=rounds, min_seconds=min_seconds, sync=sync,
                     unit="inputs/s")
-        tokens_in, tokens_out = int(c.encoder.num_tokens), int(c.projector.num_output_tokens)
+        tokens_in = _tokens_per_input(features)
+        tokens_out = _tokens_per_input(project(c, features))  # None num_output_tokens: one per input row
         rows.append({
             "modality": modality, "preset": c.preset, "encoder": host.modality(modality).encoder,
             "projector": host.modality(modality).projector, "batch_size": size, "hidden": hidden,
@@ -159,7 +178,7 @@ def bench_modality(host: PluginHost, modality: str, *, batch_size: int, hidden: 
         "modality": modality,
         "encoder": host.modality(modality).encoder,
         "projector": projector or host.modality(modality).projector,
-        "tokens_per_input": int(c.projector.num_output_tokens),
+        "tokens_per_input": _tokens_per_input(project(c, features)),
         "batch_size": batch_size,
         "encoder_items_per_s": enc,
         "projector_items_per_s": proj,
