@@ -325,6 +325,7 @@ def test_resume_lists_derive_from_the_fields():
 
     assert compat.RESUME_STRICT == fields_with_rule(MUST_MATCH)
     assert compat.RESUME_QUIET == fields_with_rule(IGNORED)
+    assert compat.RESUME_REPORTED == fields_with_rule("may_change")
     names = [name for rule in RESUME_RULES for name in fields_with_rule(rule)]
     assert sorted(names) == sorted(f.name for f in attrs.fields(TrainConfig))  # each field in exactly one
     assert {"lr", "weight_decay", "cache_features"} <= set(fields_with_rule("may_change"))
@@ -350,6 +351,8 @@ def test_cli_options_derive_from_the_fields():
     assert "--template" in options and "--set" in options and "--config" in options
     assert "Accepts an integer >= 1" in options["--micro-batch-size"].help
     assert "(default 8; demo 32)" in options["--micro-batch-size"].help
+    # the accepted values name the rule between fields, not only the field's own lower bound
+    assert options["--pack-max-tokens"].help.endswith("Accepts an integer >= max_length (or unset: 2 x max_length).")
 
 
 def test_saved_config_reloads_to_the_same_config(tmp_path):

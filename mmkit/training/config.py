@@ -246,8 +246,10 @@ class TrainConfig:
     #: default 2 x max_length: rows that fit two of the longest samples leave little room unfilled
     #: (padding 1.9% on the demo, 1.4% on a LLaVA-like mix, against 5.7% / 6.6% at 1 x)
     pack_max_tokens: int | None = option(
-        None, resume=MUST_MATCH, flag=True, check=at_least(1, " (or unset: 2 x max_length)"),
-        help="Tokens per packed sequence with --batching packed (default: 2 x max_length; at least max_length).")
+        None, resume=MUST_MATCH, flag=True,
+        # >= 1 here; >= max_length is a rule between fields (_cross_checks), named in the accepted values
+        check=Check(lambda v: v >= 1, ">= max_length (or unset: 2 x max_length)"),
+        help="Tokens per packed sequence with --batching packed, modality tokens counted.")
     cache_features: str | None = option(
         None, resume=MAY_CHANGE, flag=True,
         help="Directory caching frozen-encoder features: each input is encoded once, later epochs and runs read "

@@ -8,15 +8,15 @@ from typing import Any
 
 from mmkit.errors import CheckpointMismatchError
 from mmkit.training.checkpoint.layout import json_safe
-from mmkit.training.config import IGNORED, MUST_MATCH, fields_with_rule
+from mmkit.training.config import IGNORED, MAY_CHANGE, MUST_MATCH, fields_with_rule
 
 
-#: Options that must match for a resumed run to continue the same training; the others may change
-#: (a longer schedule, another log interval, ...) and are reported when they do. Each TrainConfig
-#: field declares its rule (``resume=`` in config.py); zero_stage is quiet: see the process-count note.
+#: Options that must match for a resumed run to continue the same training (model, data, order). Each
+#: TrainConfig field declares its rule (``resume=`` in config.py); zero_stage is quiet: see the
+#: process-count note.
 RESUME_STRICT = fields_with_rule(MUST_MATCH)
-
-
+#: Options that may change (a longer schedule, another learning rate); a change is reported.
+RESUME_REPORTED = fields_with_rule(MAY_CHANGE)
 #: Never reported (they do not change what is trained).
 RESUME_QUIET = fields_with_rule(IGNORED)
 
@@ -46,8 +46,22 @@ def check_resumable(saved: dict[str, Any], *, config: dict[str, Any], world_size
       weights, schedule, RNG and data position and starts the optimizer moments from zero.
     """
     check_same_run(saved, config)
-    saved_config = saved.get("config", {})
-    now = json_safe(config)
+    _check_batches(saved, geometry, world_size)
+    _check_trainable(saved.get("trainable", {}), trainable)
+    notes = changed_options(saved, config)
+    mode, note = _process_change(saved, config, world_size, on_world_size_change)
+    return mode, notes + ([note] if note else [])
+
+
+def changed_options(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """A note per option that may change on resume (``RESUME_REPORTED``) and did."""
+    saved_config, now = saved.get("config", {}), json_safe(config)
+    return [f"{k} changed: checkpoint {saved_config.get(k)!r}, now {now.get(k)!r}" for k in sorted(RESUME_REPORTED)
+            if k in now and saved_config.get(k) != now.get(k)]
+
+
+def _check_batches(saved: dict[str, Any], geometry: dict[str, int], world_size: int) -> None:
+    """The data position is counted in global batches of the same records."""
     if saved.get("global_batch_size") != geometry["global_batch_size"]:
         raise CheckpointMismatchError(
             f"global batch differs: checkpoint {saved.get('global_batch_size')} "
@@ -58,35 +72,38 @@ def check_resumable(saved: dict[str, Any], *, config: dict[str, Any], world_size
     if saved.get("num_samples") != geometry["num_samples"]:
         raise CheckpointMismatchError(f"the training data changed: {geometry['num_samples']} usable records now, "
                                       f"{saved.get('num_samples')} when the checkpoint was written")
-    saved_trainable = saved.get("trainable", {})
-    if saved_trainable != trainable:
-        missing = sorted(set(trainable) - set(saved_trainable))
-        extra = sorted(set(saved_trainable) - set(trainable))
-        shapes = sorted(k for k in set(trainable) & set(saved_trainable) if trainable[k] != saved_trainable[k])
-        parts = ([f"not in the checkpoint: {', '.join(missing[:4])}"] if missing else []) + \
-                ([f"only in the checkpoint: {', '.join(extra[:4])}"] if extra else []) + \
-                [f"{k}: checkpoint {saved_trainable[k]}, model {trainable[k]}" for k in shapes[:4]]
-        raise CheckpointMismatchError("the trainable parameters differ from the checkpoint's ("
-                                      + "; ".join(parts) + ")")
-    notes = [f"{k} changed: checkpoint {saved_config.get(k)!r}, now {now.get(k)!r}" for k in sorted(now)
-             if k not in RESUME_STRICT and k not in RESUME_QUIET and saved_config.get(k) != now.get(k)]
-    mode = "exact"
+
+
+def _check_trainable(saved_trainable: dict[str, Any], trainable: dict[str, list[int]]) -> None:
+    """The same trainable parameters by name and shape."""
+    if saved_trainable == trainable:
+        return
+    missing = sorted(set(trainable) - set(saved_trainable))
+    extra = sorted(set(saved_trainable) - set(trainable))
+    shapes = sorted(k for k in set(trainable) & set(saved_trainable) if trainable[k] != saved_trainable[k])
+    parts = ([f"not in the checkpoint: {', '.join(missing[:4])}"] if missing else []) + \
+            ([f"only in the checkpoint: {', '.join(extra[:4])}"] if extra else []) + \
+            [f"{k}: checkpoint {saved_trainable[k]}, model {trainable[k]}" for k in shapes[:4]]
+    raise CheckpointMismatchError("the trainable parameters differ from the checkpoint's (" + "; ".join(parts) + ")")
+
+
+def _process_change(saved: dict[str, Any], config: dict[str, Any], world_size: int,
+                    on_world_size_change: str) -> tuple[str, str | None]:
+    """``(mode, note)`` for another process count or ZeRO stage than the checkpoint's."""
     saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
     stage_now = config.get("zero_stage")
-    if saved_world != world_size or saved_stage != stage_now:
-        change = (f"{saved_world} process(es) with ZeRO stage {saved_stage} -> {world_size} with stage {stage_now}")
-        if saved_stage == 0 and stage_now == 0:
-            notes.append(f"{change}: the optimizer state is not partitioned, so training continues with the same "
+    if saved_world == world_size and saved_stage == stage_now:
+        return "exact", None
+    change = f"{saved_world} process(es) with ZeRO stage {saved_stage} -> {world_size} with stage {stage_now}"
+    if saved_stage == 0 and stage_now == 0:
+        return "exact", (f"{change}: the optimizer state is not partitioned, so training continues with the same "
                          "global batches (results equal up to the order of floating-point sums)")
-        elif on_world_size_change == "reset_optimizer":
-            mode = "reset_optimizer"
-            notes.append(f"{change}: restoring the trainable weights, schedule, RNG and data position; the optimizer "
-                         "moments start again from zero (on_world_size_change: reset_optimizer)")
-        else:
-            raise CheckpointMismatchError(
-                f"the checkpoint was written by {saved_world} process(es) with ZeRO stage {saved_stage}; this run has "
-                f"{world_size} with stage {stage_now}. ZeRO partitions the optimizer state per process, so it "
-                f"cannot be loaded as it is. Resume with --num-procs {saved_world} --zero-stage {saved_stage} for an "
-                "exact continuation, or set on_world_size_change: reset_optimizer to keep the weights, schedule and data "
-                "position and restart the optimizer moments")
-    return mode, notes
+    if on_world_size_change == "reset_optimizer":
+        return "reset_optimizer", (f"{change}: restoring the trainable weights, schedule, RNG and data position; the "
+                                   "optimizer moments start again from zero (on_world_size_change: reset_optimizer)")
+    raise CheckpointMismatchError(
+        f"the checkpoint was written by {saved_world} process(es) with ZeRO stage {saved_stage}; this run has "
+        f"{world_size} with stage {stage_now}. ZeRO partitions the optimizer state per process, so it "
+        f"cannot be loaded as it is. Resume with --num-procs {saved_world} --zero-stage {saved_stage} for an "
+        "exact continuation, or set on_world_size_change: reset_optimizer to keep the weights, schedule and data "
+        "position and restart the optimizer moments")

@@ -142,25 +142,35 @@ def save_checkpoint(output_dir: Path, *, engine: Any, assembled: Any, stage: str
         raise _write_failed(output_dir, name, problems)
     if rank == 0:
         record = {**run_info, "format": FORMAT, **attrs.asdict(state), "saved_at": time.time()}
-        _attempt(failures, lambda: (tmp / STATE).write_text(json.dumps(json_safe(record), indent=1, sort_keys=True),
-                                                            encoding="utf-8"))
-        _attempt(failures, write_manifest, tmp, state.step, _model_hashes(tmp / "model"))
-        if not failures:
-            _attempt(failures, swap_in, tmp, final)
-        if failures:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, final, record, state.step, failures)
     problems = _agree(failures)
     if problems:
         raise _write_failed(output_dir, name, problems)
     if rank == 0:
-        try:
-            atomic_write_text(root / LATEST, name + "\n")
-        except OSError:
-            pass  # a convenience pointer; resuming scans the directories themselves
-        for old in list_checkpoints(output_dir)[max(1, keep_last):]:
-            remove_dir(old)
+        _point_latest_and_prune(output_dir, name, keep_last)
     dist_util.barrier()
     return final
+
+
+def _publish(tmp: Path, final: Path, record: dict[str, Any], step: int, failures: list[str]) -> None:
+    """(rank 0) The trainer state, the manifest last, then the directory swapped in; a failure removes it."""
+    _attempt(failures, lambda: (tmp / STATE).write_text(json.dumps(json_safe(record), indent=1, sort_keys=True),
+                                                        encoding="utf-8"))
+    _attempt(failures, write_manifest, tmp, step, _model_hashes(tmp / "model"))
+    if not failures:
+        _attempt(failures, swap_in, tmp, final)
+    if failures:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _point_latest_and_prune(output_dir: Path, name: str, keep_last: int) -> None:
+    """(rank 0) ``latest`` names the new checkpoint; only the newest ``keep_last`` are kept."""
+    try:
+        atomic_write_text(checkpoint_root(output_dir) / LATEST, name + "\n")
+    except OSError:
+        pass  # a convenience pointer; resuming scans the directories themselves
+    for old in list_checkpoints(output_dir)[max(1, keep_last):]:
+        remove_dir(old)
 
 
 def _model_hashes(model_dir: Path) -> dict[str, str]:
