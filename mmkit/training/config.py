@@ -382,7 +382,6 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
     the accepted values."""
     name, raw = field.name, value
     tp, optional = base_type(field.type)
-    check: Check | None = field.metadata.get("check")
 
     def bad(reason: str) -> _Bad:
         return _Bad(f"{name} {raw!r}: {reason}use {accepted(field)}")
@@ -393,50 +392,68 @@ def parse_value(field: attrs.Attribute, value: Any) -> Any:
         if typing.get_origin(tp) in (tuple, dict):
             return typing.get_origin(tp)()
         raise bad("a value is required; ")
-    origin = typing.get_origin(tp)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("")
+        return _as_bool(value, bad)
+    value = _as_type(tp, value, bad)
+    _check(field, value, raw)
+    return value
+
+
+def _as_bool(value: Any, bad: Callable[[str], _Bad]) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise bad("")
+
+
+def _as_type(tp: Any, value: Any, bad: Callable[[str], _Bad]) -> Any:
+    """``value`` as an int, float, str, tuple of str or mapping (``tp``), or :class:`_Bad`."""
+    origin = typing.get_origin(tp)
     if tp is int:
         parsed = _as_int(value)
         if parsed is None:
             raise bad("not an integer; ")
-        value = parsed
-    elif tp is float:
+        return parsed
+    if tp is float:
         parsed = _as_float(value)
         if parsed is None:
             raise bad("not a number; ")
         if not math.isfinite(parsed):
             raise bad("not a finite number; ")
-        value = parsed
-    elif tp is str:
+        return parsed
+    if tp is str:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
             raise bad("not a string; ")
-    elif origin is tuple:
-        value = _as_str_tuple(value)
-        if value is None:
-            raise bad("")
+        return value
+    if origin is tuple:
+        parsed = _as_str_tuple(value)
     elif origin is dict:
-        value = _as_mapping(value, typing.get_args(tp)[1])
-        if value is None:
-            raise bad("")
-    if check is not None and not check(value):
-        if check.choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in check.choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _Bad(f"{name} {value!r}: use {check.text}{hint}")
-        if check.explain is not None:
-            raise _Bad(f"{name} {check.explain(value)}; use {check.text}")
-        shown = raw.strip() if isinstance(raw, str) else repr(raw)  # "-5" from the command line: -5
-        raise _Bad(f"{name} {shown}: out of range; use {accepted(field)}")
-    return value
+        parsed = _as_mapping(value, typing.get_args(tp)[1])
+    else:
+        return value
+    if parsed is None:
+        raise bad("")
+    return parsed
+
+
+def _check(field: attrs.Attribute, value: Any, raw: Any) -> None:
+    """The field's ``check`` on its parsed value; a refusal names the accepted values."""
+    name, check = field.name, field.metadata.get("check")
+    if check is None or check(value):
+        return
+    if check.choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in check.choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _Bad(f"{name} {value!r}: use {check.text}{hint}")
+    if check.explain is not None:
+        raise _Bad(f"{name} {check.explain(value)}; use {check.text}")
+    shown = raw.strip() if isinstance(raw, str) else repr(raw)  # "-5" from the command line: -5
+    raise _Bad(f"{name} {shown}: out of range; use {accepted(field)}")
 
 
 def _as_int(value: Any) -> int | None:
