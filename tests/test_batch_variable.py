@@ -122,6 +122,31 @@ def test_variable_inputs_get_their_own_slot_counts_and_splice_in_order(seq_data,
     assert torch.isfinite(out.loss)
 
 
+def test_packed_rows_of_variable_inputs_give_each_sample_its_own_loss(seq_data, seq_model):
+    from mmkit.data.packing import PackingCollator
+
+    assembled, host = seq_model
+    model = assembled.model.eval()
+    preprocess = {"seq": make_preprocessor(resolve(host.modality("seq").load), model.encoders["seq"].preprocess)}
+    dataset = SampleDataset(_samples(seq_data), assembled.prompts, preprocess,
+                            counters=input_counters(model.encoders, model.projectors))
+    items = [dataset[i] for i in range(4)]  # the sequences (a text sample would route to another adapter)
+    collate = collate_fns(model.encoders)
+    with torch.no_grad():
+        alone = [float(model(**Collator(pad_id=0, collate=collate)([it]).model_kwargs()).loss) for it in items]
+        packed = PackingCollator(pad_id=0, collate=collate)([dict(it, row=r) for it, r in zip(items, [0, 1, 0, 1])])
+        out = model(**packed.model_kwargs())
+    assert packed.inputs["seq"].lengths.tolist() == [2, 5, 6, 3]  # row 0's inputs, then row 1's
+    logits, labels = out.logits[:, :-1], packed.labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    per_sample = []
+    for r in range(2):
+        for seg in range(1, int(packed.segment_ids[r].max()) + 1):
+            keep = (labels[r] != -100) & (packed.segment_ids[r, 1:] == seg)
+            per_sample.append(float(losses[r][keep].sum() / keep.sum()))
+    assert per_sample == pytest.approx([alone[i] for i in (0, 2, 1, 3)], abs=1e-5)
+
+
 def test_cached_variable_features_give_the_online_loss(tmp_path, seq_data, seq_model):
     assembled, host = seq_model
     model = assembled.model.eval()

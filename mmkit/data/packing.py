@@ -7,9 +7,10 @@ packing.
   micro-batches; the micro-batch order is then shuffled across groups (the biggest first, so an
   out-of-memory shows at step 1).
 - ``packed`` (:class:`PackedBatchSampler` + :class:`PackingCollator`): several samples per sequence,
-  up to ``max_tokens`` tokens counted with their modality tokens. Rows are filled best-fit-
-  decreasing within windows of shuffled samples of one LoRA route (a row trains one adapter; with
-  one shared adapter every sample may share a row). Position ids restart at each sample,
+  up to ``max_tokens`` tokens counted with their modality tokens (a variable-size input's own
+  count). Rows are filled best-fit-decreasing within windows of shuffled samples of one lead
+  modality (:func:`lead_modality`: the model trains a row on one LoRA adapter; with one shared
+  adapter, ``mix_rows``, every sample may share a row). Position ids restart at each sample,
   attention stays inside each sample (a block-diagonal causal mask, or flash-attention's varlen
   path through the position ids), and no label crosses a sample boundary. ``micro_batch_size``
   then counts rows.
@@ -35,8 +36,8 @@ from mmkit.prompt import IGNORE_INDEX
 from mmkit.records import Sample
 
 def modality_group(sample: Sample) -> str:
-    """The key samples are grouped by: their modalities in order (``image``, ``image+pointcloud``),
-    or ``text``. It determines the sample's LoRA route, so a group never mixes routes."""
+    """The key samples are grouped by: their modalities in order (``a``, ``a+b``), or ``text``. A
+    group has one lead modality, so a grouped micro-batch never mixes LoRA routes."""
     return "+".join(sample.modalities) or "text"
 
 
