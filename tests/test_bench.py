@@ -191,6 +191,12 @@ def test_plain_llava_loop_computes_mmkits_loss_on_the_same_batch(mm_host, tmp_pa
     pcl = rig.assembled.model.encoders["pointcloud"]
     assert plain_batch["inputs"]["pointcloud"].shape[1:] == (pcl.cfg.num_points, pcl.cfg.in_channels)
     assert batch.inputs["pointcloud"].shape[1:] == pcl.input_shape
+    # the bench's "stock" variant: mmkit's step fed the same bare points, other modalities untouched
+    assert set(st.stock_encoders(rig)) == {"pointcloud"}
+    image = batch.inputs["image"]
+    (stock,) = st.StockInputs([batch], st.stock_encoders(rig))
+    assert torch.equal(stock.inputs["pointcloud"], plain_batch["inputs"]["pointcloud"])
+    assert stock.inputs["image"] is image
 
 
 # -- every figure, once, through the CLI ----------------------------------------------------------
@@ -221,6 +227,10 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     for name in ("mmkit_vs_plain", "cached_vs_online", "cached_vs_plain", "packed_vs_padded", "grouped_vs_padded",
                  *(f"{v}_vs_plain_{unit}" for v in ("padded", "cached", "packed", "grouped") for unit in ("tokens", "cpu"))):
         assert figs[f"ratio/demo/{name}"]["median"] > 0
+    # the point-cloud encoder offers stock inputs (grouping left to forward): the same step on those, in the same run
+    assert figs["ratio/demo/preprocessed_vs_stock_inputs"]["median"] > 0
+    assert figs["ratio/demo/preprocessed_vs_stock_inputs_cpu"]["median"] > 0
+    assert figs["step/demo/stock/share/encoders"]["median"] > 0
     # the padded variant sees the plain loop's batches: the same real tokens, so both ratios agree
     assert figs["ratio/demo/padded_vs_plain_tokens"]["median"] == pytest.approx(
         figs["ratio/demo/mmkit_vs_plain"]["median"])

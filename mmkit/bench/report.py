@@ -8,7 +8,8 @@ from mmkit.bench.compare import Change
 
 #: The step variants the bench measures, named as a user configures them.
 CONFIGURATIONS = {"padded": "defaults", "cached": "--cache-features", "packed": "--batching packed",
-                  "grouped": "--batching grouped"}
+                  "grouped": "--batching grouped", "stock": "defaults, stock encoder inputs"}
+_ORDER = ("padded", "cached", "packed", "grouped", "stock", "plain")
 
 
 def _num(value: float, unit: str = "") -> str:
@@ -64,8 +65,7 @@ def print_report(report: dict[str, Any], console: Any) -> None:
                           spread(figs[f"projector/{key}/tokens_per_s"]))
         console.print(table)
     steps = sorted({tuple(k.split("/")[1:3]) for k in figs if k.startswith("step/")},
-                   key=lambda pv: (pv[0], ["padded", "cached", "packed", "grouped", "plain"].index(pv[1])
-                                   if pv[1] in ("padded", "cached", "packed", "grouped", "plain") else 9))
+                   key=lambda pv: (pv[0], _ORDER.index(pv[1]) if pv[1] in _ORDER else 9))
     if steps:
         table = Table(title="training step")
         for col in ("preset", "variant", "samples/s", "real tokens/s", "ms/step", "padding"):

@@ -166,6 +166,9 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
         st.add_variant(rig, "packed", batching="packed")
         st.add_variant(rig, "grouped", batching="grouped")
         variants += ["cached", "packed", "grouped"]
+        if st.stock_encoders(rig):  # an encoder moved weight-free work into preprocess: measure what it bought
+            st.add_stock(rig)
+            variants.append("stock")
     st.add_plain(rig)
     steps = plan.steps if preset == "demo" else plan.small_steps
     # a packed step holds several times the samples of a padded one: fewer steps, similar time
@@ -222,6 +225,12 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
                                                                 series("padded", "samples_per_s")))
         figures.add(f"ratio/{preset}/cached_vs_plain", ratio(series("cached", "samples_per_s"),
                                                                series("plain", "samples_per_s")))
+        if "stock" in variants:
+            for unit, key in (("", "tokens_per_s"), ("_cpu", "cpu_tokens_per_s")):
+                figures.add(f"ratio/{preset}/preprocessed_vs_stock_inputs{unit}",
+                            ratio(series("padded", key), series("stock", key)),
+                            what="the default step over the same step fed the encoders' stock inputs (the "
+                                 "weight-free work their preprocess does, done in every forward instead)")
         for name in ("packed", "grouped"):
             figures.add(f"ratio/{preset}/{name}_vs_padded", ratio(series(name, "tokens_per_s"),
                                                                     series("padded", "tokens_per_s")),
