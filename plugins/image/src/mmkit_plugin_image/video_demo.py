@@ -4,8 +4,11 @@ Each clip has 3 to 8 frames (so its token count differs from clip to clip); a sq
 and colour crosses a dark frame left, right, up or down at a steady speed from a random start.
 Every clip is generated from the seed, offline, in about a second, and written as an animated GIF
 (read by Pillow, so every install reads the demo; ``save_frame_folder`` writes the other format every
-install reads, a folder of numbered PNG frames). No single frame tells the direction: the answer
-needs the order of the frames.
+install reads, a folder of numbered PNG frames). The path is drawn first and the direction picks
+which end it starts from, so every position is as likely for either direction; one frame still hints
+(a path that stays inside the frame ends nearer the side it moves to: the trained demo reads the last
+frame alone right 0.61 of the time, chance 0.25), the order of the frames gives the answer (first and
+last frames 0.88, the whole clip 1.00).
 """
 
 from __future__ import annotations
