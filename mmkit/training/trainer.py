@@ -104,9 +104,10 @@ class Window:
 class Trainer:
     """Trains ``engine`` on ``loader`` (batches in ``sampler``'s order) until ``total_steps``.
 
-    :meth:`run` loops over epochs; :meth:`micro_batch` is one forward/backward; :meth:`boundary`
-    closes an optimizer step (agree on faults, update or skip, count, log, maybe save);
-    ``save(state)`` writes a checkpoint (every process calls it) and returns its path.
+    :meth:`run` loops over epochs; :meth:`micro_batch` is one forward/backward (and the engine's step);
+    at a step's last micro-batch :meth:`decide` agrees on its faults before the update (skip it, or
+    stop), and :meth:`boundary` then counts, logs and saves. ``save(state)`` writes a checkpoint
+    (every process calls it) and returns its path.
     """
 
     def __init__(self, cfg: TrainConfig, engine: Any, loader: Any, sampler: Any, scheduler: Any, metrics: Any, *,
@@ -116,7 +117,7 @@ class Trainer:
         self.scheduler, self.metrics, self.process = scheduler, metrics, process
         self._save, self.forward = save, forward
         self.nonfinite = NonFinitePolicy(cfg.on_nonfinite_loss)
-        self.out_of_memory = OutOfMemoryPolicy(getattr(cfg, "on_out_of_memory", "stop"), cfg=cfg, device=process.device)
+        self.out_of_memory = OutOfMemoryPolicy(cfg.on_out_of_memory, cfg=cfg, device=process.device)
         self.collective = CollectiveFailurePolicy(rank=process.rank, world=process.world,
                                                   timeout_s=cfg.collective_timeout_s)
         self.gate = StepGate(engine)
