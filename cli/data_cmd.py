@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +30,45 @@ def _keyed_ints(items: list[str] | None) -> dict[str, int]:
     return out
 
 
+CONFIG_HELP = ("YAML file of `mmkit train` options: the run's encoders, encoder_pretrained, encoder_options, "
+               "projectors and projector_options count each input as training will (and llm, template, max_length, "
+               "modalities, data_root, data_format stand in for the flags not given).")
+SET_HELP = ("A train option as KEY=VALUE (VALUE is YAML), as `mmkit train --set`; dotted keys reach nested options, "
+            "e.g. encoder_options.image.anyres=true.")
+
+
+def _run_config(config: Path | None, assignments: list[str] | None, llm: str | None) -> Any:
+    """The train configuration ``--config`` and ``--set`` describe (``None``: neither given), parsed
+    by the train command's own rules; ``--llm`` counts as the run's LLM."""
+    if config is None and not assignments:
+        return None
+    from mmkit import parse_assignments, resolve_config
+
+    overrides = parse_assignments(assignments)
+    if llm is not None:
+        overrides["llm"] = llm
+    return resolve_config(config, overrides)
+
+
+def _choices(cfg: Any, chosen: list[str]) -> Any:
+    """Per modality, the encoder and projector the run would use (``None``: the tiny defaults)."""
+    if cfg is None:
+        return None
+    from mmkit import encoder_choices
+
+    return encoder_choices(chosen, encoders=cfg.encoders, encoder_pretrained=cfg.encoder_pretrained,
+                           encoder_options=cfg.encoder_options, projectors=cfg.projectors,
+                           projector_options=cfg.projector_options)
+
+
+def _modalities(modalities: str | None, cfg: Any, host: Any) -> list[str]:
+    if modalities:
+        return [m.strip() for m in modalities.split(",") if m.strip()]
+    if cfg is not None and cfg.modalities:
+        return list(cfg.modalities)
+    return list(host.modalities())
+
+
 @data_app.command()
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Data files (LLaVA, LAMM or generic JSON / JSONL).")],
@@ -40,10 +79,14 @@ def validate(
     modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities (default: all installed).")] = None,
     llm: Annotated[str | None, typer.Option(help="LLM whose tokenizer measures lengths (hub id or path). "
                                                  "Without it the length check is skipped.")] = None,
-    max_length: Annotated[int, typer.Option(help="Maximum tokens per sample, modality tokens included.")] = 2048,
+    max_length: Annotated[int | None, typer.Option(
+        help="Maximum tokens per sample, modality tokens included (default: --config's max_length, else 2048).",
+        show_default=False)] = None,
     tokens_per_input: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=N tokens one input becomes (default: the modality's default encoder and projector "
-             "in their tiny configuration).")] = None,
+        help="MODALITY=N tokens one input becomes (default: the run's encoder and projector from --config / --set, "
+             "else the modality's default ones in their tiny configuration).")] = None,
+    config: Annotated[Path | None, typer.Option(help=CONFIG_HELP)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     template: Annotated[str | None, typer.Option(
         help="Prompt template: a library name or a Jinja file (default: the tokenizer's own).")] = None,
     decode: Annotated[bool, typer.Option(help="Decode every input file (--no-decode: only check they exist).")] = True,
@@ -54,6 +97,7 @@ def validate(
     """Check every record before training: schema, turn order, one placeholder per input, paths
     inside the data root, input files present and decodable (in parallel), unknown keys, and with
     --llm the encode check training runs (template, answers located, length with modality tokens).
+    Inputs are preprocessed and counted with the run's encoders when --config / --set name them.
     Exits 1 when any record has an error."""
     import json
 
@@ -61,18 +105,27 @@ def validate(
 
     from mmkit import get_host, prompt_lengths_for, validate_data
 
+    cfg = _run_config(config, set_, llm)
+    if cfg is not None:
+        llm, template = llm or cfg.llm, template or cfg.template
+        max_length = max_length if max_length is not None else cfg.max_length
+        data_root = data_root or (Path(cfg.data_root) if cfg.data_root else None)
+        data_format, allow_outside_root = data_format or cfg.data_format, allow_outside_root or cfg.allow_outside_root
     host = get_host()
-    chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
+    chosen = _modalities(modalities, cfg, host)
+    choices = _choices(cfg, chosen)
     lengths = None
     if llm is not None:
         lengths = prompt_lengths_for(llm, {m: host.modality(m).markers for m in chosen},
-                                     _counts(host, chosen, tokens_per_input), template=template, max_length=max_length)
+                                     _counts(host, chosen, tokens_per_input, choices), template=template,
+                                     max_length=max_length if max_length is not None else 2048, choices=choices)
     err = Console(stderr=True)
     with err.status("validating", spinner="dots") as status:
         report = validate_data([str(f) for f in files], host=host, modalities=chosen, data_root=data_root,
                                 allow_outside_root=allow_outside_root, data_format=data_format, lengths=lengths,
                                 decode_files=decode, workers=workers, status=lambda msg: status.update(msg),
-                                preprocess=decode)  # load + the tiny encoder's preprocess, as training runs them
+                                # load + the run's (default: tiny) encoder's preprocess, as training runs them
+                                preprocess=decode, choices=choices)
     if json_out:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -81,45 +134,69 @@ def validate(
         raise typer.Exit(1)
 
 
-def _counts(host, chosen: list[str], tokens_per_input: list[str] | None) -> dict[str, int]:
+def _counts(host, chosen: list[str], tokens_per_input: list[str] | None, choices: Any = None
+            ) -> dict[str, int | None]:
+    """Per modality the slots one input gets (``None``: counted per input): --tokens-per-input, else
+    the chosen encoder and projector's."""
     from mmkit import default_tokens_per_input
 
     given = _keyed_ints(tokens_per_input)
     missing = [m for m in chosen if m not in given]
-    return {**default_tokens_per_input(host, missing), **given} if missing else given
+    return {**default_tokens_per_input(host, missing, choices), **given} if missing else given
 
 
 @data_app.command()
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="Data files (any format a reader recognises).")],
-    llm: Annotated[str, typer.Option(help="LLM whose tokenizer encodes the records (hub id or local path).")],
+    llm: Annotated[str | None, typer.Option(
+        help="LLM whose tokenizer encodes the records (hub id or local path; default: --config's llm).")] = None,
     template: Annotated[str | None, typer.Option(
         help="Prompt template: a library name or a Jinja file (default: the tokenizer's own).")] = None,
     limit: Annotated[int, typer.Option(help="Records shown (from the start of the first file).")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per record, one per line.")] = False,
     modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities (default: all installed).")] = None,
     tokens_per_input: Annotated[list[str] | None, typer.Option(
-        help="MODALITY=N slots one input becomes (default: the modality's default encoder and projector in their "
-             "tiny configuration; LLaVA-1.5's CLIP ViT-L/14-336 gives 576).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Maximum tokens per sample (default: no limit).")] = None,
+        help="MODALITY=N slots one input becomes (default: the run's encoder and projector from --config / --set, "
+             "else the modality's default ones in their tiny configuration; LLaVA-1.5's CLIP ViT-L/14-336 gives "
+             "576).")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        help="Maximum tokens per sample (default: --config's max_length, else no limit).")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Root for relative input paths.")] = None,
     data_format: Annotated[str | None, typer.Option(help="Reader name (default: detect per file).")] = None,
+    config: Annotated[Path | None, typer.Option(help=CONFIG_HELP)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Show what training feeds the model: per record the rendered sequence with the supervised
     spans marked (between \u00ab and \u00bb) and slot runs collapsed, token counts, and the
-    inference prompt. --json: id, input_ids, labels, supervised_text, slots per record."""
+    inference prompt. --json: id, input_ids, labels, supervised_text, slots per record. Slots
+    come from the run's encoders when --config / --set name them (an any-resolution image: its own count)."""
     import json
 
     from rich.console import Console
     from rich.text import Text
 
-    from mmkit import check_template, get_host, inspect_record, iter_records, prompt_builder_for, prompt_segments
+    from mmkit import (ConfigError, InputTokenCounter, check_template, get_host, inspect_record, iter_records,
+                       prompt_builder_for, prompt_segments)
 
+    cfg = _run_config(config, set_, llm)
+    if cfg is not None:
+        llm, template = llm or cfg.llm, template or cfg.template
+        max_length = max_length if max_length is not None else cfg.max_length
+        data_root = data_root or (Path(cfg.data_root) if cfg.data_root else None)
+        data_format = data_format or cfg.data_format
+    if llm is None:
+        raise ConfigError("data inspect needs the LLM whose tokenizer encodes the records: give --llm "
+                          "(or llm in the --config file)")
     check_template(llm, template)  # before any plugin or tokenizer loads
     host = get_host()
-    chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else list(host.modalities())
+    chosen = _modalities(modalities, cfg, host)
+    choices = _choices(cfg, chosen)
     prompts = prompt_builder_for(llm, {m: host.modality(m).markers for m in chosen},
-                                 _counts(host, chosen, tokens_per_input), template=template, max_length=max_length)
+                                 _counts(host, chosen, tokens_per_input, choices), template=template,
+                                 max_length=max_length)
+    # inputs of a variable-size modality: preprocessed and counted with the run's encoder
+    variable = prompts.variable_modalities
+    counter = InputTokenCounter(variable, choices=choices) if variable else None
     console = Console(highlight=False, soft_wrap=True)
     if not json_out:
         console.print(f"template: {prompts.describe_template()}; stop tokens: "
@@ -127,7 +204,7 @@ def inspect(
     failed = 0
     for sample in iter_records(host, [str(f) for f in files], chosen, data_root=str(data_root) if data_root else None,
                                data_format=data_format, limit=limit):
-        entry = inspect_record(prompts, sample)
+        entry = inspect_record(prompts, sample, counter)
         encoded = entry.pop("_encoded", None)
         failed += "error" in entry
         if json_out:

@@ -74,6 +74,8 @@ _LAZY: dict[str, str] = {
     "prompt_builder_for": "mmkit.data.validate:prompt_builder_for",
     "prompt_lengths_for": "mmkit.data.validate:prompt_lengths_for",
     "default_tokens_per_input": "mmkit.data.validate:default_tokens_per_input",
+    "InputTokenCounter": "mmkit.data.validate:InputTokenCounter",
+    "encoder_choices": "mmkit.data.preprocess_check:encoder_choices",
     "inspect_record": "mmkit.data.inspect:inspect_record",
     "iter_records": "mmkit.data.inspect:iter_records",
     "prompt_segments": "mmkit.data.inspect:segments",
@@ -118,13 +120,13 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "BENCHMARK_SCORES", "BenchmarkSpec", "CheckpointMismatchError", "ConfigError", "CorruptFileError",
     "DataError", "DemoSpec", "DemoTask", "EncoderSpec", "ExportRefused", "ExporterSpec", "GenerationOptions",
-    "HOOK_API_VERSION", "InputError", "LoadedModel", "MarkerSpec", "MetricSpec", "MissingFileError",
-    "MissingInputError", "MmkitError", "ModalityEncoder", "ModalitySpec", "NotRegisteredError", "PluginError",
-    "PluginHost", "PluginLoadError", "PretrainedEncoder", "Projector", "ProjectorSpec", "RaggedFeatures",
+    "HOOK_API_VERSION", "InputError", "InputTokenCounter", "LoadedModel", "MarkerSpec", "MetricSpec",
+    "MissingFileError", "MissingInputError", "MmkitError", "ModalityEncoder", "ModalitySpec", "NotRegisteredError",
+    "PluginError", "PluginHost", "PluginLoadError", "PretrainedEncoder", "Projector", "ProjectorSpec", "RaggedFeatures",
     "ReadContext", "ReaderSpec", "RecordSchemaError", "Sample", "TRAIN_DEMO_DEFAULTS", "TrainConfig", "Turn",
     "atomic_write_text", "bench_regressions", "check_encoders", "check_template", "compare_bench",
     "config_field_accepts", "config_field_type", "create_plugin", "default_tokens_per_input", "dry_run",
-    "evaluate", "export_run", "get_host", "hookimpl", "inspect_record", "iter_records", "launch",
+    "encoder_choices", "evaluate", "export_run", "get_host", "hookimpl", "inspect_record", "iter_records", "launch",
     "launched_externally", "load", "load_bench_report", "load_state_strict", "parse_assignments",
     "parse_records", "plugin_names", "preflight", "print_bench_comparison", "print_bench_report",
     "print_benchmark", "print_dry_run", "print_eval", "prompt_builder_for", "prompt_lengths_for",
@@ -158,8 +160,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from mmkit.bench.suite import run as run_bench
     from mmkit.data.inspect import inspect_record, iter_records
     from mmkit.data.inspect import segments as prompt_segments
+    from mmkit.data.preprocess_check import encoder_choices
     from mmkit.data.readers import parse_records, read_records
-    from mmkit.data.validate import default_tokens_per_input, prompt_builder_for, prompt_lengths_for
+    from mmkit.data.validate import InputTokenCounter, default_tokens_per_input, prompt_builder_for, prompt_lengths_for
     from mmkit.data.validate import validate as validate_data
     from mmkit.evaluation.benchmark import SCORES as BENCHMARK_SCORES
     from mmkit.evaluation.benchmark import print_benchmark, run_benchmark

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from mmkit.data import vocab
+from mmkit.data.preprocess_check import Decoder, EncoderChoice
 from mmkit.records import ReadContext, Sample
 from mmkit.errors import DataError, InputError, MmkitError
 from mmkit.specs import LazyRef, resolve
@@ -204,14 +205,21 @@ class PromptLengths:
 
 class InputTokenCounter:
     """``sample -> {modality: [tokens of each input]}`` for the variable-size modalities: each input
-    is loaded and preprocessed as training does (the installed modality's ``load`` and its tiny
-    encoder's ``preprocess``, :mod:`mmkit.data.preprocess_check`) and counted by the encoder's
-    ``num_tokens_for``. Counts are remembered per file."""
+    is loaded and preprocessed as training does (the installed modality's ``load`` and the ``preprocess``
+    of the encoder ``choices`` names, by default the modality's tiny one; :mod:`mmkit.data.preprocess_check`)
+    and counted by ``tokens_per_input`` (the projector's fixed count, else the encoder's ``num_tokens_for``).
+    Counts are remembered per file; :meth:`remember` takes counts (or failures) made elsewhere, such as
+    the validator's file check, so an input is preprocessed once."""
 
-    def __init__(self, modalities: Iterable[str], host: Any = None):
+    def __init__(self, modalities: Iterable[str], host: Any = None,
+                 choices: Mapping[str, EncoderChoice] | None = None):
         self.modalities = tuple(modalities)
         self.host = host
-        self._seen: dict[tuple[str, str], int] = {}
+        self.choices = dict(choices or {})
+        self._seen: dict[tuple[str, str], int | InputError] = {}
+
+    def remember(self, modality: str, path: str, count: int | InputError) -> None:
+        self._seen[(modality, str(path))] = count
 
     def __call__(self, sample: Sample) -> dict[str, list[int]]:
         from mmkit.data import preprocess_check
@@ -221,8 +229,12 @@ class InputTokenCounter:
             for path in sample.inputs.get(modality, ()):
                 key = (modality, str(path))
                 if key not in self._seen:
-                    self._seen[key] = preprocess_check.count_tokens(modality, path, self.host)
-                out.setdefault(modality, []).append(self._seen[key])
+                    self._seen[key] = preprocess_check.count_tokens(modality, path, self.host,
+                                                                    self.choices.get(modality))
+                known = self._seen[key]
+                if isinstance(known, InputError):
+                    raise known
+                out.setdefault(modality, []).append(known)
         return out
 
 
@@ -250,61 +262,93 @@ def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: M
 
 
 def prompt_lengths_for(llm: str, markers: Mapping[str, Any], tokens_per_input: Mapping[str, int | None], *,
-                       template: str | None = None, max_length: int | None = None) -> PromptLengths:
+                       template: str | None = None, max_length: int | None = None,
+                       choices: Mapping[str, EncoderChoice] | None = None) -> PromptLengths:
     """The encode check of :class:`PromptLengths` for an LLM's tokenizer (see :func:`prompt_builder_for`);
-    inputs of a variable-size modality (``tokens_per_input`` ``None``) are counted by preprocessing them."""
+    inputs of a variable-size modality (``tokens_per_input`` ``None``) are counted by preprocessing them
+    with the encoder ``choices`` names (default: the modality's tiny one)."""
     prompts = prompt_builder_for(llm, markers, tokens_per_input, template=template, max_length=max_length)
     variable = prompts.variable_modalities
-    return PromptLengths(prompts, InputTokenCounter(variable) if variable else None)
+    return PromptLengths(prompts, InputTokenCounter(variable, choices=choices) if variable else None)
 
 
-def default_tokens_per_input(host: Any, modalities: Iterable[str]) -> dict[str, int | None]:
-    """Tokens one input becomes with each modality's default encoder and projector in their tiny
-    (random-init) configuration, the embedded demo's; ``None`` where the count differs per input (a
-    variable-size encoder with a token-wise projector: inputs are counted by preprocessing them).
-    Real encoders usually differ: give ``--tokens-per-input`` for them."""
+def default_tokens_per_input(host: Any, modalities: Iterable[str],
+                             choices: Mapping[str, EncoderChoice] | None = None) -> dict[str, int | None]:
+    """Tokens one input becomes with each modality's encoder and projector: those ``choices`` names
+    (a run's settings), else the modality's defaults in their tiny (random-init) configuration, the
+    embedded demo's; ``None`` where the count differs per input (a variable-size encoder with a
+    token-wise projector: inputs are counted by preprocessing them). Real encoders usually differ:
+    give ``--tokens-per-input``, or the run's settings, for them."""
     import torch
 
-    from mmkit.modeling.components import build_encoder, build_projector
+    from mmkit.data.preprocess_check import build_projector_for
+    from mmkit.modeling.components import build_encoder
 
+    choices = choices or {}
     out = {}
     with torch.random.fork_rng(devices=[]):
         for name in modalities:
-            spec = host.modality(name)
-            encoder = build_encoder(host, spec)
-            projector = build_projector(host, spec.projector, in_dim=encoder.output_dim, out_dim=8,
-                                        num_tokens=encoder.num_tokens,
-                                        separator=bool(getattr(encoder, "uses_separators", False)))
-            fixed = projector.num_output_tokens
+            choice = choices.get(name) or EncoderChoice()
+            encoder = build_encoder(host, host.modality(name), encoder_name=choice.encoder,
+                                    pretrained=choice.pretrained, options=dict(choice.options))
+            fixed = build_projector_for(name, encoder, host, choice).num_output_tokens
             out[name] = None if fixed is None else int(fixed)
     return out
 
 
 # -- file decoding -----------------------------------------------------------------------------------
-def _check_chunk(items: Sequence[tuple[Any, str]], decode: bool) -> list[tuple[str, str, str] | None]:
-    """``(kind, reason, path)`` per failed file, ``None`` per good one. Runs in pool workers."""
+#: One file's result: ``(path, (kind, reason) or None, token count or None)``; a count comes from a
+#: decoder that counts (:class:`~mmkit.data.preprocess_check.Decoder` of a variable-size encoder).
+Result = tuple[str, "tuple[str, str] | None", "int | None"]
+
+
+def _check_chunk(items: Sequence[tuple[Any, str]], decode: bool) -> list[Result]:
+    """One :data:`Result` per ``(decoder, path)``. Runs in pool workers."""
     loaders: dict[Any, Callable[[Path], Any]] = {}
-    out: list[tuple[str, str, str] | None] = []
+    out: list[Result] = []
     for ref, path in items:
         p = Path(path)
         if not decode:
-            out.append(None if p.is_file() else ("missing_file", f"file not found: {path}", path))
+            out.append((path, None if p.is_file() else ("missing_file", f"file not found: {path}"), None))
             continue
         load = loaders.get(ref)
         if load is None:
             load = loaders[ref] = resolve(ref)
+        count = getattr(load, "count", None) if isinstance(load, Decoder) else None
         try:
-            load(p)
+            n = count(p) if count is not None else load(p)
         except InputError as exc:
             missing = not p.exists()
             kind = "missing_file" if missing else "corrupt_file"
             reason = f"file not found: {path}" if missing else f"cannot decode {path}: {exc.reason}"
-            out.append((kind, reason, path))
+            out.append((path, (kind, reason), None))
         except Exception as exc:  # a plugin's loader failing in an unforeseen way is still this file's problem
-            out.append(("corrupt_file", f"cannot decode {path}: {type(exc).__name__}: {exc}", path))
+            out.append((path, ("corrupt_file", f"cannot decode {path}: {type(exc).__name__}: {exc}"), None))
         else:
-            out.append(None)
+            out.append((path, None, n if count is not None else None))
     return out
+
+
+def _poolable(ref: Any) -> bool:
+    """Process-pool workers can receive it: a ``module:attr`` string or a picklable :class:`Decoder`
+    (other callables need not pickle: threads)."""
+    return isinstance(ref, (str, Decoder))
+
+
+def _run(refs: list[tuple[Any, str]], decode: bool, workers: int) -> list[Result]:
+    chunks = [refs[i:i + _CHUNK] for i in range(0, len(refs), _CHUNK)]
+    if workers <= 1 or len(refs) < _POOL_THRESHOLD or not decode:
+        return [r for chunk in chunks for r in _check_chunk(chunk, decode)]
+    pool: Executor
+    if all(_poolable(ref) for ref, _ in refs):
+        import multiprocessing
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    else:
+        pool = ThreadPoolExecutor(workers)
+    with pool:
+        return [r for part in pool.map(_check_chunk, chunks, [decode] * len(chunks)) for r in part]
 
 
 def check_files(paths: Mapping[str, LazyRef], *, decode: bool = True, workers: int | None = None
@@ -312,32 +356,18 @@ def check_files(paths: Mapping[str, LazyRef], *, decode: bool = True, workers: i
     """Check (exist, and decode with the modality's ``load``) each distinct file; returns the failed
     ones as ``path -> (kind, reason)``. A process pool decodes many files in chunks; loaders given as
     callables rather than ``module:attr`` strings use threads (callables need not pickle)."""
-    items = list(paths.items())
-    if not items:
+    refs = [(ref, path) for path, ref in paths.items()]
+    if not refs:
         return {}
-    workers = workers or os.cpu_count() or 1
-    refs = [(ref, path) for path, ref in items]
-    chunks = [refs[i:i + _CHUNK] for i in range(0, len(refs), _CHUNK)]
-    if workers <= 1 or len(refs) < _POOL_THRESHOLD or not decode:
-        results = [r for chunk in chunks for r in _check_chunk(chunk, decode)]
-    else:
-        pool: Executor
-        if all(isinstance(ref, str) for ref, _ in refs):
-            import multiprocessing
-
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
-        else:
-            pool = ThreadPoolExecutor(workers)
-        with pool:
-            results = [r for part in pool.map(_check_chunk, chunks, [decode] * len(chunks)) for r in part]
-    return {r[2]: (r[0], r[1]) for r in results if r is not None}
+    results = _run(refs, decode, workers or os.cpu_count() or 1)
+    return {path: problem for path, problem, _ in results if problem is not None}
 
 
 class FileChecker:
     """Checks input files while records are still being read: each distinct file once, in chunks
     handed to a process pool as soon as a chunk is full (the pool starts with the first full chunk,
-    so a small dataset never pays for one)."""
+    so a small dataset never pays for one). Results gather in ``failed`` (``path -> (kind, reason)``)
+    and ``counts`` (``path -> tokens``, from decoders that count); ``done`` holds every checked path."""
 
     def __init__(self, *, decode: bool = True, workers: int | None = None, processes: bool = True):
         self.decode = decode
@@ -347,6 +377,9 @@ class FileChecker:
         self.pending: list[tuple[Any, str]] = []
         self.futures: list[Any] = []
         self.pool: Executor | None = None
+        self.failed: dict[str, tuple[str, str]] = {}
+        self.counts: dict[str, int] = {}
+        self.done: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.seen)
@@ -358,6 +391,14 @@ class FileChecker:
         self.pending.append((ref, path))
         if len(self.pending) >= _CHUNK and self.decode and self.workers > 1:
             self._submit()
+
+    def _collect(self, results: Iterable[Result]) -> None:
+        for path, problem, count in results:
+            self.done.add(path)
+            if problem is not None:
+                self.failed[path] = problem
+            elif count is not None:
+                self.counts[path] = count
 
     def _submit(self) -> None:
         if self.pool is None:
@@ -372,29 +413,55 @@ class FileChecker:
             self.futures.append(self.pool.submit(_check_chunk, self.pending[start:start + _CHUNK], self.decode))
         self.pending = []
 
+    def drain(self) -> None:
+        """Check every file added so far now (waiting for the pool's chunks), so their results are known."""
+        if self.pool is None:
+            self._collect(_check_chunk(self.pending, self.decode))
+            self.pending = []
+            return
+        if self.pending:
+            self._submit()
+        for future in self.futures:
+            self._collect(future.result())
+        self.futures = []
+
     def finish(self) -> dict[str, tuple[str, str]]:
         """``path -> (kind, reason)`` for every file that failed."""
         if self.pool is None:
-            return check_files({path: ref for ref, path in self.pending}, decode=self.decode, workers=self.workers)
+            self._collect(_run(self.pending, self.decode, self.workers))
+            self.pending = []
+            return self.failed
         if self.pending:
             self._submit()
         with self.pool:
-            results = [r for future in self.futures for r in future.result()]
-        return {r[2]: (r[0], r[1]) for r in results if r is not None}
+            for future in self.futures:
+                self._collect(future.result())
+        self.futures = []
+        self.pool = None  # shut down; a second finish() finds nothing left
+        return self.failed
 
 
 # -- validation --------------------------------------------------------------------------------------
+#: Records waiting for their inputs' counts from the file check before the length check; past this
+#: many the checker is drained (memory stays bounded on large datasets).
+_PARKED = 4096
+
+
 def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Sequence[str] | None = None,
              data_root: str | Path | None = None, allow_outside_root: bool = False, data_format: str | None = None,
              lengths: PromptLengths | None = None, decode_files: bool = True, workers: int | None = None,
-             status: Callable[[str], None] | None = None, preprocess: bool = False) -> Report:
+             status: Callable[[str], None] | None = None, preprocess: bool = False,
+             choices: Mapping[str, EncoderChoice] | None = None) -> Report:
     """Check every record of ``files``; see the module docstring for the checks.
 
     ``lengths`` (see :func:`prompt_lengths_for`) enables the token-length check against its
     ``max_length``; without it the check is skipped and the report says so. ``decode_files=False``
     only checks that input files exist. ``preprocess=True`` (``mmkit data validate``) also runs each
-    decoded input through the modality's tiny encoder's ``preprocess`` (imports torch), so a file that
-    validates does not fail at training.
+    decoded input through the ``preprocess`` of its modality's encoder (imports torch): the one
+    ``choices`` names (a run's settings, see :func:`~mmkit.data.preprocess_check.encoder_choices`),
+    else the modality's tiny encoder; so a file that validates does not fail at training. When the
+    length check counts a variable-size modality with the same encoder, the file check's counts are
+    used: each input is preprocessed once.
     """
     from mmkit.data.sources import pick_reader
     from mmkit.plugins import get_host
@@ -404,6 +471,7 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     say = status or (lambda _msg: None)
     names = list(modalities) if modalities else list(host.modalities())
     specs = {m: host.modality(m) for m in names}
+    choices = dict(choices or {})
     report = Report()
     if lengths is None:
         report.notes.append("token-length check skipped: no tokenizer (give --llm, and --tokens-per-input "
@@ -413,7 +481,16 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
 
     checker = FileChecker(decode=decode_files, workers=workers,
                           processes=all(isinstance(spec.load, str) for spec in specs.values()))
-    checker.preprocess = preprocess  # decode with load + the tiny encoder's preprocess (mmkit.data.preprocess_check)
+    counter = lengths.counter if lengths is not None else None
+    counted = set(counter.modalities) if decode_files and isinstance(counter, InputTokenCounter) else set()
+    # load + the chosen encoder's preprocess (mmkit.data.preprocess_check), or only load
+    decoders = {m: _decoder(spec, choices.get(m), counting=m in counted) if preprocess else spec.load
+                for m, spec in specs.items()}
+    # modalities whose inputs the file check counts with the very encoder the length check counts with
+    shared = {m for m in counted if isinstance(decoders.get(m), Decoder)
+              and (decoders[m].choice or EncoderChoice()) == (counter.choices.get(m) or EncoderChoice())}
+    shared_paths: dict[str, str] = {}  # input file -> its (shared) modality
+    parked: list[Sample] = []  # records waiting for their inputs' counts
     users: dict[str, list[tuple[str, int, str]]] = {}  # input file -> records using it
     seen_ids: dict[str, tuple[str, int]] = {}
     to_measure: list[Sample] = []
@@ -421,6 +498,24 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
 
     def add(issue: Issue) -> None:
         report.issues.append(issue)
+
+    def measure_parked(final: bool) -> None:
+        nonlocal parked
+        if final:
+            checker.finish()
+        else:
+            checker.drain()
+        for path, modality in list(shared_paths.items()):
+            if path in checker.done:
+                problem, count = checker.failed.get(path), checker.counts.get(path)
+                if problem is not None or count is not None:  # else the counter counts it itself
+                    counter.remember(modality, path, InputError(path, problem[1]) if problem else count)
+                del shared_paths[path]
+        waiting = [any(p in shared_paths for m in shared for p in s.inputs.get(m, ())) for s in parked]
+        ready = [s for s, wait in zip(parked, waiting) if not wait]
+        parked = [s for s, wait in zip(parked, waiting) if wait]
+        for start_at in range(0, len(ready), 1024):
+            _length_checks(lengths, ready[start_at:start_at + 1024], add)
 
     for file in files:
         source = str(file)
@@ -443,11 +538,22 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
             summary.reader = reader
             for sample in resolve(host.reader(reader).read)(Path(file), context=ctx):
                 ids.append((sample.index, sample.id))
-                _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities())
+                _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities(),
+                               decoders=decoders)
                 if lengths is not None:
-                    to_measure.append(sample)
                     if len(vocab_probe) < vocab.MAX_TEXTS:
                         vocab_probe.append(sample)
+                    waits = [p for m in shared for p in sample.inputs.get(m, ()) if p not in checker.done]
+                    if waits:  # measured once the file check has counted its inputs
+                        for m in shared:
+                            for p in sample.inputs.get(m, ()):
+                                if p not in checker.done:
+                                    shared_paths.setdefault(p, m)
+                        parked.append(sample)
+                        if len(parked) >= _PARKED:
+                            measure_parked(final=False)
+                        continue
+                    to_measure.append(sample)
                     if len(to_measure) >= 1024:
                         _length_checks(lengths, to_measure, add)
                         to_measure.clear()
@@ -476,6 +582,8 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
             add(Issue(vocab_probe[0].source, None, None, WARNING, "unknown_words", warning))
 
     say(f"checking {len(checker)} input files")
+    if parked:
+        measure_parked(final=True)
     failed = checker.finish()
     report.inputs_checked = len(checker)
     for path, (kind, reason) in failed.items():
@@ -489,7 +597,8 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
 
 def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issue], None],
                    checker: FileChecker, users: dict[str, list[tuple[str, int, str]]],
-                   seen_ids: dict[str, tuple[str, int]], installed: Mapping[str, Any] | None = None) -> None:
+                   seen_ids: dict[str, tuple[str, int]], installed: Mapping[str, Any] | None = None,
+                   decoders: Mapping[str, Any] | None = None) -> None:
     from mmkit.data.sources import ignored_key_reason
 
     for key in sample.meta.get("unknown_keys", ()):  # training refuses such records (or skips them)
@@ -504,16 +613,17 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
         seen_ids[sample.id] = (sample.source, sample.index)
     for modality, paths in sample.inputs.items():
         for path in paths:
-            checker.add(path, _decoder(specs[modality]) if checker.preprocess else specs[modality].load)
+            checker.add(path, (decoders or {}).get(modality) or specs[modality].load)
             users.setdefault(path, []).append((sample.source, sample.index, sample.id))
 
 
-def _decoder(spec: Any) -> Any:
-    """The modality's ``load``, then its tiny encoder's ``preprocess`` (mmkit.data.preprocess_check), so
-    a file that validates does not fail at training; a plugin given as callables is only loaded."""
+def _decoder(spec: Any, choice: EncoderChoice | None = None, *, counting: bool = False) -> Any:
+    """The modality's ``load``, then the chosen (default: tiny) encoder's ``preprocess``
+    (mmkit.data.preprocess_check), so a file that validates does not fail at training; a plugin given
+    as callables is only loaded. ``counting``: a :class:`Decoder`, which also counts each input."""
     from mmkit.data import preprocess_check
 
-    return preprocess_check.decoder(spec)
+    return preprocess_check.decoder(spec, choice, counting=counting)
 
 
 def _length_checks(lengths: PromptLengths, samples: Sequence[Sample], add: Callable[[Issue], None]) -> None:
