@@ -192,6 +192,42 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(uninterrupted: Path) -> 
             trainable=trainable, on_world_size_change="refuse")
 
 
+def test_restored_hyperparameters_follow_this_runs_configuration() -> None:
+    """Unchanged options give back the very rates saved; a changed lr or weight decay replaces the
+    restored one at the same point of the schedule."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mmkit.training.checkpoint.resume import Hyperparameters
+
+    def schedule(lr: float, weight_decay: float, total: int = 10):
+        params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+        groups = [{"params": params[:1], "lr": 2 * lr}, {"params": params[1:], "lr": lr}]  # projectors, LoRA
+        return get_cosine_schedule_with_warmup(torch.optim.AdamW(groups, weight_decay=weight_decay), 2, total)
+
+    saved = schedule(1e-3, 0.0)
+    for _ in range(5):
+        saved.optimizer.step()
+        saved.step()
+    state = (saved.optimizer.state_dict(), saved.state_dict())
+    saved_lrs = [g["lr"] for g in saved.optimizer.param_groups]
+    for lr, weight_decay, total in [(1e-3, 0.0, 10), (3e-3, 0.1, 10), (1e-3, 0.0, 20)]:
+        resumed = schedule(lr, weight_decay, total)
+        configured = Hyperparameters.of(resumed)
+        resumed.optimizer.load_state_dict(state[0])
+        resumed.load_state_dict(state[1])
+        configured.restore(resumed)
+        groups = resumed.optimizer.param_groups
+        fresh = schedule(lr, weight_decay, total)  # the rates this configuration gives at step 5
+        for _ in range(5):
+            fresh.optimizer.step()
+            fresh.step()
+        assert [g["lr"] for g in groups] == [g["lr"] for g in fresh.optimizer.param_groups] == resumed.get_last_lr()
+        assert [g["weight_decay"] for g in groups] == [weight_decay] * 2
+        if (lr, weight_decay, total) == (1e-3, 0.0, 10):
+            assert [g["lr"] for g in groups] == saved_lrs  # bit for bit: an exact resume stays exact
+
+
 @pytest.mark.slow
 def test_a_changed_learning_rate_and_weight_decay_apply_after_resuming(tiny, uninterrupted: Path,
                                                                        tmp_path: Path) -> None:
