@@ -207,3 +207,39 @@ def test_validation_imports_no_torch(root):
             "assert r.ok, r.issues; assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_variable_inputs_counted_by_the_parallel_file_check_feed_the_length_check(root, tiny_llm, monkeypatch):
+    """With the run's anyres encoder, the pool workers' file check counts each image and the length
+    check uses those counts (the main process never preprocesses one), also when records wait for
+    their counts in several rounds."""
+    from mmkit.data import preprocess_check, validate as module
+    from mmkit.data.preprocess_check import encoder_choices
+    from mmkit.data.validate import prompt_lengths_for
+    from mmkit.plugins import get_host
+
+    monkeypatch.setattr(module, "_CHUNK", 3)
+    monkeypatch.setattr(module, "_POOL_THRESHOLD", 1)
+    monkeypatch.setattr(module, "_PARKED", 4)
+    rng = np.random.default_rng(2)
+    records = []
+    for i in range(10):
+        h, w = (32, 64) if i % 2 else (48, 16)  # 52 and 76 slots
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img" / f"v{i}.png")
+        records.append({"id": f"v{i}", "image": f"img/v{i}.png", "conversations": conv("<image> What?", "a")})
+    records.append({"id": "bad", "image": "img/broken.png", "conversations": conv("<image> What?", "a")})
+    choices = encoder_choices(["image"], encoder_options={"image": {"anyres": True}})
+    lengths = prompt_lengths_for(str(tiny_llm()), {"image": get_host().modality("image").markers}, {"image": None},
+                                 max_length=70, choices=choices)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the main process preprocessed an input to count it")
+
+    monkeypatch.setattr(preprocess_check, "count_tokens", not_here)
+    report = validate([write(root, records)], modalities=["image"], lengths=lengths, workers=2, preprocess=True,
+                      choices=choices)
+    too_long = sorted(i.id for i in report.errors if i.kind == "too_long")
+    assert too_long == [f"v{i}" for i in range(0, 10, 2)]  # the tall ones (76 slots)
+    assert all("(1 image x 76)" in i.reason for i in report.errors if i.kind == "too_long")
+    assert [(i.id, i.kind) for i in report.errors if i.kind != "too_long"] == [("bad", "corrupt_file")]
+    assert {v for v in lengths.counter._seen.values() if isinstance(v, int)} == {52, 76}
