@@ -60,6 +60,7 @@ def test_validate_command_exit_codes_and_report(data):
 
     usage = run_mmkit("data", "validate", "--help")
     assert usage.returncode == 0 and "--tokens-per-input" in usage.stdout
+    assert "--config" in usage.stdout and "encoder_options.image.anyres=true" in usage.stdout  # the run's encoders
 
 
 @pytest.mark.slow
