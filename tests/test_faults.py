@@ -72,6 +72,47 @@ def test_out_of_memory_advice_names_the_knobs() -> None:
         assert needle in text
 
 
+def test_fault_policies_decide_from_the_agreed_flags() -> None:
+    import torch
+
+    from mmkit.training.config import TrainConfig
+
+    local = faults.StepFaults()
+    assert not faults.agree(local, world=1).skip
+    local.nonfinite.append("loss nan on process 0, records a")
+    agreed = faults.agree(local, world=1)
+    assert agreed.skip and agreed.nonfinite and not agreed.out_of_memory
+
+    stop = faults.NonFinitePolicy("stop")
+    with pytest.raises(faults.TrainingError, match=r"non-finite loss at step 4 \(epoch 1, step 2 of the epoch\): "
+                                                   r"loss nan on process 0, records a\. No update was applied"):
+        stop.before_update(agreed, local.nonfinite, world=1, step=4, epoch=1, step_in_epoch=1, last_checkpoint=None)
+    skip = faults.NonFinitePolicy("skip", max_consecutive=2)
+    skip.before_update(agreed, local.nonfinite, world=1, step=4, epoch=1, step_in_epoch=1, last_checkpoint=None)
+    skip.after_skip(agreed, step=4, last_checkpoint=None)
+    skip.after_skip(faults.Agreed(nonfinite=False, out_of_memory=True), step=5, last_checkpoint=None)  # resets
+    skip.after_skip(agreed, step=6, last_checkpoint=None)
+    with pytest.raises(faults.TrainingError, match="2 steps in a row up to step 7 had a non-finite loss"):
+        skip.after_skip(agreed, step=7, last_checkpoint="ck")
+
+    cfg = TrainConfig(llm="x")
+    oom = faults.OutOfMemoryPolicy("stop", cfg=cfg, device=torch.device("cpu"))
+    assert not oom.recover(MemoryError(), step=3)
+    assert "out of memory at step 3 on cpu" in str(oom.error(MemoryError("boom"), step=3))
+    oom = faults.OutOfMemoryPolicy("skip", cfg=cfg, device=torch.device("cpu"), max_consecutive=2)
+    assert oom.recover(MemoryError(), step=3)
+    hit = faults.Agreed(nonfinite=False, out_of_memory=True)
+    oom.after_skip(hit, step=3)
+    assert oom.skipped_steps == 1
+    with pytest.raises(faults.TrainingError, match="out of memory in 2 steps in a row up to step 4"):
+        oom.after_skip(hit, step=4)
+
+    broken = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    assert faults.CollectiveFailurePolicy(rank=0, world=1, timeout_s=5).error(broken, step=2, last_checkpoint=None) is None
+    error = faults.CollectiveFailurePolicy(rank=1, world=2, timeout_s=5).error(broken, step=2, last_checkpoint=None)
+    assert "process 1 of 2: a collective operation failed at step 2" in str(error)
+
+
 # -- end to end ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_nonfinite_loss_on_one_process_skips_the_step_everywhere(tiny, tmp_path: Path) -> None:
