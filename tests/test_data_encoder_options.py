@@ -130,6 +130,7 @@ def test_validate_measures_lengths_with_the_runs_encoder_preprocessing_each_inpu
     assert status == {"square": "error", "wide": "ok", "tall": "error"}
     reasons = [i["reason"] for r in report["records"] for i in r["issues"] if i["kind"] == "too_long"]
     assert any("(1 image x 88)" in r for r in reasons) and any("(1 image x 76)" in r for r in reasons)
+    assert "inputs preprocessed with the run's encoders: image: clip {'anyres': True}" in report["summary"]["notes"]
     assert len(seen) == 3, seen  # each image preprocessed once: the file check counted it for the length check
 
     plain = json.loads(cli("validate", data, "--llm", tiny_llm(), "--modalities", "image", "--max-length", wide,

@@ -309,7 +309,8 @@ def _check_chunk(items: Sequence[tuple[Any, str]], decode: bool) -> list[Result]
     for ref, path in items:
         p = Path(path)
         if not decode:
-            out.append((path, None if p.is_file() else ("missing_file", f"file not found: {path}"), None))
+            present = p.is_file() or p.is_dir()  # a folder can be one input (e.g. numbered frames)
+            out.append((path, None if present else ("missing_file", f"file not found: {path}"), None))
             continue
         load = loaders.get(ref)
         if load is None:
@@ -478,6 +479,10 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
                             "for a non-default encoder)")
     if not decode_files:
         report.notes.append("input files were checked for existence only (--no-decode)")
+    chosen = {m: c for m, c in choices.items() if m in specs and c != EncoderChoice()}
+    if chosen and preprocess and decode_files:
+        report.notes.append("inputs preprocessed with the run's encoders: " + "; ".join(
+            f"{m}: {_describe(specs[m], c)}" for m, c in chosen.items()))
 
     checker = FileChecker(decode=decode_files, workers=workers,
                           processes=all(isinstance(spec.load, str) for spec in specs.values()))
@@ -615,6 +620,19 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
         for path in paths:
             checker.add(path, (decoders or {}).get(modality) or specs[modality].load)
             users.setdefault(path, []).append((sample.source, sample.index, sample.id))
+
+
+def _describe(spec: Any, choice: EncoderChoice) -> str:
+    """``clip (pretrained P) {'anyres': True}, projector resampler`` for the report's note."""
+    text = choice.encoder or spec.encoder
+    if choice.pretrained:
+        text += f" (pretrained {choice.pretrained})"
+    if choice.options:
+        text += f" {dict(choice.options)}"
+    if choice.projector or choice.projector_options:
+        text += f", projector {choice.projector or spec.projector}"
+        text += f" {dict(choice.projector_options)}" if choice.projector_options else ""
+    return text
 
 
 def _decoder(spec: Any, choice: EncoderChoice | None = None, *, counting: bool = False) -> Any:
