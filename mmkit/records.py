@@ -112,7 +112,8 @@ def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: 
                 os.path.abspath(full)).startswith(root_abs.rstrip(os.sep) + os.sep) else ""
             raise DataError(source, index, f"path {raw!r} escapes the data root {root}{via} "
                                            "(pass --allow-outside-root to permit it)", kind="path")
-    if ctx.check_files and not full.is_file():
+    # A folder can be one input (a plugin whose loader reads a directory, e.g. numbered frames).
+    if ctx.check_files and not (full.is_file() or full.is_dir()):
         raise DataError(source, index, f"file not found: {full}", kind="missing_file")
     return str(full)
 

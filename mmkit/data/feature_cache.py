@@ -47,6 +47,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def content_hash(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
+    if os.path.isdir(path):
+        # A folder input (e.g. numbered frames): every file's relative name and content, in name order,
+        # so renaming, adding, removing or changing any of them changes the key.
+        root = Path(path)
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + content_hash(file).encode())
+        return digest.hexdigest()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)

@@ -177,3 +177,28 @@ def test_corrupt_video_file(tmp_path: Path) -> None:
     pytest.importorskip("av")
     (tmp_path / "garbage.mp4").write_bytes(bytes(range(256)) * 16)
     _refused(tmp_path / "garbage.mp4", "not a readable video")
+
+
+# -- a folder is one input to mmkit's data path ----------------------------------------------------
+def test_records_and_feature_cache_take_a_frame_folder(tmp_path: Path) -> None:
+    from mmkit.data.feature_cache import content_hash
+    from mmkit.errors import DataError
+    from mmkit.plugins import PluginHost
+    from mmkit.records import ReadContext, parse_record
+
+    folder = write_folder(tmp_path / "clip", frames(3))
+    record = {"id": "a", "video": "clip",
+              "conversations": [{"from": "human", "value": "<video>\nWhich way?"}, {"from": "gpt", "value": "up"}]}
+    ctx = ReadContext(modalities=PluginHost().modalities(), data_root=tmp_path, check_files=True)
+    sample = parse_record(record, ctx=ctx, base=tmp_path, source="t", index=0)
+    assert list(sample.inputs["video"]) == [str(folder)]
+    with pytest.raises(DataError, match="file not found"):
+        parse_record({**record, "video": "elsewhere"}, ctx=ctx, base=tmp_path, source="t", index=0)
+    # The cache key follows every frame's name and bytes.
+    key = content_hash(folder)
+    assert content_hash(folder) == key
+    Image.fromarray(frames(3)[::-1][0]).save(folder / "frame_0000.png")
+    changed = content_hash(folder)
+    assert changed != key
+    (folder / "frame_0002.png").rename(folder / "frame_0003.png")
+    assert content_hash(folder) not in (key, changed)
