@@ -115,7 +115,9 @@ def inspect_record(prompts: PromptBuilder, sample: Sample, counter: Any = None) 
     """The ``--json`` entry for one record (``error`` instead of the encoding when it does not encode).
 
     Inputs of a variable-size modality are counted by preprocessing them (``counter``: ``sample ->
-    input_tokens``, default :class:`~mmkit.data.validate.InputTokenCounter` over the installed plugins)."""
+    input_tokens``, default :class:`~mmkit.data.validate.InputTokenCounter` over the installed plugins'
+    tiny encoders; ``InputTokenCounter(modalities, choices=encoder_choices(...))`` counts with a run's
+    encoders, as ``mmkit data inspect --config`` / ``--set`` does)."""
     base: dict[str, Any] = {"id": sample.id, "file": sample.source, "record": sample.index}
     input_tokens = None
     try:
