@@ -250,7 +250,7 @@ def test_choice_mode_picks_the_most_likely_option(saved_run, mm_host, tmp_path):
         inputs = {m: torch.stack([model.preprocess[m](Path(p)) for p in paths]) for m, paths in sample.inputs.items()}
         with torch.no_grad():
             loss = model.model(ids, torch.ones_like(ids), labels=labels, inputs=inputs,
-                               adapters=["shared"] if model.adapters else None).loss
+                               modalities=[sample.modalities]).loss
         n = int((labels[:, 1:] != -100).sum())
         assert got == pytest.approx(-float(loss) * n, rel=1e-4, abs=1e-4)
 
