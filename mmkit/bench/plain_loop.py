@@ -71,7 +71,7 @@ class PlainLlavaLoop:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
                 "num_tokens": sum(lengths), "num_slots": len(items) * max(lengths),
                 "inputs": {m: self.stock_input(m, torch.stack(t)) for m, t in inputs.items()},
-                "adapters": [item["adapter"] for item in items], "ids": [item["id"] for item in items]}
+                "modalities": [item["modalities"] for item in items], "ids": [item["id"] for item in items]}
 
     def stock_input(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """What a stock encoder takes. An encoder whose ``preprocess`` also does weight-free work that
@@ -131,7 +131,7 @@ class PlainLlavaLoop:
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.model.lora is not None:
-            self.model.lora.set_routes(batch["adapters"], self.device)
+            self.model.lora.route(batch["modalities"], self.device)
         embeds, attention, labels = self.splice(batch, self.features(batch["inputs"]))
         return self.model.llm(inputs_embeds=embeds, attention_mask=attention, labels=labels, use_cache=False).loss
 
