@@ -209,17 +209,24 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
     encoders = {m: model.encoders[m] for m in modalities}
     counters = input_counters(encoders, {m: model.projectors[m] for m in modalities})
     collate = collate_fns(encoders)
-    cache = None
+    cache, in_workers = None, False
     if cfg.cache_features:
         from mmkit.data.feature_cache import open_training_cache
         from mmkit.training.distributed import all_gather_objects, barrier
 
-        cache = open_training_cache(cfg.cache_features, host=host, encoders={m: model.encoders[m] for m in modalities},
+        where = cfg.cache_features
+        if where == "auto":
+            # a cache inside the run, filled by the loader workers during the first epoch (frozen
+            # encoders on the CPU, off the training step); ZeRO-3 or a GPU encoder: filled before training
+            where = str(Path(cfg.output_dir) / "feature_cache")
+            in_workers = cfg.num_workers > 0 and cfg.zero_stage != 3 and device().type == "cpu"
+        cache = open_training_cache(where, host=host, encoders={m: model.encoders[m] for m in modalities},
                                     samples=samples, preprocess=preprocess, precision=cfg.precision, device=device(),
                                     batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, rank=rank,
                                     world=world, barrier=barrier, gather=all_gather_objects,
                                     console=logs.console() if rank == 0 else None,
-                                    strict=not cfg.skip_bad_records)
+                                    strict=not cfg.skip_bad_records, fill=not in_workers)
+    worker_encoders = encoders if in_workers else None
     dataset = SampleDataset(samples, assembled.prompts, preprocess, counters=counters,
                             skip_bad_records=cfg.skip_bad_records, cache=cache, defer_errors=True)
     grad_accum, _ = batch_geometry(micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
@@ -228,7 +235,7 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
         sampler = GlobalBatchSampler(len(dataset), micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum,
                                      rank=rank, world_size=world, seed=cfg.seed, shuffle=cfg.shuffle)
         source, collator = dataset, Collator(pad_id=assembled.tokenizer.pad_token_id, collate=collate,
-                                             record_skipped=False)
+                                             record_skipped=False, encoders=worker_encoders)
     else:
         from mmkit.data.packing import make_batching, sample_lengths
 
@@ -237,7 +244,7 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
             cfg.batching, samples, dataset, prompts=assembled.prompts, pad_id=assembled.tokenizer.pad_token_id,
             micro_batch_size=cfg.micro_batch_size, grad_accum=grad_accum, rank=rank, world_size=world, seed=cfg.seed,
             shuffle=cfg.shuffle, pack_max_tokens=cfg.pack_max_tokens, collate=collate,
-            mix_rows=model.lora is None or len(model.lora.adapters) == 1,
+            mix_rows=model.lora is None or len(model.lora.adapters) == 1, encoders=worker_encoders,
             lengths=sample_lengths(assembled.prompts, samples, input_tokens=tokens))
     # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
     loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, collate_fn=collator,
