@@ -23,7 +23,8 @@ def _records(image: Path, cloud: Path) -> list[dict]:
     return good + [
         {"id": "with-cloud", "image": str(image), "pointcloud": str(cloud),
          "conversations": [{"from": "human", "value": "<image> What is shown here ?"}, {"from": "gpt", "value": "no"}]},
-        {"id": "with-video", "video": "clip.mp4",
+        # "sonar": a key of no installed modality ("video" was one until the image plugin registered it)
+        {"id": "with-sonar", "sonar": "ping.bin",
          "conversations": [{"from": "human", "value": "What is shown here ?"}, {"from": "gpt", "value": "yes"}]},
     ]
 
@@ -36,7 +37,7 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 @pytest.mark.slow
 def test_training_refuses_inputs_it_would_ignore_or_skips_and_names_them(tmp_path, mm_host, tiny_llm, input_files):
-    """Before: both records trained without their point cloud / video, without a word."""
+    """Before: both records trained without their point cloud / sonar input, without a word."""
     from mmkit.training import recipe
     from mmkit.training.config import resolve_config
 
@@ -60,7 +61,7 @@ def test_training_refuses_inputs_it_would_ignore_or_skips_and_names_them(tmp_pat
     summary = recipe.train(resolve_config(None, {**options, "output_dir": str(out), "skip_bad_records": True}))
     assert summary["skipped_records"] == 2
     named = (out / "skipped.jsonl").read_text()
-    assert "with-cloud" in named and "with-video" in named and "unknown key 'video'" in named
+    assert "with-cloud" in named and "with-sonar" in named and "unknown key 'sonar'" in named
 
 
 def test_validate_names_an_installed_but_unselected_modality(tmp_path, mm_host, input_files):
@@ -76,7 +77,7 @@ def test_validate_names_an_installed_but_unselected_modality(tmp_path, mm_host, 
     texts = [issue.reason if hasattr(issue, "reason") else str(issue) for issue in report.warnings]
     joined = " | ".join(map(str, texts))
     assert "key 'pointcloud' holds pointcloud input, but pointcloud is not among the selected modalities" in joined
-    assert "unknown key 'video': not a field of the format nor a data key of any installed modality" in joined
+    assert "unknown key 'sonar': not a field of the format nor a data key of any installed modality" in joined
 
 
 def _ctx(host, root: Path | None = None, **kw) -> ReadContext:
