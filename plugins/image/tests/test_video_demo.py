@@ -89,7 +89,9 @@ def test_frozen_features_keep_the_motion(demo) -> None:
         rows = []
         with torch.no_grad():
             for record in records:
-                frames = encoder.frame_encoder(encoder.preprocess(load_video(root / record["video"])))
+                video = load_video(root / record["video"])
+                ends = video.read([0, video.num_frames - 1])  # only the two frames the probe reads
+                frames = encoder.frame_encoder(torch.stack([encoder.frame_encoder.preprocess(f) for f in ends]))
                 rows.append((frames[-1] - frames[0]).flatten())
         return torch.stack(rows), torch.tensor([ANSWERS.index(_answer(r)) for r in records])
 
