@@ -35,11 +35,13 @@ def write_folder(folder: Path, clip: np.ndarray, names: list[str] | None = None)
     return folder
 
 
-def write_mp4(path: Path, clip: np.ndarray, fps: int = 10) -> Path:
+def write_mp4(path: Path, clip: np.ndarray, fps: int = 10, gop: int | None = None) -> Path:
     av = pytest.importorskip("av")
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop  # a keyframe every gop frames
         for frame in clip:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -114,6 +116,25 @@ def test_mp4_through_pyav(tmp_path: Path) -> None:
     assert [img.size for img in got] == [(32, 32)] * 4
     # Lossy, but the grey levels of the sampled frames (1, 3, 6, 8) come through.
     assert np.allclose(grey_levels(got), [20, 60, 120, 160], atol=6)
+
+
+def test_long_video_seeks_to_the_sampled_frames(tmp_path: Path) -> None:
+    """Sampled frames are reached by seeking (a group of pictures each), and are exactly the frames a
+    decode from the start gives."""
+    from mmkit_plugin_image.video_io import _read_av, _seek_av
+
+    clip = np.zeros((60, 32, 32, 3), np.uint8)
+    for t in range(60):
+        clip[t] = 4 * t
+    path = write_mp4(tmp_path / "long.mp4", clip, gop=12)
+    video = load_video(path)
+    assert video.num_frames == 60 and len(video.frame_pts) == 60
+    picked = sample_indices(60, 8)
+    seeking = _seek_av(path, picked, video.frame_pts)
+    assert seeking is not None
+    from_start = _read_av(path, picked, 60)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(seeking, from_start))
+    assert np.allclose(grey_levels(video.read(picked)), [4 * i for i in picked], atol=6)
 
 
 def test_video_clips_pickle(tmp_path: Path) -> None:

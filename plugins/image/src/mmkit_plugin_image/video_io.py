@@ -56,6 +56,7 @@ class VideoClip:
     num_frames: int
     frame_files: tuple[str, ...] = ()  # kind "frames": the files in frame order
     images: tuple[Image.Image, ...] = ()  # kind "memory": the frames themselves
+    frame_pts: tuple[int, ...] = ()  # kind "av": each frame's presentation time, in order (for seeking)
 
     def read(self, indices: Sequence[int]) -> list[Image.Image]:
         bad = [i for i in indices if not 0 <= i < self.num_frames]
@@ -68,6 +69,10 @@ class VideoClip:
         if self.kind == "pillow":
             return _read_pillow(Path(self.path), indices)
         if self.kind == "av":
+            if len(self.frame_pts) == self.num_frames:
+                frames = _seek_av(Path(self.path), indices, self.frame_pts)
+                if frames is not None:
+                    return frames
             return _read_av(Path(self.path), indices, self.num_frames)
         raise ValueError(f"unknown clip kind {self.kind!r}")
 
@@ -234,7 +239,10 @@ def _load_av(path: Path) -> VideoClip:
                 raise InputError(path, "no video stream in the file")
             stream = container.streams.video[0]
             # Count frames by demuxing (cheap: no decoding); the header's count is often missing or wrong.
-            count = sum(1 for packet in container.demux(stream) if packet.size)
+            pts = [packet.pts for packet in container.demux(stream) if packet.size]
+            count = len(pts)
+            # Presentation times in display order, to seek to a sampled frame instead of decoding up to it.
+            frame_pts = tuple(sorted(pts)) if None not in pts and len(set(pts)) == count else ()
         if count == 0:
             raise InputError(path, "the video stream holds no frames")
         with av.open(str(path)) as container:
@@ -250,7 +258,36 @@ def _load_av(path: Path) -> VideoClip:
         raise
     except Exception as exc:  # av.error.FFmpegError and its subclasses, EOFError, ...
         raise InputError(path, f"not a readable video: {type(exc).__name__}: {exc}") from None
-    return VideoClip(path=str(path), kind="av", num_frames=count)
+    return VideoClip(path=str(path), kind="av", num_frames=count, frame_pts=frame_pts)
+
+
+def _seek_av(path: Path, indices: Sequence[int], frame_pts: Sequence[int]) -> list[Image.Image] | None:
+    """The frames at ``indices``, each reached by seeking to the keyframe before it and decoding
+    forward (at most a group of pictures per sampled frame, not the whole video). ``None`` when the
+    container does not seek exactly (the caller then decodes from the start)."""
+    av = _av()
+    if av is None:
+        return None
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for index in indices:
+                target = frame_pts[index]
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                found = None
+                for frame in container.decode(stream):
+                    if frame.pts is None or frame.pts > target:
+                        return None  # landed after the frame, or no timestamps: not exact
+                    if frame.pts == target:
+                        found = frame.to_image().convert("RGB")
+                        break
+                if found is None:
+                    return None
+                frames.append(found)
+    except Exception:  # a container that cannot seek: decode from the start instead
+        return None
+    return frames
 
 
 def _read_av(path: Path, indices: Sequence[int], expected: int) -> list[Image.Image]:
