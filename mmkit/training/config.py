@@ -253,7 +253,8 @@ class TrainConfig:
     cache_features: str | None = option(
         None, resume=MAY_CHANGE, flag=True,
         help="Directory caching frozen-encoder features: each input is encoded once, later epochs and runs read "
-             "them (keyed on the file's bytes and the encoder's identity).")
+             "them (keyed on the file's bytes and the encoder's identity). 'auto': a cache inside the run, "
+             "filled by the loader workers in the first epoch (none with encoder_lora).")
     # bookkeeping
     log_every: int = option(10, resume=IGNORED, check=at_least(1), help="Steps between logged losses.")
     save_every: int = option(0, resume=IGNORED, flag=True, check=at_least(0, " (0: only at the end)"),
@@ -313,7 +314,7 @@ class TrainConfig:
             out.append(("pack_max_tokens", f"pack_max_tokens {self.pack_max_tokens} is below max_length "
                         f"{self.max_length}: a sample of max_length tokens must fit in one packed sequence",
                         ("max_length",)))
-        if self.cache_features and self.encoder_lora:
+        if self.cache_features not in (None, "auto") and self.encoder_lora:
             out.append(("cache_features", "cache_features with encoder_lora: a trained encoder's features cannot "
                         "be cached", ("encoder_lora",)))
         if not self.resume:
@@ -527,6 +528,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # One loader process prepares the next batch (decoding and sampling inputs, tokenising) on
     # the second core while this one trains: 1.4x the step rate of loading in-line.
     "num_workers": 1,
+    # The encoders are frozen: the loader worker encodes each input once, in the first epoch, into a
+    # cache inside the run; later epochs read it (the same losses, without the encoders' per-step cost).
+    "cache_features": "auto",
     "warmup_ratio": 0.05,
     "lora_r": 16,
     "lora_alpha": 32,

@@ -179,7 +179,7 @@ def _paths(cfg: TrainConfig, problems: Problems) -> None:
                          "directory (no such path)"))
     for field in ("output_dir", "cache_features"):
         value = getattr(cfg, field)
-        if value is not None:
+        if value is not None and not (field == "cache_features" and value == "auto"):  # auto: inside output_dir
             problem = writable_dir_problem(Path(value).expanduser())
             if problem:
                 problems.append((field, f"{field} {value}: {problem}"))
