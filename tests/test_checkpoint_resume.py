@@ -128,17 +128,27 @@ def test_a_corrupt_checkpoint_is_never_loaded_and_an_older_one_is_used(uninterru
     states.write_bytes(bytes(data))
     assert "does not match its sha256" in ckpt.verify(newest, 0)
 
+    import logging
+
+    from mmkit.training.logs import log
+
     printed: list[str] = []
 
-    class Console:
-        def print(self, text: str) -> None:
-            printed.append(text)
+    class Collect(logging.Handler):  # on the logger itself: logs.setup may have stopped propagation to pytest's
+        def emit(self, record: logging.LogRecord) -> None:
+            printed.append(f"{record.levelname} {record.getMessage()}")
 
     candidates, explicit = ckpt.resume_candidates("auto", out)
     assert [c.name for c in candidates] == ["step-00000008", "step-00000006"] and not explicit
-    chosen = ckpt.choose_checkpoint(candidates, explicit, rank=0, console=Console())
+    handler = Collect()
+    log.addHandler(handler)
+    try:
+        chosen = ckpt.choose_checkpoint(candidates, explicit, rank=0)
+    finally:
+        log.removeHandler(handler)
     assert chosen == out / "checkpoints" / "step-00000006"
-    assert "failed verification" in printed[0] and "trying an older one" in printed[0]
+    assert printed[0].startswith("WARNING checkpoint ") and "failed verification" in printed[0]
+    assert "trying an older one" in printed[0]
     with pytest.raises(CheckpointMismatchError, match="failed verification"):
         ckpt.choose_checkpoint(*ckpt.resume_candidates(str(newest), out), rank=0)
     (newest / "rng" / "rank-00000.safetensors").unlink()

@@ -200,10 +200,3 @@ def test_progress_is_plain_log_lines_when_not_a_terminal(monkeypatch):
         logs.log.removeHandler(handler)
         logs.log.setLevel(level)
     assert len(seen) == 1 and seen[0].startswith("step 15/20 (75%) loss 1.2346 4,321 tok/s elapsed 0:00:00 ETA ")
-    console = logs.LogConsole(logs.log)  # for functions that still take a console: WARNING, markup removed
-    logs.log.addHandler(handler)
-    try:
-        console.print("[yellow]checkpoint x failed verification[/]")
-    finally:
-        logs.log.removeHandler(handler)
-    assert seen[-1] == "checkpoint x failed verification"

@@ -13,7 +13,6 @@ plain line per logged step (so ``tail -f`` on a log file shows the run moving).
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from typing import Any
@@ -67,22 +66,6 @@ def setup(*, is_main: bool = True) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.propagate = False
-
-
-_MARKUP = re.compile(r"\[/?[a-z ]*\]")
-
-
-class LogConsole:
-    """A ``console``-shaped object (``.print``) for functions that still take one: each message goes
-    to the log at INFO (yellow ones at WARNING), without rich markup."""
-
-    def __init__(self, logger: logging.Logger = log):
-        self.logger = logger
-
-    def print(self, message: Any = "", *args: Any, **kwargs: Any) -> None:
-        text = str(message)
-        level = logging.WARNING if "[yellow]" in text or "[red]" in text else logging.INFO
-        self.logger.log(level, _MARKUP.sub("", text))
 
 
 def _clock(seconds: float) -> str:

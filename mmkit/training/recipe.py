@@ -1,6 +1,8 @@
 """The training recipe: data -> assembled model -> engine -> Trainer -> saved model -> evaluation.
 
-Read top to bottom; each step is one function call.
+:func:`train` admits the run (its output directory is a transaction, ``rundir.py``); ``_train`` then
+calls one stage per step, each a function below with one job: build the model, build the data,
+choose the resume point, make the engine, open the metrics log, train, finish and evaluate.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from mmkit.modeling.lora import LoraSettings
 from mmkit.modeling.persistence import check_fingerprint, load_into, model_dir, read_meta, save_model
 from mmkit.plugins import PluginHost, get_host
 from mmkit.specs import resolve
-from mmkit.training.checkpoint import TrainState, plan_resume, save_checkpoint, trim_metrics
+from mmkit.training.checkpoint import Resume, TrainState, plan_resume, save_checkpoint, trim_metrics
 from mmkit.training.config import TrainConfig, save_config
 from mmkit.training.faults import TrainingError, is_storage_error, storage_error
 from mmkit.modeling.loading import device
 from mmkit.training.distributed import init_distributed
 from mmkit.training.skipped import skipped_records, write_skipped
 from mmkit.training import logs
-from mmkit.training.logs import LogConsole, log
+from mmkit.training.logs import log
 from mmkit.training.trainer import Process, Trainer
 from mmkit.training.metrics_log import MetricsLog
 from mmkit.training.optim import PlainEngine, accept_plain_checkpoints, use_plain_step
@@ -155,7 +157,8 @@ def read_training_samples(cfg: TrainConfig, plan: RunPlan, host: PluginHost, ass
                                 "; ".join(ignored_key_reason(k, installed, plan.modalities) for k in ignored)
                                 + " (its content would be ignored in training)", kind="ignored_input")
             assembled.prompts.encode_sample(sample, input_tokens=counts)
-            missing = [p for paths in sample.inputs.values() for p in paths if not Path(p).is_file()]
+            missing = [p for paths in sample.inputs.values() for p in paths
+                       if not (Path(p).is_file() or Path(p).is_dir())]  # a folder can be one input
             if missing:
                 raise DataError(sample.source, sample.index, f"file not found: {missing[0]}", kind="missing_file")
         except DataError as exc:
@@ -210,7 +213,7 @@ def build_loader(cfg: TrainConfig, host: PluginHost, assembled: Assembled, sampl
     counters = input_counters(encoders, {m: model.projectors[m] for m in modalities})
     collate = collate_fns(encoders)
     cache, in_workers = None, False
-    if cfg.cache_features:
+    if cfg.cache_features and not (cfg.cache_features == "auto" and cfg.encoder_lora):  # auto: frozen encoders only
         from mmkit.data.feature_cache import open_training_cache
         from mmkit.training.distributed import all_gather_objects, barrier
 
@@ -364,13 +367,42 @@ def admit_run(cfg: TrainConfig, host: PluginHost, lock: RunLock, *, rank: int) -
 
 
 def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: int, world: int) -> dict[str, Any]:
-    import torch
-
+    """The admitted run, one stage per call: model, data, resume point, engine, training, outputs."""
     is_main = rank == 0
-    out = Path(cfg.output_dir)
     if is_main:
         for note in admission.notes:
             log.info("note: %s", note)
+    plan, assembled = build_model(cfg, host, world=world, is_main=is_main)
+    groups = trainable_parameters(assembled.model, cfg.stage)
+    data = build_data(cfg, host, plan, assembled, rank=rank, world=world)
+    record = RunRecord.of(cfg, plan, assembled, data)  # before DeepSpeed wraps the model
+    resume = choose_resume(cfg, assembled, record, rank=rank, world=world)
+    if is_main:
+        accept_run(cfg, plan, resume)
+    n_trainable = sum(p.numel() for group in groups.values() for p in group)  # before ZeRO-3 partitions them
+    engine, scheduler = make_engine(cfg, assembled.model, param_groups(cfg, groups), world=world,
+                                    total_steps=data.total_steps)
+    state = resume.after_engine(engine, scheduler, rank=rank, seed=cfg.seed) if resume is not None else TrainState()
+    metrics = open_metrics(cfg, state, resume, is_main=is_main)
+    if is_main:
+        announce(cfg, plan, data, engine, state, resume, world=world, n_trainable=n_trainable)
+    checkpoints = Checkpoints.start(cfg, engine, scheduler, assembled, record.run_info(cfg, data, world=world),
+                                    state, resume, rank=rank)
+    trainer = Trainer(cfg, engine, data.loader, data.sampler, scheduler, metrics,
+                      process=Process(rank, world, device()), save=checkpoints.save)
+    summary = trainer.run(state, data.total_steps, last_checkpoint=checkpoints.last)
+    checkpoints.final(state)
+    finish_run(cfg, summary, data, metrics, assembled, checkpoints.last, resume, rank=rank, world=world)
+    if is_main and plan.eval_sources:
+        summary["eval"] = evaluate_outputs(cfg, plan, host)
+    return summary
+
+
+def build_model(cfg: TrainConfig, host: PluginHost, *, world: int, is_main: bool) -> tuple[RunPlan, Assembled]:
+    """What the run trains on, and the assembled model (seeded), started from an align run under
+    ``--init-from``."""
+    import torch
+
     torch.manual_seed(cfg.seed)
     plan = plan_run(cfg, host)
     torch.manual_seed(cfg.seed)
@@ -380,90 +412,163 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
         for note in start_from(assembled, cfg.init_from, allow_base_mismatch=cfg.allow_base_mismatch):
             if is_main:
                 log.info("note: %s", note)
-    model = assembled.model
-    groups = trainable_parameters(model, cfg.stage)
+    return plan, assembled
+
+
+@attrs.frozen
+class TrainingData:
+    """The checked records, the batches made of them, and the run's length in optimizer steps."""
+
+    samples: list[Sample]
+    skipped: list[Skipped]  # records left out before training (--skip-bad-records)
+    loader: Batches
+    sampler: Any
+    collator: Collator  # also counts the records skipped while training
+    total_steps: int
+
+
+def build_data(cfg: TrainConfig, host: PluginHost, plan: RunPlan, assembled: Assembled, *, rank: int, world: int
+               ) -> TrainingData:
+    """Read and check every record, then make the loader (:func:`build_loader`)."""
     samples, skipped = read_training_samples(cfg, plan, host, assembled)
-    if is_main:
+    if rank == 0:
         from mmkit.data.vocab import unknown_words_warning
 
         warning = unknown_words_warning(assembled.tokenizer, samples)
         if warning:
             log.warning("warning: %s", warning)
-
     loader, sampler, collator = build_loader(cfg, host, assembled, samples, plan.modalities, rank=rank, world=world)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
+    return TrainingData(samples, skipped, loader, sampler, collator, total_steps)
 
-    # resume: pick and check a checkpoint before DeepSpeed wraps (and under ZeRO-3 partitions) the model
-    resolved = attrs.evolve(cfg, modalities=plan.modalities).to_dict()
-    geometry = {"micro_batch_size": cfg.micro_batch_size, "grad_accum": sampler.grad_accum,
-                "global_batch_size": sampler.global_batch_size, "num_samples": sampler.num_samples}
-    trainable = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    resume = plan_resume(resume=cfg.resume, output_dir=out, config=resolved, world_size=world, geometry=geometry,
-                         trainable=trainable, on_world_size_change=cfg.on_world_size_change, rank=rank,
-                         console=LogConsole() if is_main else None, trust=cfg.trust_checkpoint)
+
+@attrs.frozen
+class RunRecord:
+    """What a resume checks against and each checkpoint records: the resolved configuration, the
+    batch geometry and the trainable shapes (taken before DeepSpeed wraps, and ZeRO-3 partitions, the model)."""
+
+    config: dict[str, Any]
+    geometry: dict[str, int]
+    trainable: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, plan: RunPlan, assembled: Assembled, data: TrainingData) -> RunRecord:
+        sampler = data.sampler
+        return cls(config=attrs.evolve(cfg, modalities=plan.modalities).to_dict(),
+                   geometry={"micro_batch_size": cfg.micro_batch_size, "grad_accum": sampler.grad_accum,
+                             "global_batch_size": sampler.global_batch_size, "num_samples": sampler.num_samples},
+                   trainable={n: list(p.shape) for n, p in assembled.model.named_parameters() if p.requires_grad})
+
+    def run_info(self, cfg: TrainConfig, data: TrainingData, *, world: int) -> dict[str, Any]:
+        """The run's description saved in each checkpoint (its ``state.json``)."""
+        return {"world_size": world, **self.geometry, "zero_stage": cfg.zero_stage, "precision": cfg.precision,
+                "steps_per_epoch": data.sampler.steps_per_epoch, "total_steps": data.total_steps,
+                "config": self.config, "trainable": self.trainable, "versions": _versions()}
+
+
+def choose_resume(cfg: TrainConfig, assembled: Assembled, record: RunRecord, *, rank: int, world: int
+                  ) -> Resume | None:
+    """The checkpoint to resume from (``cfg.resume``), checked against this run, with the weights that
+    must load before the engine exists; ``None`` starts over."""
+    resume = plan_resume(resume=cfg.resume, output_dir=Path(cfg.output_dir), config=record.config, world_size=world,
+                         geometry=record.geometry, trainable=record.trainable,
+                         on_world_size_change=cfg.on_world_size_change, rank=rank, trust=cfg.trust_checkpoint)
     if resume is not None:
         resume.before_engine(assembled)
-    if is_main:  # the run is accepted: its configuration replaces an earlier one
-        _storage_guard(lambda: save_config(attrs.evolve(cfg, modalities=plan.modalities), out / "config.yaml"),
-                       f"{out / 'config.yaml'}", resume)
+    return resume
 
+
+def accept_run(cfg: TrainConfig, plan: RunPlan, resume: Resume | None) -> None:
+    """The run is accepted: its configuration (``config.yaml``) replaces an earlier one."""
+    out = Path(cfg.output_dir)
+    _storage_guard(lambda: save_config(attrs.evolve(cfg, modalities=plan.modalities), out / "config.yaml"),
+                   f"{out / 'config.yaml'}", resume)
+
+
+def param_groups(cfg: TrainConfig, groups: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The optimizer's groups: projectors and marker embeddings at ``projector_lr``, LoRA at ``lr``."""
     projector_lr = cfg.projector_lr or cfg.lr
-    param_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []), "lr": projector_lr}]
+    optimizer_groups = [{"params": groups.get("projectors", []) + groups.get("embeddings", []), "lr": projector_lr}]
     if "lora" in groups:
-        param_groups.append({"params": groups["lora"], "lr": cfg.lr})
-    n_trainable = sum(p.numel() for group in groups.values() for p in group)  # before ZeRO-3 partitions them
-    engine, scheduler = make_engine(cfg, model, param_groups, world=world, total_steps=total_steps)
+        optimizer_groups.append({"params": groups["lora"], "lr": cfg.lr})
+    return optimizer_groups
 
-    state = TrainState()
-    if resume is not None:
-        state = resume.after_engine(engine, scheduler, rank=rank, seed=cfg.seed)
+
+def open_metrics(cfg: TrainConfig, state: TrainState, resume: Resume | None, *, is_main: bool) -> MetricsLog:
+    """The metrics log, continuing at ``state``'s step."""
+    out = Path(cfg.output_dir)
     if is_main:  # a resumed run logs the steps after its checkpoint again
         _storage_guard(lambda: trim_metrics(out, state.step), f"{out / 'metrics.jsonl'}", resume)
     _barrier()
-    metrics = _storage_guard(lambda: MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main),
-                         f"the metrics log in {out}", resume)
-    if is_main:
-        log.info("mmkit train stage=%s modalities=%s llm=%s samples=%d steps=%d processes=%d global_batch=%d zero=%d "
-                 "precision=%s trainable=%s params optimizer=%s", cfg.stage, ",".join(plan.modalities),
-                 cfg.llm or "embedded demo (tiny LLaMA)", len(samples), total_steps, world, sampler.global_batch_size,
-                 cfg.zero_stage, cfg.precision, f"{n_trainable:,}",
-                 "torch" if isinstance(engine, PlainEngine) else "deepspeed")
-        if resume is not None:
-            log.info("resuming from %s (step %d, epoch %d)", resume.checkpoint, state.step, state.epoch)
-            for note in resume.notes:
-                log.info("  note: %s", note)
-            if state.step >= total_steps:
-                log.info("  the run had already reached step %d: nothing left to train (raise max_steps/epochs to "
-                         "continue, or --resume never to start over)", total_steps)
+    return _storage_guard(lambda: MetricsLog(out, tensorboard=cfg.tensorboard, enabled=is_main),
+                          f"the metrics log in {out}", resume)
 
-    run_info = {"world_size": world, **geometry, "zero_stage": cfg.zero_stage, "precision": cfg.precision,
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "config": resolved,
-                "trainable": trainable, "versions": _versions()}
-    saved_at: list[int] = [state.step] if resume is not None else []
 
-    def save(at: TrainState) -> str:
-        path = save_checkpoint(out, engine=engine, assembled=assembled, stage=cfg.stage, state=at,
-                               run_info={**run_info, "scheduler": scheduler.state_dict()}, keep_last=cfg.keep_last,
-                               rank=rank)
-        saved_at.append(at.step)
-        return str(path)
+def announce(cfg: TrainConfig, plan: RunPlan, data: TrainingData, engine: Any, state: TrainState,
+             resume: Resume | None, *, world: int, n_trainable: int) -> None:
+    """Process 0's opening lines: what runs, and where a resumed run picks up."""
+    log.info("mmkit train stage=%s modalities=%s llm=%s samples=%d steps=%d processes=%d global_batch=%d zero=%d "
+             "precision=%s trainable=%s params optimizer=%s", cfg.stage, ",".join(plan.modalities),
+             cfg.llm or "embedded demo (tiny LLaMA)", len(data.samples), data.total_steps, world,
+             data.sampler.global_batch_size, cfg.zero_stage, cfg.precision, f"{n_trainable:,}",
+             "torch" if isinstance(engine, PlainEngine) else "deepspeed")
+    if resume is not None:
+        log.info("resuming from %s (step %d, epoch %d)", resume.checkpoint, state.step, state.epoch)
+        for note in resume.notes:
+            log.info("  note: %s", note)
+        if state.step >= data.total_steps:
+            log.info("  the run had already reached step %d: nothing left to train (raise max_steps/epochs to "
+                     "continue, or --resume never to start over)", data.total_steps)
 
-    last: list[str | None] = [str(resume.checkpoint) if resume is not None else None]
 
-    def save_tracked(at: TrainState) -> str:
-        last[0] = save(at)
-        return last[0]
+@attrs.define
+class Checkpoints:
+    """The run's checkpoint saves (the Trainer's and the final one) and the newest checkpoint kept,
+    which a later failed write names."""
 
-    trainer = Trainer(cfg, engine, loader, sampler, scheduler, metrics, process=Process(rank, world, device()),
-                      save=save_tracked)
-    summary = trainer.run(state, total_steps, last_checkpoint=last[0])
-    if not saved_at or saved_at[-1] != state.step:
-        save_tracked(state)  # the final checkpoint
-    summary["skipped_records"] = len(skipped) + _skipped_in_training(collator, world)
-    left_out = skipped_records(skipped, collator.skipped, world=world)  # each named in RUN/skipped.jsonl
+    cfg: TrainConfig
+    engine: Any
+    scheduler: Any
+    assembled: Assembled
+    run_info: dict[str, Any]
+    rank: int
+    saved_at: list[int]
+    last: str | None
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, engine: Any, scheduler: Any, assembled: Assembled, run_info: dict[str, Any],
+              state: TrainState, resume: Resume | None, *, rank: int) -> Checkpoints:
+        """A resumed run starts with its checkpoint as the newest, saved at the restored step."""
+        return cls(cfg, engine, scheduler, assembled, run_info, rank,
+                   saved_at=[state.step] if resume is not None else [],
+                   last=str(resume.checkpoint) if resume is not None else None)
+
+    def save(self, at: TrainState) -> str:
+        path = save_checkpoint(Path(self.cfg.output_dir), engine=self.engine, assembled=self.assembled,
+                               stage=self.cfg.stage, state=at,
+                               run_info={**self.run_info, "scheduler": self.scheduler.state_dict()},
+                               keep_last=self.cfg.keep_last, rank=self.rank)
+        self.saved_at.append(at.step)
+        self.last = str(path)
+        return self.last
+
+    def final(self, state: TrainState) -> None:
+        """The final checkpoint, unless the last save was at this very step."""
+        if not self.saved_at or self.saved_at[-1] != state.step:
+            self.save(state)
+
+
+def finish_run(cfg: TrainConfig, summary: dict[str, Any], data: TrainingData, metrics: MetricsLog,
+               assembled: Assembled, last_checkpoint: str | None, resume: Resume | None, *, rank: int, world: int
+               ) -> None:
+    """The run's outputs after training: the skipped records, the metrics log's closing line and the
+    model; ``summary`` gains the skipped count and the step resumed from."""
+    is_main, out = rank == 0, Path(cfg.output_dir)
+    summary["skipped_records"] = len(data.skipped) + _skipped_in_training(data.collator, world)
+    left_out = skipped_records(data.skipped, data.collator.skipped, world=world)  # each named in RUN/skipped.jsonl
     if is_main and left_out:
-        _storage_guard(lambda: write_skipped(out / "skipped.jsonl", left_out), f"{out / 'skipped.jsonl'}", last[0])
+        _storage_guard(lambda: write_skipped(out / "skipped.jsonl", left_out), f"{out / 'skipped.jsonl'}",
+                       last_checkpoint)
     summary["resumed_from_step"] = resume.step if resume is not None else None
 
     def finish_log() -> None:
@@ -471,8 +576,9 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
                                        "nonfinite_steps": summary["nonfinite_steps"]})
         metrics.close()
 
-    _storage_guard(finish_log, f"the metrics log in {out}", last[0])
-    _storage_guard(lambda: save_model(out, assembled, stage=cfg.stage, write=is_main), f"{out / 'model'}", last[0])
+    _storage_guard(finish_log, f"the metrics log in {out}", last_checkpoint)
+    _storage_guard(lambda: save_model(out, assembled, stage=cfg.stage, write=is_main), f"{out / 'model'}",
+                   last_checkpoint)
     _barrier()
     if is_main:
         if summary["steps_this_run"]:
@@ -480,14 +586,16 @@ def _train(cfg: TrainConfig, host: PluginHost, admission: Admission, *, rank: in
                      summary["steps"], summary["final_loss"], summary["tokens_per_s"], summary["skipped_records"])
         else:  # resumed at its end: no loss or rate was measured in this run
             log.info("saved %s (%d steps, none trained in this run)", out / "model", summary["steps"])
-    if is_main and plan.eval_sources:
-        from mmkit.evaluation.evaluate import evaluate_run, print_eval
 
-        results = evaluate_run(out, plan.eval_sources, chance=plan.chance, batch_size=cfg.eval_batch_size,
-                               max_new_tokens=cfg.eval_max_new_tokens, host=host)
-        print_eval(results, logs.console())
-        summary["eval"] = results
-    return summary
+
+def evaluate_outputs(cfg: TrainConfig, plan: RunPlan, host: PluginHost) -> dict[str, Any]:
+    """Process 0 evaluates the saved model on the run's evaluation sets (printed, and returned)."""
+    from mmkit.evaluation.evaluate import evaluate_run, print_eval
+
+    results = evaluate_run(Path(cfg.output_dir), plan.eval_sources, chance=plan.chance,
+                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens, host=host)
+    print_eval(results, logs.console())
+    return results
 
 
 def _storage_guard(write: Any, what: str, last_checkpoint: Any) -> Any:

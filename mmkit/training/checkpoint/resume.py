@@ -19,6 +19,7 @@ from mmkit.training.checkpoint.layout import (
 from mmkit.training.checkpoint.manifest import verify
 from mmkit.training.checkpoint.rng import load_rng, seed_fresh
 from mmkit.training.checkpoint.store import load_engine_state, load_trainable_weights
+from mmkit.training.logs import log
 
 
 def resume_candidates(resume: str, output_dir: Path) -> tuple[list[Path], bool]:
@@ -37,8 +38,9 @@ def resume_candidates(resume: str, output_dir: Path) -> tuple[list[Path], bool]:
     return found, True
 
 
-def choose_checkpoint(candidates: list[Path], explicit: bool, *, rank: int, console: Any = None) -> Path | None:
-    """The newest candidate every process finds intact (every process must call this)."""
+def choose_checkpoint(candidates: list[Path], explicit: bool, *, rank: int) -> Path | None:
+    """The newest candidate every process finds intact (every process must call this); process 0
+    logs each one passed over."""
     candidates = dist_util.broadcast_object([str(c) for c in candidates])
     for candidate in map(Path, candidates):
         problem = verify(candidate, rank)
@@ -48,8 +50,8 @@ def choose_checkpoint(candidates: list[Path], explicit: bool, *, rank: int, cons
         why = "; ".join(f"process {r}: {p}" for r, p in enumerate(problems) if p)
         if explicit and len(candidates) == 1:
             raise CheckpointMismatchError(f"checkpoint {candidate} failed verification: {why}")
-        if rank == 0 and console is not None:
-            console.print(f"[yellow]checkpoint {candidate} failed verification ({why}); trying an older one[/]")
+        if rank == 0:
+            log.warning("checkpoint %s failed verification (%s); trying an older one", candidate, why)
     if candidates:
         raise CheckpointMismatchError("no intact checkpoint under "
                                       f"{Path(candidates[0]).parent}: every candidate failed verification "
@@ -129,17 +131,17 @@ class Hyperparameters:
 
 def plan_resume(*, resume: str, output_dir: Path, config: dict[str, Any], world_size: int, geometry: dict[str, int],
                 trainable: dict[str, list[int]], on_world_size_change: str, rank: int,
-                console: Any = None, trust: bool = False) -> Resume | None:
+                trust: bool = False) -> Resume | None:
     """Pick the checkpoint to resume from (every process must call this), or ``None`` to start over."""
     if resume == "never":
         if rank == 0:
             dropped = start_over(output_dir)
-            if dropped and console is not None:
-                console.print(f"resume: never: removed {' and '.join(dropped)} of an earlier run in {output_dir}")
+            if dropped:
+                log.info("resume: never: removed %s of an earlier run in %s", " and ".join(dropped), output_dir)
         dist_util.barrier()
         return None
     candidates, explicit = resume_candidates(resume, output_dir)
-    chosen = choose_checkpoint(candidates, explicit, rank=rank, console=console)
+    chosen = choose_checkpoint(candidates, explicit, rank=rank)
     if chosen is None:
         return None
     saved = read_state(chosen)
