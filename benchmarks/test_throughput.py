@@ -47,8 +47,11 @@ def _items(benchmark, items: int, tokens_per_item: int) -> None:
 def test_encoder_throughput(benchmark, modality):
     c = components(HOST, modality, batch_size=BATCH, hidden=HIDDEN)
     out = benchmark(encode, c)
-    _items(benchmark, BATCH, c.encoder.num_tokens)
-    assert out.shape[:2] == (BATCH, c.encoder.num_tokens)
+    tokens = _rows_per_input(out)
+    _items(benchmark, BATCH, tokens)
+    assert tokens > 0 and _inputs(out) == BATCH
+    if c.encoder.num_tokens is not None:
+        assert out.shape[:2] == (BATCH, c.encoder.num_tokens)
 
 
 @pytest.mark.parametrize("projector", ["linear", "mlp", "resampler"])
@@ -57,5 +60,18 @@ def test_projector_throughput(benchmark, modality, projector):
     c = components(HOST, modality, batch_size=BATCH, hidden=HIDDEN, projector=projector)
     features = encode(c)
     out = benchmark(project, c, features)
-    _items(benchmark, BATCH, c.projector.num_output_tokens)
-    assert out.shape == (BATCH, c.projector.num_output_tokens, HIDDEN)
+    _items(benchmark, BATCH, _rows_per_input(out))
+    assert _inputs(out) == BATCH
+    if c.projector.num_output_tokens is not None:
+        assert out.shape == (BATCH, c.projector.num_output_tokens, HIDDEN)
+
+
+def _inputs(out) -> int:
+    """Inputs in a fixed ``[B, T, D]`` or a variable-size (``RaggedFeatures``) output."""
+    counts = getattr(out, "counts", None)
+    return len(counts) if counts is not None else out.shape[0]
+
+
+def _rows_per_input(out) -> float:
+    counts = getattr(out, "counts", None)
+    return sum(counts) / len(counts) if counts is not None else out.shape[1]

@@ -172,13 +172,15 @@ def test_plain_llava_loop_computes_mmkits_loss_on_the_same_batch(mm_host, tmp_pa
 
     rig = st.build_rig("demo", tmp_path, modalities=["image", "pointcloud"], host=mm_host, max_samples=24)
     st.add_variant(rig, "padded")
+    st.add_variant(rig, "online", cache_features=None)  # encode every step, as the plain loop does
     st.add_plain(rig)
-    dataset = rig.variants["padded"].loader.dataset
+    assert st.online(rig) == "online"
+    dataset = rig.variants["online"].loader.dataset
     items = [dataset[i] for i in range(12)]
     assert {m for item in items for m in item["inputs"]} == {"image", "pointcloud"}
     model = rig.assembled.model.eval()
     with torch.no_grad():
-        batch = rig.variants["padded"].loader.collate_fn(items)
+        batch = rig.variants["online"].loader.collate_fn(items)
         mmkit_loss = model(**model_inputs(batch, rig.dev)).loss
         plain_batch = rig.plain.collate(items)
         plain_loss = rig.plain.loss(plain_batch)
@@ -213,7 +215,7 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
             for unit in ("inputs_per_s", "tokens_per_s"):
                 assert figs[f"{what}/{m}/demo/bs2/{unit}"]["median"] > 0
         assert figs[f"ratio/{m}/wrapped_vs_raw_encoder"]["median"] > 0
-    for variant in ("padded", "cached", "packed", "grouped", "plain"):
+    for variant in ("padded", "online", "cached", "packed", "grouped", "stock", "plain"):
         assert figs[f"step/demo/{variant}/samples_per_s"]["median"] > 0
         assert figs[f"step/demo/{variant}/tokens_per_s"]["median"] > 0
         assert figs[f"step/demo/{variant}/cpu_ms"]["median"] > 0
@@ -222,10 +224,11 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
                             "other")]
         assert sum(shares) == pytest.approx(1.0)
     assert figs["step/demo/cached/share/encoders"]["median"] == 0.0  # cached features: no encoder in the step
-    assert figs["step/demo/padded/share/encoders"]["median"] > 0
+    assert figs["step/demo/online/share/encoders"]["median"] > 0  # the defaults cache features; online encodes
     assert 0 < figs["step/demo/padded/mfu"]["median"] < 1
     for name in ("mmkit_vs_plain", "cached_vs_online", "cached_vs_plain", "packed_vs_padded", "grouped_vs_padded",
-                 *(f"{v}_vs_plain_{unit}" for v in ("padded", "cached", "packed", "grouped") for unit in ("tokens", "cpu"))):
+                 *(f"{v}_vs_plain_{unit}" for v in ("padded", "online", "cached", "packed", "grouped")
+                   for unit in ("tokens", "cpu"))):
         assert figs[f"ratio/demo/{name}"]["median"] > 0
     # the point-cloud encoder offers stock inputs (grouping left to forward): the same step on those, in the same run
     assert figs["ratio/demo/preprocessed_vs_stock_inputs"]["median"] > 0
@@ -235,7 +238,7 @@ def test_quick_tiny_bench_writes_every_figure(tmp_path, mm_host):
     assert figs["ratio/demo/padded_vs_plain_tokens"]["median"] == pytest.approx(
         figs["ratio/demo/mmkit_vs_plain"]["median"])
     # the same batches: the plain loop sees mmkit's real tokens and padding
-    assert figs["step/demo/plain/padding"]["median"] == pytest.approx(figs["step/demo/padded/padding"]["median"])
+    assert figs["step/demo/plain/padding"]["median"] == pytest.approx(figs["step/demo/online/padding"]["median"])
     for word in ("training step", "where a step's time goes", "MFU", "mmkit_vs_plain", "matmul peak",
                  "each configuration against"):
         assert word in result.output

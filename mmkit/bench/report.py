@@ -7,9 +7,9 @@ from typing import Any
 from mmkit.bench.compare import Change
 
 #: The step variants the bench measures, named as a user configures them.
-CONFIGURATIONS = {"padded": "defaults", "cached": "cached", "packed": "packed", "grouped": "grouped",
-                  "stock": "stock inputs"}
-_ORDER = ("padded", "cached", "packed", "grouped", "stock", "plain")
+CONFIGURATIONS = {"padded": "defaults", "online": "online", "cached": "cached", "packed": "packed",
+                  "grouped": "grouped", "stock": "stock inputs"}
+_ORDER = ("padded", "online", "cached", "packed", "grouped", "stock", "plain")
 
 
 def _num(value: float, unit: str = "") -> str:
@@ -112,9 +112,10 @@ def _configurations_table(figs: dict[str, Any], steps: list[tuple[str, str]], co
     rows = [(p, v) for p, v in steps if f"ratio/{p}/{v}_vs_plain_tokens" in figs]
     if not rows:
         return
-    table = Table(title="each configuration against the plain LLaVA-style loop: real tokens/s per wall and "
-                        "per CPU second (cached: --cache-features; packed/grouped: --batching; stock inputs: "
-                        "the defaults with weight-free preprocessing left to every forward)")
+    table = Table(title="each configuration against the plain LLaVA-style loop: real tokens/s per wall and per "
+                        "CPU second (online: no feature cache, encoding every step; cached: --cache-features DIR, "
+                        "warm; packed/grouped: --batching; stock inputs: online with weight-free preprocessing "
+                        "left to every forward)")
     for col in ("step", "vs plain", "CPU vs plain", "enc share", "data share"):
         table.add_column(col, justify="left" if col == "step" else "right")
     for preset, variant in rows:

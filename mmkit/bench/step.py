@@ -2,9 +2,10 @@
 driven with timing wrappers around its loader, engine and log, and module hooks on the encoders
 and projectors; and the plain LLaVA-style loop (``plain_loop.py``) under the same timers.
 
-Each variant (padded, cached, packed, grouped, plain) runs ``steps`` optimizer steps per round and
-the rounds interleave the variants, so a change in the machine's load hits all of them alike. The
-first step of every round is left out of the figures (it starts the loader's worker).
+Each variant (padded = the defaults, online, cached, packed, grouped, stock, plain) runs ``steps``
+optimizer steps per round and the rounds interleave the variants, so a change in the machine's load
+hits all of them alike. The first step of every round is left out of the figures (it starts the
+loader's worker).
 """
 
 from __future__ import annotations
@@ -344,9 +345,14 @@ def stock_encoders(rig: Rig) -> dict[str, Any]:
     return {m: enc for m, enc in rig.assembled.model.encoders.items() if callable(getattr(enc, "stock_input", None))}
 
 
+def online(rig: Rig) -> str:
+    """The variant that encodes every step: ``online`` when the defaults cache features, else ``padded``."""
+    return "online" if "online" in rig.variants else "padded"
+
+
 def add_stock(rig: Rig) -> Variant:
-    """The default configuration fed :class:`StockInputs`."""
-    variant = add_variant(rig, "stock")
+    """The online configuration fed :class:`StockInputs`."""
+    variant = add_variant(rig, "stock", cache_features=None)
     variant.loader = StockInputs(variant.loader, stock_encoders(rig))
     return variant
 
@@ -382,13 +388,14 @@ def run_variant(rig: Rig, name: str, steps: int) -> None:
 
 
 def run_plain(rig: Rig, steps: int) -> None:
-    """``steps`` steps of the plain loop on the micro-batches the padded variant draws next."""
+    """``steps`` steps of the plain loop on the micro-batches the online variant draws next (its
+    dataset's items carry the preprocessed inputs; a caching one's may hold features instead)."""
     rec, plain = rig.plain_rec, rig.plain
     assert rec is not None and plain is not None
-    sampler = rig.variants["padded"].sampler
+    sampler = rig.variants[online(rig)].sampler
     batches = _next_batches(sampler, rig.plain_state, steps)
     hooks = rec.hook_model(rig.assembled.model, rig.modalities)
-    dataset = rig.variants["padded"].loader.dataset
+    dataset = rig.variants[online(rig)].loader.dataset
     try:
         rec.start_round()
         source = iter(plain.loader(dataset, batches))
