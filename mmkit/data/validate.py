@@ -464,7 +464,6 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     length check counts a variable-size modality with the same encoder, the file check's counts are
     used: each input is preprocessed once.
     """
-    from mmkit.data.sources import pick_reader
     from mmkit.plugins import get_host
 
     start = time.perf_counter()
@@ -474,130 +473,194 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     specs = {m: host.modality(m) for m in names}
     choices = dict(choices or {})
     report = Report()
+    report.notes.extend(_notes(specs, choices, lengths=lengths, decode_files=decode_files, preprocess=preprocess))
+    run = _Validation.plan(report, host, specs, choices, lengths=lengths, decode_files=decode_files,
+                           workers=workers, preprocess=preprocess)
+    root = Path(data_root) if data_root else None
+    for file in files:
+        run.read_file(file, say, data_root=root, allow_outside_root=allow_outside_root, data_format=data_format)
+    run.finish_lengths()
+    say(f"checking {len(run.checker)} input files")
+    run.finish_files()
+    _summarise(report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _notes(specs: Mapping[str, Any], choices: Mapping[str, EncoderChoice], *, lengths: PromptLengths | None,
+           decode_files: bool, preprocess: bool) -> list[str]:
+    """The report's notes on checks skipped or narrowed, and on the encoders inputs were preprocessed with."""
+    notes = []
     if lengths is None:
-        report.notes.append("token-length check skipped: no tokenizer (give --llm, and --tokens-per-input "
-                            "for a non-default encoder)")
+        notes.append("token-length check skipped: no tokenizer (give --llm, and --tokens-per-input "
+                     "for a non-default encoder)")
     if not decode_files:
-        report.notes.append("input files were checked for existence only (--no-decode)")
+        notes.append("input files were checked for existence only (--no-decode)")
     chosen = {m: c for m, c in choices.items() if m in specs and c != EncoderChoice()}
     if chosen and preprocess and decode_files:
-        report.notes.append("inputs preprocessed with the run's encoders: " + "; ".join(
+        notes.append("inputs preprocessed with the run's encoders: " + "; ".join(
             f"{m}: {_describe(specs[m], c)}" for m, c in chosen.items()))
+    return notes
 
-    checker = FileChecker(decode=decode_files, workers=workers,
-                          processes=all(isinstance(spec.load, str) for spec in specs.values()))
-    counter = lengths.counter if lengths is not None else None
-    counted = set(counter.modalities) if decode_files and isinstance(counter, InputTokenCounter) else set()
-    # load + the chosen encoder's preprocess (mmkit.data.preprocess_check), or only load
-    decoders = {m: _decoder(spec, choices.get(m), counting=m in counted) if preprocess else spec.load
-                for m, spec in specs.items()}
-    # modalities whose inputs the file check counts with the very encoder the length check counts with
-    shared = {m for m in counted if isinstance(decoders.get(m), Decoder)
-              and (decoders[m].choice or EncoderChoice()) == (counter.choices.get(m) or EncoderChoice())}
-    shared_paths: dict[str, str] = {}  # input file -> its (shared) modality
-    parked: list[Sample] = []  # records waiting for their inputs' counts
-    users: dict[str, list[tuple[str, int, str]]] = {}  # input file -> records using it
-    seen_ids: dict[str, tuple[str, int]] = {}
-    to_measure: list[Sample] = []
-    vocab_probe: list[Sample] = []  # answers checked for words the tokenizer cannot spell (mmkit.data.vocab)
 
-    def add(issue: Issue) -> None:
-        report.issues.append(issue)
+@attrs.define
+class _Validation:
+    """The state of one :func:`validate` run: records are checked as they are read, their input files
+    go to the :class:`FileChecker`, and their length checks run in batches; a record whose variable-size
+    inputs the file check counts (``shared`` modalities) is parked until those counts are known."""
 
-    def measure_parked(final: bool) -> None:
-        nonlocal parked
-        if final:
-            checker.finish()
-        else:
-            checker.drain()
-        for path, modality in list(shared_paths.items()):
-            if path in checker.done:
-                problem, count = checker.failed.get(path), checker.counts.get(path)
-                if problem is not None or count is not None:  # else the counter counts it itself
-                    counter.remember(modality, path, InputError(path, problem[1]) if problem else count)
-                del shared_paths[path]
-        waiting = [any(p in shared_paths for m in shared for p in s.inputs.get(m, ())) for s in parked]
-        ready = [s for s, wait in zip(parked, waiting) if not wait]
-        parked = [s for s, wait in zip(parked, waiting) if wait]
-        for start_at in range(0, len(ready), 1024):
-            _length_checks(lengths, ready[start_at:start_at + 1024], add)
+    report: Report
+    host: Any
+    specs: dict[str, Any]
+    decoders: dict[str, Any]  # per modality: what the file check decodes an input with
+    checker: FileChecker
+    lengths: PromptLengths | None
+    shared: set[str]  # modalities whose inputs the file check counts with the length check's encoder
+    shared_paths: dict[str, str] = attrs.field(factory=dict)  # input file -> its (shared) modality
+    parked: list[Sample] = attrs.field(factory=list)  # records waiting for their inputs' counts
+    users: dict[str, list[tuple[str, int, str]]] = attrs.field(factory=dict)  # input file -> records using it
+    seen_ids: dict[str, tuple[str, int]] = attrs.field(factory=dict)
+    to_measure: list[Sample] = attrs.field(factory=list)
+    vocab_probe: list[Sample] = attrs.field(factory=list)  # answers checked for words the tokenizer cannot spell
 
-    for file in files:
+    @classmethod
+    def plan(cls, report: Report, host: Any, specs: dict[str, Any], choices: Mapping[str, EncoderChoice], *,
+             lengths: PromptLengths | None, decode_files: bool, workers: int | None, preprocess: bool) -> _Validation:
+        checker = FileChecker(decode=decode_files, workers=workers,
+                              processes=all(isinstance(spec.load, str) for spec in specs.values()))
+        counter = lengths.counter if lengths is not None else None
+        counted = set(counter.modalities) if decode_files and isinstance(counter, InputTokenCounter) else set()
+        # load + the chosen encoder's preprocess (mmkit.data.preprocess_check), or only load
+        decoders = {m: _decoder(spec, choices.get(m), counting=m in counted) if preprocess else spec.load
+                    for m, spec in specs.items()}
+        # modalities whose inputs the file check counts with the very encoder the length check counts with
+        shared = {m for m in counted if isinstance(decoders.get(m), Decoder)
+                  and (decoders[m].choice or EncoderChoice()) == (counter.choices.get(m) or EncoderChoice())}
+        return cls(report, host, specs, decoders, checker, lengths, shared)
+
+    def add(self, issue: Issue) -> None:
+        self.report.issues.append(issue)
+
+    def read_file(self, file: str | Path, say: Callable[[str], None], *, data_root: Path | None,
+                  allow_outside_root: bool, data_format: str | None) -> None:
+        """Read one file, checking each record; a file that cannot be read is one issue, not a traceback."""
+        from mmkit.data.sources import pick_reader
+
         source = str(file)
         summary = FileSummary(file=source)
-        report.files.append(summary)
+        self.report.files.append(summary)
         ids: list[tuple[int, str | None]] = []
-        report.record_ids[source] = ids
+        self.report.record_ids[source] = ids
         say(f"reading {source}")
-
-        def bad(exc: DataError, _source: str = source, _ids: list = ids) -> None:
-            add(Issue(exc.source or _source, exc.record if isinstance(exc.record, int) else None, exc.record_id,
-                      ERROR, exc.kind or "schema", exc.reason))
-            if isinstance(exc.record, int):
-                _ids.append((exc.record, exc.record_id))
-
-        ctx = ReadContext(modalities=specs, data_root=Path(data_root) if data_root else None,
-                          allow_outside_root=allow_outside_root, on_bad_record=bad)
+        ctx = ReadContext(modalities=self.specs, data_root=data_root, allow_outside_root=allow_outside_root,
+                          on_bad_record=self._bad_record_handler(source, ids))
         try:
-            reader = pick_reader(host, Path(file), data_format)
+            reader = pick_reader(self.host, Path(file), data_format)
             summary.reader = reader
-            for sample in resolve(host.reader(reader).read)(Path(file), context=ctx):
+            for sample in resolve(self.host.reader(reader).read)(Path(file), context=ctx):
                 ids.append((sample.index, sample.id))
-                _record_checks(sample, specs, add, checker, users, seen_ids, installed=host.modalities(),
-                               decoders=decoders)
-                if lengths is not None:
-                    if len(vocab_probe) < vocab.MAX_TEXTS:
-                        vocab_probe.append(sample)
-                    waits = [p for m in shared for p in sample.inputs.get(m, ()) if p not in checker.done]
-                    if waits:  # measured once the file check has counted its inputs
-                        for m in shared:
-                            for p in sample.inputs.get(m, ()):
-                                if p not in checker.done:
-                                    shared_paths.setdefault(p, m)
-                        parked.append(sample)
-                        if len(parked) >= _PARKED:
-                            measure_parked(final=False)
-                        continue
-                    to_measure.append(sample)
-                    if len(to_measure) >= 1024:
-                        _length_checks(lengths, to_measure, add)
-                        to_measure.clear()
-        except DataError as exc:
+                self.check_record(sample)
+        except Exception as exc:  # a third-party reader's bug: this file, not a traceback
+            self._reading_failed(exc, source, summary, ids)
+        if summary.file_error is None and not ids:
+            self.add(Issue(source, None, None, ERROR, "file_format", "no records"))
+            summary.file_error = "no records"
+
+    def _bad_record_handler(self, source: str, ids: list[tuple[int, str | None]]) -> Callable[[DataError], None]:
+        """The reader's ``on_bad_record``: the record's issue, and the record counted in its file."""
+
+        def bad(exc: DataError) -> None:
+            self.add(Issue(exc.source or source, exc.record if isinstance(exc.record, int) else None, exc.record_id,
+                           ERROR, exc.kind or "schema", exc.reason))
+            if isinstance(exc.record, int):
+                ids.append((exc.record, exc.record_id))
+
+        return bad
+
+    def _reading_failed(self, exc: Exception, source: str, summary: FileSummary,
+                        ids: list[tuple[int, str | None]]) -> None:
+        if isinstance(exc, DataError):
             where_record = exc.record if isinstance(exc.record, int) else None
-            add(Issue(source, where_record, exc.record_id, ERROR, exc.kind or "file_format", exc.reason))
+            self.add(Issue(source, where_record, exc.record_id, ERROR, exc.kind or "file_format", exc.reason))
             if where_record is not None:  # a reader that stops at the first bad record
                 ids.append((where_record, exc.record_id))
                 summary.file_error = f"reading stopped at record {where_record}"
             else:
                 summary.file_error = exc.reason
-        except MmkitError as exc:
-            add(Issue(source, None, None, ERROR, "file_format", str(exc)))
+        elif isinstance(exc, MmkitError):
+            self.add(Issue(source, None, None, ERROR, "file_format", str(exc)))
             summary.file_error = str(exc)
-        except Exception as exc:  # a third-party reader's bug: this file, not a traceback
-            add(Issue(source, None, None, ERROR, "reader_failed", f"the reader failed: {type(exc).__name__}: {exc}"))
+        else:
+            self.add(Issue(source, None, None, ERROR, "reader_failed",
+                           f"the reader failed: {type(exc).__name__}: {exc}"))
             summary.file_error = f"reader failed: {type(exc).__name__}"
-        if summary.file_error is None and not ids:
-            add(Issue(source, None, None, ERROR, "file_format", "no records"))
-            summary.file_error = "no records"
-    if lengths is not None and to_measure:
-        _length_checks(lengths, to_measure, add)
-    if lengths is not None and vocab_probe:
-        warning = vocab.unknown_words_warning(lengths.prompts.tokenizer, vocab_probe)
-        if warning:
-            add(Issue(vocab_probe[0].source, None, None, WARNING, "unknown_words", warning))
 
-    say(f"checking {len(checker)} input files")
-    if parked:
-        measure_parked(final=True)
-    failed = checker.finish()
-    report.inputs_checked = len(checker)
-    for path, (kind, reason) in failed.items():
-        for source, index, rid in users[path]:
-            add(Issue(source, index, rid, ERROR, kind, reason, input=path))
+    def check_record(self, sample: Sample) -> None:
+        _record_checks(sample, self.specs, self.add, self.checker, self.users, self.seen_ids,
+                       installed=self.host.modalities(), decoders=self.decoders)
+        if self.lengths is not None:
+            self._queue_length_check(sample)
 
-    _summarise(report)
-    report.seconds = time.perf_counter() - start
-    return report
+    def _queue_length_check(self, sample: Sample) -> None:
+        if len(self.vocab_probe) < vocab.MAX_TEXTS:
+            self.vocab_probe.append(sample)
+        if any(p not in self.checker.done for m in self.shared for p in sample.inputs.get(m, ())):
+            self._park(sample)  # measured once the file check has counted its inputs
+            return
+        self.to_measure.append(sample)
+        if len(self.to_measure) >= 1024:
+            _length_checks(self.lengths, self.to_measure, self.add)
+            self.to_measure.clear()
+
+    def _park(self, sample: Sample) -> None:
+        for m in self.shared:
+            for p in sample.inputs.get(m, ()):
+                if p not in self.checker.done:
+                    self.shared_paths.setdefault(p, m)
+        self.parked.append(sample)
+        if len(self.parked) >= _PARKED:
+            self.measure_parked(final=False)
+
+    def measure_parked(self, final: bool) -> None:
+        """Hand the file check's counts to the length check's counter, then measure every parked record
+        whose inputs are all counted."""
+        if final:
+            self.checker.finish()
+        else:
+            self.checker.drain()
+        counter = self.lengths.counter if self.lengths is not None else None
+        for path, modality in list(self.shared_paths.items()):
+            if path in self.checker.done:
+                problem, count = self.checker.failed.get(path), self.checker.counts.get(path)
+                if problem is not None or count is not None:  # else the counter counts it itself
+                    counter.remember(modality, path, InputError(path, problem[1]) if problem else count)
+                del self.shared_paths[path]
+        waiting = [any(p in self.shared_paths for m in self.shared for p in s.inputs.get(m, ()))
+                   for s in self.parked]
+        ready = [s for s, wait in zip(self.parked, waiting) if not wait]
+        self.parked = [s for s, wait in zip(self.parked, waiting) if wait]
+        for start_at in range(0, len(ready), 1024):
+            _length_checks(self.lengths, ready[start_at:start_at + 1024], self.add)
+
+    def finish_lengths(self) -> None:
+        """The length checks still batched, and the unknown-words warning over the sampled answers."""
+        if self.lengths is not None and self.to_measure:
+            _length_checks(self.lengths, self.to_measure, self.add)
+        if self.lengths is not None and self.vocab_probe:
+            warning = vocab.unknown_words_warning(self.lengths.prompts.tokenizer, self.vocab_probe)
+            if warning:
+                self.add(Issue(self.vocab_probe[0].source, None, None, WARNING, "unknown_words", warning))
+
+    def finish_files(self) -> None:
+        """Wait for the file check (and the records parked on it); each failed file is an issue of every
+        record using it."""
+        if self.parked:
+            self.measure_parked(final=True)
+        failed = self.checker.finish()
+        self.report.inputs_checked = len(self.checker)
+        for path, (kind, reason) in failed.items():
+            for source, index, rid in self.users[path]:
+                self.add(Issue(source, index, rid, ERROR, kind, reason, input=path))
 
 
 def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issue], None],
