@@ -144,8 +144,40 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
         raise DataError(source, index, "no 'conversations' (or 'messages')", kind="schema")
     if not isinstance(conv, list) or not conv:
         raise DataError(source, index, "'conversations' must be a non-empty list", kind="schema")
-    turns = []
     part_inputs: dict[str, list[str]] = {}  # paths given inside content parts
+    turns, turn_system = _read_turns(conv, ctx=ctx, source=source, index=index, part_inputs=part_inputs)
+    inputs, unknown = _record_inputs(obj, part_inputs, ctx=ctx, base=base, source=source, index=index,
+                                     allowed_keys=allowed_keys)
+    # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
+    for spec in ctx.modalities.values():
+        turns = _placeholders(spec, turns, len(inputs.get(spec.name, ())), source=source, index=index,
+                              implicit=implicit_placeholders)
+
+    # Order inputs by where their first placeholder appears (cosmetic but deterministic).
+    text = "\n".join(t.text for t in turns)
+    order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
+    record_system = obj.get("system", turn_system if turn_system is not None else system)
+    if record_system is not None and not isinstance(record_system, str):
+        raise DataError(source, index, "'system' must be a string", kind="schema")
+    meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
+    if unknown:
+        meta["unknown_keys"] = tuple(sorted(unknown))
+    return Sample(
+        id=str(obj.get("id", index)),
+        turns=tuple(turns),
+        inputs={m: inputs[m] for m in order},
+        system=record_system,
+        source=source,
+        index=index,
+        meta=meta,
+    )
+
+
+def _read_turns(conv: list[Any], *, ctx: ReadContext, source: str, index: int,
+                part_inputs: dict[str, list[str]]) -> tuple[list[Turn], str | None]:
+    """The user/assistant turns, alternating from the user's and ending with the assistant's, and the
+    leading system turn's text (``None`` without one); paths in content parts go to ``part_inputs``."""
+    turns: list[Turn] = []
     turn_system = None
     for t, turn in enumerate(conv):
         if not isinstance(turn, dict):
@@ -164,21 +196,33 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
                 raise DataError(source, index, f"turn {t}: the system message must be text", kind="schema")
             turn_system = text
             continue
-        if text is not None and not isinstance(text, str):
-            raise DataError(source, index, f"turn {t}: the value must be text, got {type(text).__name__} "
-                                           f"{json.dumps(text)[:40]}", kind="schema")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
-        expected = USER if len(turns) % 2 == 0 else ASSISTANT
-        if role != expected:
-            raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
-                                           "(turns alternate, starting with the user)", kind="turn_order")
-        turns.append(Turn(role, text))
+        turns.append(_dialogue_turn(role, text, len(turns), t=t, source=source, index=index))
     if not turns:
         raise DataError(source, index, "no user or assistant turns", kind="turn_order")
     if turns[-1].role != ASSISTANT:
         raise DataError(source, index, "the last turn must be the assistant's answer", kind="turn_order")
+    return turns, turn_system
 
+
+def _dialogue_turn(role: str, text: Any, before: int, *, t: int, source: str, index: int) -> Turn:
+    """Turn ``t``, a user or assistant turn after ``before`` others: non-empty text, in its place."""
+    if text is not None and not isinstance(text, str):
+        raise DataError(source, index, f"turn {t}: the value must be text, got {type(text).__name__} "
+                                       f"{json.dumps(text)[:40]}", kind="schema")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(source, index, f"turn {t} is empty", kind="empty_turn")
+    expected = USER if before % 2 == 0 else ASSISTANT
+    if role != expected:
+        raise DataError(source, index, f"turn {t} is from {role}, expected {expected} "
+                                       "(turns alternate, starting with the user)", kind="turn_order")
+    return Turn(role, text)
+
+
+def _record_inputs(obj: dict[str, Any], part_inputs: Mapping[str, list[str]], *, ctx: ReadContext, base: Path,
+                   source: str, index: int, allowed_keys: set[str] | None
+                   ) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """Each modality's resolved input paths (from its data key, or from content parts) and the record's
+    keys that are neither known fields nor allowed data keys."""
     inputs: dict[str, tuple[str, ...]] = {}
     unknown = []
     for key, value in obj.items():
@@ -199,50 +243,34 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
             raise DataError(source, index, f"{name} paths given both in content parts and as a record key",
                             kind="schema")
         inputs[name] = tuple(resolve_path(v, ctx=ctx, base=base, source=source, index=index) for v in raw_paths)
+    return inputs, unknown
 
-    # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
-    for spec in ctx.modalities.values():
-        for alias in spec.markers.aliases:
-            turns = [Turn(t.role, t.text.replace(alias, spec.markers.placeholder)) for t in turns]
-        count = sum(t.text.count(spec.markers.placeholder) for t in turns)
-        given = len(inputs.get(spec.name, ()))
-        if implicit_placeholders and given and not count:
-            # LAMM's layout: no placeholder in the text; the inputs go before the first user turn's text
-            first = turns[0]
-            turns[0] = Turn(first.role, "".join(spec.markers.placeholder + "\n" for _ in range(given)) + first.text)
-            count = given
-        for t in turns:
-            if t.role == ASSISTANT and spec.markers.placeholder in t.text:
-                raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn",
-                                kind="placeholder")
-        given = len(inputs.get(spec.name, ()))
-        if count != given:
-            if given and not count:
-                reason = f"{given} {spec.name} input(s) but no {spec.markers.placeholder} placeholder"
-            elif count and not given:
-                reason = f"{count} {spec.markers.placeholder} placeholder(s) but no {spec.name} input"
-            else:
-                reason = f"{count} {spec.markers.placeholder} placeholder(s) for {given} {spec.name} input(s)"
-            raise DataError(source, index, reason, kind="placeholder")
 
-    # Order inputs by where their first placeholder appears (cosmetic but deterministic).
-    text = "\n".join(t.text for t in turns)
-    order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
-    record_system = obj.get("system", turn_system if turn_system is not None else system)
-    if record_system is not None and not isinstance(record_system, str):
-        raise DataError(source, index, "'system' must be a string", kind="schema")
-    meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
-    if unknown:
-        meta["unknown_keys"] = tuple(sorted(unknown))
-    return Sample(
-        id=str(obj.get("id", index)),
-        turns=tuple(turns),
-        inputs={m: inputs[m] for m in order},
-        system=record_system,
-        source=source,
-        index=index,
-        meta=meta,
-    )
+def _placeholders(spec: ModalitySpec, turns: list[Turn], given: int, *, source: str, index: int,
+                  implicit: bool) -> list[Turn]:
+    """``turns`` with the modality's placeholder aliases rewritten (and, ``implicit``, its missing
+    placeholders put first); raises unless there is one placeholder per input, none in an answer."""
+    for alias in spec.markers.aliases:
+        turns = [Turn(t.role, t.text.replace(alias, spec.markers.placeholder)) for t in turns]
+    count = sum(t.text.count(spec.markers.placeholder) for t in turns)
+    if implicit and given and not count:
+        # LAMM's layout: no placeholder in the text; the inputs go before the first user turn's text
+        first = turns[0]
+        turns[0] = Turn(first.role, "".join(spec.markers.placeholder + "\n" for _ in range(given)) + first.text)
+        count = given
+    for t in turns:
+        if t.role == ASSISTANT and spec.markers.placeholder in t.text:
+            raise DataError(source, index, f"placeholder {spec.markers.placeholder} in an assistant turn",
+                            kind="placeholder")
+    if count != given:
+        if given and not count:
+            reason = f"{given} {spec.name} input(s) but no {spec.markers.placeholder} placeholder"
+        elif count and not given:
+            reason = f"{count} {spec.markers.placeholder} placeholder(s) but no {spec.name} input"
+        else:
+            reason = f"{count} {spec.markers.placeholder} placeholder(s) for {given} {spec.name} input(s)"
+        raise DataError(source, index, reason, kind="placeholder")
+    return turns
 
 
 def _join_parts(parts: list[Any], *, ctx: ReadContext, t: int, source: str, index: int,
