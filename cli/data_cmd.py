@@ -173,10 +173,8 @@ def inspect(
     import json
 
     from rich.console import Console
-    from rich.text import Text
 
-    from mmkit import (ConfigError, InputTokenCounter, check_template, get_host, inspect_record, iter_records,
-                       prompt_builder_for, prompt_segments)
+    from mmkit import ConfigError, check_template, get_host, inspect_record, iter_records
 
     cfg = _run_config(config, set_, llm)
     if cfg is not None:
@@ -191,16 +189,11 @@ def inspect(
     host = get_host()
     chosen = _modalities(modalities, cfg, host)
     choices = _choices(cfg, chosen)
-    prompts = prompt_builder_for(llm, {m: host.modality(m).markers for m in chosen},
-                                 _counts(host, chosen, tokens_per_input, choices), template=template,
-                                 max_length=max_length)
-    # inputs of a variable-size modality: preprocessed and counted with the run's encoder
-    variable = prompts.variable_modalities
-    counter = InputTokenCounter(variable, choices=choices) if variable else None
+    prompts, counter = _record_encoding(host, chosen, llm, template=template, max_length=max_length,
+                                        tokens_per_input=tokens_per_input, choices=choices)
     console = Console(highlight=False, soft_wrap=True)
     if not json_out:
-        console.print(f"template: {prompts.describe_template()}; stop tokens: "
-                      + ", ".join(repr(prompts.tokenizer.convert_ids_to_tokens(i)) for i in sorted(prompts.stop_token_ids)))
+        _print_template(console, prompts)
     failed = 0
     for sample in iter_records(host, [str(f) for f in files], chosen, data_root=str(data_root) if data_root else None,
                                data_format=data_format, limit=limit):
@@ -209,27 +202,62 @@ def inspect(
         failed += "error" in entry
         if json_out:
             typer.echo(json.dumps(entry, ensure_ascii=False))
-            continue
-        console.rule(f"{sample.source} record {sample.index} (id {sample.id})")
-        if encoded is None:
-            console.print(f"[red]error[/] ({entry['kind']}): {entry['error']}")
-            continue
-        text = Text()
-        for seg in prompt_segments(prompts, encoded):
-            if seg.kind == "slots":
-                text.append(f"[{seg.text} x{seg.count}]", style="cyan")
-            elif seg.kind == "supervised":
-                text.append("\u00ab" + seg.text + "\u00bb", style="bold green")
-            else:
-                text.append(seg.text)
-        console.print(text)
-        slots = ", ".join(f"{m}: {runs}" for m, runs in entry["slots"].items()) or "none"
-        console.print(f"[dim]{entry['tokens']} tokens, {entry['supervised_tokens']} supervised in "
-                      f"{len(entry['supervised_text'])} span(s); slots per input: {slots}[/]")
-        console.print("[dim]inference prompt:[/]")
-        console.print(Text(entry["prompt"]))
+        else:
+            _print_record(console, prompts, sample, entry, encoded)
     if failed:
         raise typer.Exit(1)
+
+
+def _record_encoding(host: Any, chosen: list[str], llm: str, *, template: str | None, max_length: int | None,
+                     tokens_per_input: list[str] | None, choices: Any) -> tuple[Any, Any]:
+    """The prompt builder training would use, and the counter of a variable-size modality's inputs
+    (preprocessed and counted with the run's encoder; ``None`` when every count is fixed)."""
+    from mmkit import InputTokenCounter, prompt_builder_for
+
+    prompts = prompt_builder_for(llm, {m: host.modality(m).markers for m in chosen},
+                                 _counts(host, chosen, tokens_per_input, choices), template=template,
+                                 max_length=max_length)
+    variable = prompts.variable_modalities
+    return prompts, InputTokenCounter(variable, choices=choices) if variable else None
+
+
+def _print_template(console: Any, prompts: Any) -> None:
+    console.print(f"template: {prompts.describe_template()}; stop tokens: "
+                  + ", ".join(repr(prompts.tokenizer.convert_ids_to_tokens(i)) for i in sorted(prompts.stop_token_ids)))
+
+
+def _print_record(console: Any, prompts: Any, sample: Any, entry: dict[str, Any], encoded: Any) -> None:
+    """One record as ``data inspect`` shows it: the marked sequence, its counts and the inference prompt
+    (or the reason it does not encode)."""
+    from rich.text import Text
+
+    console.rule(f"{sample.source} record {sample.index} (id {sample.id})")
+    if encoded is None:
+        console.print(f"[red]error[/] ({entry['kind']}): {entry['error']}")
+        return
+    console.print(_sequence_text(prompts, encoded))
+    slots = ", ".join(f"{m}: {runs}" for m, runs in entry["slots"].items()) or "none"
+    console.print(f"[dim]{entry['tokens']} tokens, {entry['supervised_tokens']} supervised in "
+                  f"{len(entry['supervised_text'])} span(s); slots per input: {slots}[/]")
+    console.print("[dim]inference prompt:[/]")
+    console.print(Text(entry["prompt"]))
+
+
+def _sequence_text(prompts: Any, encoded: Any) -> Any:
+    """The rendered sequence: slot runs collapsed, supervised spans between \u00ab and \u00bb."""
+    from rich.text import Text
+
+    from mmkit import prompt_segments
+
+    text = Text()
+    for seg in prompt_segments(prompts, encoded):
+        if seg.kind == "slots":
+            text.append(f"[{seg.text} x{seg.count}]", style="cyan")
+        elif seg.kind == "supervised":
+            text.append("\u00ab" + seg.text + "\u00bb", style="bold green")
+        else:
+            text.append(seg.text)
+    return text
 
 
 def print_report(report, console, *, show: int = 20) -> None:
