@@ -119,6 +119,43 @@ def assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | Non
 
 def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | None,
               deepspeed_config: dict[str, Any] | None) -> Assembled:
+    llm, tokenizer = _frozen_llm(config, tokenizer_path=tokenizer_path, deepspeed_config=deepspeed_config)
+    first_new = config.first_new_token_id if config.first_new_token_id is not None else len(tokenizer)
+
+    specs = {choice.name: host.modality(choice.name) for choice in config.modalities}
+    if not specs:
+        raise ConfigError("choose at least one modality")
+    marker_tokens = [tok for spec in specs.values() for tok in spec.markers.special_tokens()]
+    add_marker_tokens(tokenizer, marker_tokens)
+    num_new = len(tokenizer) - first_new
+    embeddings = ExtendedEmbedding(llm.get_input_embeddings(), first_new, max(num_new, 0))
+    hidden = full_shape(llm.get_input_embeddings().weight)[1]
+
+    encoders, projectors, components = {}, {}, {}
+    for choice in config.modalities:
+        encoders[choice.name], projectors[choice.name], components[choice.name] = _build_modality(
+            choice, specs[choice.name], host, config, hidden=hidden)
+
+    lora, config = _routed_lora(llm, list(specs), host, config)
+    if config.encoder_lora:
+        _add_encoder_lora(encoders, specs, config.lora or LoraSettings())
+
+    placeholder_ids = {m: tokenizer.convert_tokens_to_ids(specs[m].markers.placeholder) for m in specs}
+    model = MultimodalLM(lora.model if lora else llm, encoders, projectors, placeholder_ids, embeddings, lora,
+                         train_encoders=config.encoder_lora)
+    _to_compute_dtype(model, config)
+    prompts = PromptBuilder(tokenizer, {m: specs[m].markers for m in specs},
+                            {m: components[m]["tokens_per_input"] for m in specs},
+                            template=config.template, max_length=config.max_length)
+    # the resolved template (a name, or a file's text) is saved with the run: chat / eval / load render alike
+    config = attrs.evolve(config, first_new_token_id=first_new, template=prompts.template_ref)
+    return Assembled(model, tokenizer, prompts, config, first_new, components)
+
+
+def _frozen_llm(config: ModelConfig, *, tokenizer_path: str | None,
+                deepspeed_config: dict[str, Any] | None) -> tuple[nn.Module, Any]:
+    """The LLM, frozen (prepared for k-bit training when quantized, checkpointing when asked), and its
+    tokenizer (the saved one on a reload)."""
     from transformers import AutoTokenizer
 
     # Only the LLM loads partitioned. Encoders are built whole (and partitioned when DeepSpeed wraps
@@ -138,64 +175,48 @@ def _assemble(config: ModelConfig, host: PluginHost, *, tokenizer_path: str | No
     if config.gradient_checkpointing:
         _enable_checkpointing(llm)
         llm.config.use_cache = False
-    first_new = config.first_new_token_id if config.first_new_token_id is not None else len(tokenizer)
+    return llm, tokenizer
 
-    specs = {choice.name: host.modality(choice.name) for choice in config.modalities}
-    if not specs:
-        raise ConfigError("choose at least one modality")
-    marker_tokens = [tok for spec in specs.values() for tok in spec.markers.special_tokens()]
-    add_marker_tokens(tokenizer, marker_tokens)
-    num_new = len(tokenizer) - first_new
-    embeddings = ExtendedEmbedding(llm.get_input_embeddings(), first_new, max(num_new, 0))
-    hidden = full_shape(llm.get_input_embeddings().weight)[1]
 
-    encoders, projectors, components = {}, {}, {}
-    for choice in config.modalities:
-        spec = specs[choice.name]
-        encoder_name = choice.encoder or spec.encoder
-        encoder = build_encoder(host, spec, encoder_name=encoder_name, pretrained=choice.encoder_pretrained,
-                                options=choice.encoder_options)
-        _prepare_encoder(encoder, encoder_name, config)
-        projector_name = choice.projector or spec.projector
-        projector = build_projector(host, projector_name, in_dim=encoder.output_dim, out_dim=hidden,
-                                    num_tokens=encoder.num_tokens, options=choice.projector_options,
-                                    separator=bool(getattr(encoder, "uses_separators", False)))
-        encoders[choice.name] = encoder
-        projectors[choice.name] = projector
-        components[choice.name] = {
-            "encoder": encoder_name,
-            "encoder_pretrained": choice.encoder_pretrained,
-            "encoder_options": encoder_options(host, spec, encoder_name=encoder_name,
-                                               pretrained=choice.encoder_pretrained, options=choice.encoder_options),
-            "encoder_identity": encoder.identity(),
-            "projector": projector_name,
-            "projector_options": dict(choice.projector_options),
-            # None: the count follows each input (encoder.num_tokens_for; see encoder.tokens_per_input)
-            "tokens_per_input": _fixed_count(projector.num_output_tokens),
-            "plugin": host.provider("modality", choice.name),
-        }
+def _build_modality(choice: ModalityChoice, spec: Any, host: PluginHost, config: ModelConfig, *,
+                    hidden: int) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """One modality's encoder (prepared for the run) and projector into the LLM's ``hidden`` size, and
+    the record of both that is saved with the run."""
+    encoder_name = choice.encoder or spec.encoder
+    encoder = build_encoder(host, spec, encoder_name=encoder_name, pretrained=choice.encoder_pretrained,
+                            options=choice.encoder_options)
+    _prepare_encoder(encoder, encoder_name, config)
+    projector_name = choice.projector or spec.projector
+    projector = build_projector(host, projector_name, in_dim=encoder.output_dim, out_dim=hidden,
+                                num_tokens=encoder.num_tokens, options=choice.projector_options,
+                                separator=bool(getattr(encoder, "uses_separators", False)))
+    component = {
+        "encoder": encoder_name,
+        "encoder_pretrained": choice.encoder_pretrained,
+        "encoder_options": encoder_options(host, spec, encoder_name=encoder_name,
+                                           pretrained=choice.encoder_pretrained, options=choice.encoder_options),
+        "encoder_identity": encoder.identity(),
+        "projector": projector_name,
+        "projector_options": dict(choice.projector_options),
+        # None: the count follows each input (encoder.num_tokens_for; see encoder.tokens_per_input)
+        "tokens_per_input": _fixed_count(projector.num_output_tokens),
+        "plugin": host.provider("modality", choice.name),
+    }
+    return encoder, projector, component
 
-    lora = None
-    if config.lora is not None:
-        settings = config.lora
-        if not settings.targets:
-            targets = host.lora_targets(llm.config.model_type, linear_module_names(llm))
-            settings = attrs.evolve(settings, targets=tuple(targets))
-        lora = RoutedLora(llm, adapter_names_for(list(specs), settings.mode), settings)
-        config = attrs.evolve(config, lora=settings)
-    if config.encoder_lora:
-        _add_encoder_lora(encoders, specs, config.lora or LoraSettings())
 
-    placeholder_ids = {m: tokenizer.convert_tokens_to_ids(specs[m].markers.placeholder) for m in specs}
-    model = MultimodalLM(lora.model if lora else llm, encoders, projectors, placeholder_ids, embeddings, lora,
-                         train_encoders=config.encoder_lora)
-    _to_compute_dtype(model, config)
-    prompts = PromptBuilder(tokenizer, {m: specs[m].markers for m in specs},
-                            {m: components[m]["tokens_per_input"] for m in specs},
-                            template=config.template, max_length=config.max_length)
-    # the resolved template (a name, or a file's text) is saved with the run: chat / eval / load render alike
-    config = attrs.evolve(config, first_new_token_id=first_new, template=prompts.template_ref)
-    return Assembled(model, tokenizer, prompts, config, first_new, components)
+def _routed_lora(llm: nn.Module, modalities: list[str], host: PluginHost,
+                 config: ModelConfig) -> tuple[RoutedLora | None, ModelConfig]:
+    """The LLM's LoRA adapters (``None`` without LoRA), and the config with the targets filled in (the
+    plugins' choice for the architecture when none are given)."""
+    if config.lora is None:
+        return None, config
+    settings = config.lora
+    if not settings.targets:
+        targets = host.lora_targets(llm.config.model_type, linear_module_names(llm))
+        settings = attrs.evolve(settings, targets=tuple(targets))
+    lora = RoutedLora(llm, adapter_names_for(modalities, settings.mode), settings)
+    return lora, attrs.evolve(config, lora=settings)
 
 
 def _fixed_count(value: Any) -> int | None:
