@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -75,7 +76,16 @@ def chat(
     data_keys = {key: m for m in model.modalities for key in host.modality(m).data_keys}
     inputs, words = parse_inputs(list(ctx.args), data_keys)
     console = Console(highlight=False)
-    streaming = stream and num_beams == 1
+    answer = _answerer(model, console, system=system, options=options, streaming=stream and num_beams == 1)
+    if words:
+        answer(" ".join(words), inputs)
+        return
+    _interactive(console, model, data_keys, inputs, answer)
+
+
+def _answerer(model: Any, console: Any, *, system: str | None, options: Any,
+              streaming: bool) -> Callable[..., None]:
+    """``answer(question, attached, prefix="")``: prints the model's answer, token by token when streaming."""
 
     def answer(question: str, attached: dict[str, list[str]], prefix: str = "") -> None:
         if not streaming:
@@ -86,9 +96,13 @@ def chat(
                         write=lambda text: console.print(text, end="", markup=False))
         console.print()
 
-    if words:
-        answer(" ".join(words), inputs)
-        return
+    return answer
+
+
+def _interactive(console: Any, model: Any, data_keys: dict[str, str], inputs: dict[str, list[str]],
+                 answer: Callable[..., None]) -> None:
+    """The chat loop: ``/<data key> PATH`` attaches a file to the next question, ``/quit`` leaves; the
+    files given on the command line go with the first question."""
     console.print(f"[bold]mmkit chat[/] ({', '.join(model.modalities)}). Attach files with "
                   + ", ".join(f"/{k} PATH" for k in sorted(data_keys)) + "; /quit to leave.")
     pending: dict[str, list[str]] = {m: list(v) for m, v in inputs.items()}
@@ -102,12 +116,7 @@ def chat(
         if line in ("/quit", "/exit"):
             break
         if line.startswith("/"):
-            key, _, path = line[1:].partition(" ")
-            if key not in data_keys or not path.strip():
-                console.print(f"[red]unknown command {line!r}[/]")
-                continue
-            pending.setdefault(data_keys[key], []).append(path.strip())
-            console.print(f"attached {path.strip()} as {data_keys[key]}")
+            _attach(console, line, data_keys, pending)
             continue
         from mmkit import MmkitError
 
@@ -117,6 +126,16 @@ def chat(
             console.print(f"\n[red]error:[/] {exc}")
             continue
         pending = {}
+
+
+def _attach(console: Any, line: str, data_keys: dict[str, str], pending: dict[str, list[str]]) -> None:
+    """``/<data key> PATH``: the file joins ``pending`` under its modality (else the command is unknown)."""
+    key, _, path = line[1:].partition(" ")
+    if key not in data_keys or not path.strip():
+        console.print(f"[red]unknown command {line!r}[/]")
+        return
+    pending.setdefault(data_keys[key], []).append(path.strip())
+    console.print(f"attached {path.strip()} as {data_keys[key]}")
 
 
 def answer_streamed(model, question, inputs, *, system, options, write) -> str:
