@@ -45,28 +45,9 @@ def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None
     source = str(path)
     if not path.is_file():
         raise DataError(source, None, "file not found", kind="missing_file")
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut at 4096 bytes is fine; anything earlier is not UTF-8.
-        if exc.start < len(head) - 4:
-            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
-    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]  # a UTF-8 byte-order mark is allowed
+    first = _first_byte(path, source)
     if first == b"[":
-        try:
-            with open(path, encoding="utf-8-sig") as fh:
-                data = json.load(fh)
-        except RecursionError:
-            raise DataError(source, None, "JSON nested too deeply to read (over ~1000 levels of lists/objects)",
-                            kind="file_format") from None
-        except UnicodeDecodeError as exc:
-            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
-        except json.JSONDecodeError as exc:
-            raise DataError(source, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                            kind="file_format") from None
-        yield from enumerate(data)
+        yield from enumerate(_json_list(path, source))
         return
     if first not in (b"{", b""):
         raise DataError(source, None, "not JSON or JSONL: expected a list '[...]' or one object per line",
@@ -78,30 +59,69 @@ def iter_raw_records(path: Path, on_bad_line: Callable[[DataError], None] | None
         lineno = 0
         for raw in fh:
             lineno += 1
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                error = DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)",
-                                  kind="encoding")
-            else:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    error = DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}"
-                                      + _whole_file_hint(path, lineno), kind="file_format")
-                except RecursionError:
-                    error = DataError(source, index, f"line {lineno}: JSON nested too deeply to read (over ~1000 "
-                                      "levels of lists/objects)", kind="file_format")
-                else:
-                    yield index, obj
-                    index += 1
-                    continue
+            parsed = _jsonl_line(raw, path, source, index=index, lineno=lineno)
+            if parsed is _BLANK:
+                continue
+            if not isinstance(parsed, DataError):
+                yield index, parsed
+                index += 1
+                continue
             if on_bad_line is None:
-                raise error
-            on_bad_line(error)
+                raise parsed
+            on_bad_line(parsed)
             index += 1
+
+
+#: :func:`_jsonl_line` of a blank line (any JSON value, ``null`` included, is a record).
+_BLANK = object()
+
+
+def _first_byte(path: Path, source: str) -> bytes:
+    """The file's first non-blank byte (after a UTF-8 byte-order mark); raises when its start is not UTF-8."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at 4096 bytes is fine; anything earlier is not UTF-8.
+        if exc.start < len(head) - 4:
+            raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]  # a UTF-8 byte-order mark is allowed
+
+
+def _json_list(path: Path, source: str) -> Any:
+    """A JSON file's value, read whole; what keeps it from reading is a :class:`DataError`."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return json.load(fh)
+    except RecursionError:
+        raise DataError(source, None, "JSON nested too deeply to read (over ~1000 levels of lists/objects)",
+                        kind="file_format") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(source, None, f"not UTF-8 text (byte {exc.start})", kind="encoding") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(source, None, f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                        kind="file_format") from None
+
+
+def _jsonl_line(raw: bytes, path: Path, source: str, *, index: int, lineno: int) -> Any:
+    """One JSONL line's value, :data:`_BLANK` for a blank line, or the :class:`DataError` (record
+    ``index``) saying why it cannot be read."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        return DataError(source, index, f"line {lineno} is not UTF-8 text (byte {exc.start} of the line)",
+                         kind="encoding")
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return DataError(source, index, f"line {lineno} is not valid JSON: {exc.msg}"
+                         + _whole_file_hint(path, lineno), kind="file_format")
+    except RecursionError:
+        return DataError(source, index, f"line {lineno}: JSON nested too deeply to read (over ~1000 "
+                         "levels of lists/objects)", kind="file_format")
 
 
 def _whole_file_hint(path: Path, lineno: int) -> str:
