@@ -88,32 +88,66 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
     for key in ("name", "data", "metrics"):
         if key not in raw:
             raise _fail(source, f"missing {key!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise _fail(source, f"name {name!r}: use letters, digits, '_', '-' or '.'")
-    metrics = raw["metrics"]
-    metrics = (metrics,) if isinstance(metrics, str) else metrics
-    if not isinstance(metrics, (list, tuple)) or not metrics or not all(isinstance(m, str) for m in metrics):
-        raise _fail(source, "metrics: give a metric name or a list of them")
-    data = raw["data"]
-    if isinstance(data, Mapping):
-        extra = sorted(set(data) - {"generate", "size", "seed"})
-        if "generate" not in data or extra:
-            raise _fail(source, "data: a path, or {generate: 'package.module:function', size: N, seed: N}")
-        try:
-            data = Generated(generate=str(data["generate"]), size=int(data.get("size", 60)),
-                             seed=int(data.get("seed", 0)))
-        except (TypeError, ValueError) as exc:
-            raise _fail(source, f"data: {exc}") from None
-    elif not isinstance(data, str) or not data:
-        raise _fail(source, f"data: expected a path, got {data!r}")
+    name = _name(raw["name"], source)
+    metrics = _metrics(raw["metrics"], source)
+    data = _data(raw["data"], source)
     fmt = raw.get("format", "conversations")
     if fmt not in FORMATS:
         raise _fail(source, f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     mode = raw.get("mode", "generate")
     if mode not in MODES:
         raise _fail(source, f"mode {mode!r}: expected one of {', '.join(MODES)}")
-    choices = raw.get("choices")
+    choices = _choices(raw.get("choices"), source, mode=mode, fmt=fmt)
+    reference = _reference(raw.get("reference", "label"), source)
+    max_new_tokens = raw.get("max_new_tokens", 16)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise _fail(source, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for key in ("description", "modality", "input_root", "instruction", "system"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise _fail(source, f"{key} must be a string")
+    recipe = Recipe(name=name, data=data, metrics=metrics, description=raw.get("description") or "",
+                    modality=raw.get("modality"), format=fmt, input_root=raw.get("input_root"),
+                    instruction=raw.get("instruction") or "{query}", system=raw.get("system"),
+                    reference=reference, mode=mode, choices=choices, max_new_tokens=max_new_tokens,
+                    source=source)
+    try:
+        recipe.fields()
+    except ValueError as exc:
+        raise _fail(source, f"instruction {recipe.instruction!r}: {exc}") from None
+    return recipe
+
+
+def _name(name: Any, source: str) -> str:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise _fail(source, f"name {name!r}: use letters, digits, '_', '-' or '.'")
+    return name
+
+
+def _metrics(metrics: Any, source: str) -> tuple[str, ...]:
+    metrics = (metrics,) if isinstance(metrics, str) else metrics
+    if not isinstance(metrics, (list, tuple)) or not metrics or not all(isinstance(m, str) for m in metrics):
+        raise _fail(source, "metrics: give a metric name or a list of them")
+    return tuple(metrics)
+
+
+def _data(data: Any, source: str) -> str | Generated:
+    """A data path, or the generator that writes the data."""
+    if isinstance(data, Mapping):
+        extra = sorted(set(data) - {"generate", "size", "seed"})
+        if "generate" not in data or extra:
+            raise _fail(source, "data: a path, or {generate: 'package.module:function', size: N, seed: N}")
+        try:
+            return Generated(generate=str(data["generate"]), size=int(data.get("size", 60)),
+                             seed=int(data.get("seed", 0)))
+        except (TypeError, ValueError) as exc:
+            raise _fail(source, f"data: {exc}") from None
+    if not isinstance(data, str) or not data:
+        raise _fail(source, f"data: expected a path, got {data!r}")
+    return data
+
+
+def _choices(choices: Any, source: str, *, mode: str, fmt: str) -> str | tuple[str, ...] | None:
+    """A record field naming the options, or the option texts; ``mode: choice`` needs them."""
     if isinstance(choices, list):
         if not choices or not all(isinstance(c, (str, int, float)) for c in choices):
             raise _fail(source, "choices: a record field name or a non-empty list of option texts")
@@ -124,29 +158,17 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
         raise _fail(source, "mode: choice needs 'choices' (a record field or a list of options)")
     if mode == "choice" and isinstance(choices, str) and fmt != "lamm":
         raise _fail(source, "choices from a record field need format: lamm; give a list of options")
-    reference = raw.get("reference", "label")
+    return choices
+
+
+def _reference(reference: Any, source: str) -> str | tuple[str, ...]:
     if isinstance(reference, list):
         if not reference or not all(isinstance(r, str) for r in reference):
             raise _fail(source, "reference: a field name or a list of field names")
-        reference = tuple(reference)
-    elif not isinstance(reference, str):
+        return tuple(reference)
+    if not isinstance(reference, str):
         raise _fail(source, "reference: a field name or a list of field names")
-    max_new_tokens = raw.get("max_new_tokens", 16)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise _fail(source, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    for key in ("description", "modality", "input_root", "instruction", "system"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise _fail(source, f"{key} must be a string")
-    recipe = Recipe(name=name, data=data, metrics=tuple(metrics), description=raw.get("description") or "",
-                    modality=raw.get("modality"), format=fmt, input_root=raw.get("input_root"),
-                    instruction=raw.get("instruction") or "{query}", system=raw.get("system"),
-                    reference=reference, mode=mode, choices=choices, max_new_tokens=max_new_tokens,
-                    source=source)
-    try:
-        recipe.fields()
-    except ValueError as exc:
-        raise _fail(source, f"instruction {recipe.instruction!r}: {exc}") from None
-    return recipe
+    return reference
 
 
 def load_recipe(path: str | Path) -> Recipe:
