@@ -56,8 +56,6 @@ def evaluate(
     through the training prompt builder; writes each task's predictions as JSONL beside scores.json
     in RUN/eval/<benchmark>/ (`mmkit eval score` reproduces every figure from them).
     """
-    import json
-
     from rich.console import Console
 
     from mmkit import ConfigError
@@ -71,26 +69,40 @@ def evaluate(
     to_stdout = json_out == "-"
     console = Console(stderr=to_stdout)
     if data:
-        from mmkit import evaluate, print_eval
-
-        # Never over the run's own eval.json (the end-of-training record): a folder of its own.
-        target = out or output_dir / "eval" / "+".join(p.stem for p in data)
-        results = evaluate(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, out_dir=target)
-        if not to_stdout:
-            print_eval(results, console)
-            console.print(f"wrote {target / 'eval.json'} and the answers beside it")
+        results = _run_held_out(output_dir, data, metric=metric, out=out, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, console=console, show_table=not to_stdout)
     else:
         results = _run_benchmarks(output_dir, benchmark or [], limit=limit, data_root=data_root, out=out,
                                   batch_size=batch_size, console=console, show_table=not to_stdout)
     if json_out:
-        text = json.dumps(results, indent=2)
-        if to_stdout:
-            typer.echo(text)
-        else:
-            from mmkit import atomic_write_text
+        _write_json(results, json_out)
 
-            atomic_write_text(Path(json_out), text)
+
+def _run_held_out(output_dir: Path, data: list[Path], *, metric: str, out: Path | None, batch_size: int,
+                  max_new_tokens: int, console: Any, show_table: bool) -> dict[str, Any]:
+    from mmkit import evaluate, print_eval
+
+    # Never over the run's own eval.json (the end-of-training record): a folder of its own.
+    target = out or output_dir / "eval" / "+".join(p.stem for p in data)
+    results = evaluate(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, out_dir=target)
+    if show_table:
+        print_eval(results, console)
+        console.print(f"wrote {target / 'eval.json'} and the answers beside it")
+    return results
+
+
+def _write_json(results: Any, json_out: str) -> None:
+    """``--json FILE``: the results written atomically; ``--json -``: printed on stdout."""
+    import json
+
+    text = json.dumps(results, indent=2)
+    if json_out == "-":
+        typer.echo(text)
+    else:
+        from mmkit import atomic_write_text
+
+        atomic_write_text(Path(json_out), text)
 
 
 def _run_eval_batch_size(output_dir: Path) -> int:
