@@ -229,6 +229,26 @@ class ModalityContract:
             assert tuple(out.shape) == (2, encoder.num_tokens, encoder.output_dim)
         assert bool(_values(out).isfinite().all()), "encoding a blank batch gave NaN or inf"
 
+    def test_blank_input_joins_a_batch(self, spec, encoder, valid_files):
+        """The evaluation ablation (``mmkit eval``, the end of ``mmkit train``) puts a blank input in
+        place of each file: ``blank_item`` (a tensor's first row, a torch-geometric batch's first graph,
+        else ``blank(1)`` itself) is counted with ``num_tokens_for`` and collated beside real items."""
+        from mmkit.data.batching import blank_item
+
+        blank = blank_item(encoder)
+        items = [blank, *self._items(spec, encoder, valid_files)[:1], blank]
+        try:
+            counts = [int(encoder.num_tokens_for(item)) for item in items]
+            batch = encoder.collate(items)
+        except Exception as exc:
+            raise AssertionError(
+                f"the ablation's blank input ({type(blank).__name__}, from blank(1)) must be accepted by "
+                f"num_tokens_for and collate (a collated batch of one among the items): "
+                f"{type(exc).__name__}: {exc}") from exc
+        with _no_grad():
+            out = encoder(batch)
+        assert _counts(out) == counts, f"encoded {_counts(out)} tokens per input, num_tokens_for said {counts}"
+
     def test_mixed_precision_forward(self, spec, encoder, valid_files):
         """Parameters in bf16, buffers left in fp32 (as DeepSpeed leaves them), the batch's floating
         leaves in bf16 (integer ones untouched, as mmkit moves batches): the forward runs and stays
