@@ -190,6 +190,17 @@ def test_check_files_without_decoding_only_checks_existence(root):
     assert list(failed) == [str(root / "img" / "nope.png")]
 
 
+def test_a_bad_frame_of_a_frame_folder_is_named(root):
+    folder = root / "clip"
+    folder.mkdir()
+    for t in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * t, dtype=np.uint8)).save(folder / f"frame_{t:04d}.png")
+    (folder / "frame_0003.png").write_bytes(b"junk")
+    failed = check_files({str(folder): "mmkit_plugin_image.video_io:load_video"})
+    kind, reason = failed[str(folder)]
+    assert kind == "corrupt_file" and reason.startswith(f"cannot decode {folder / 'frame_0003.png'}: "), reason
+
+
 def test_prompt_lengths_match_training_encoding(assemble_model, kit):
     assembled = assemble_model(("image", "pointcloud"))
     samples = kit.mixed() + [kit.sample("<image> <image> What is shown here ?", "1 2 3", image=["a", "b"])]

@@ -321,7 +321,8 @@ def _check_chunk(items: Sequence[tuple[Any, str]], decode: bool) -> list[Result]
         except InputError as exc:
             missing = not p.exists()
             kind = "missing_file" if missing else "corrupt_file"
-            reason = f"file not found: {path}" if missing else f"cannot decode {path}: {exc.reason}"
+            # The loader's own path when it names a file inside the input (a frame of a frame folder).
+            reason = f"file not found: {path}" if missing else f"cannot decode {exc.path or path}: {exc.reason}"
             out.append((path, (kind, reason), None))
         except Exception as exc:  # a plugin's loader failing in an unforeseen way is still this file's problem
             out.append((path, ("corrupt_file", f"cannot decode {path}: {type(exc).__name__}: {exc}"), None))
