@@ -278,3 +278,12 @@ def test_matmul_peak_is_measured_once_and_a_busy_measurement_is_redone_when_quie
     assert again["cached"] and again["flops"] == 9e9 and len(calls) == 2
     assert machine.matmul_peak(cpu, refresh=True)["flops"] == 9e9  # a lower re-measurement keeps the best
     assert (tmp_path / "mmkit" / machine.PEAK_FILE).is_file()
+
+
+def test_variable_size_modality_says_its_encoder_rows_time_blank_inputs():
+    from mmkit.bench import suite
+
+    report = suite.run("tiny", modalities=["video"], quick=True)
+    notes = " ".join(report["notes"])
+    assert "video: variable-size inputs" in notes and "blank(batch)" in notes, notes
+    assert "encoder/video/demo/bs2/inputs_per_s" in report["figures"]

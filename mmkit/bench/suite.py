@@ -99,8 +99,10 @@ def run(preset: str = "tiny", *, modalities: Sequence[str] | None = None, quick:
             # step figures leave a variable-size modality (contract 1.1) out, and the notes say so.
             variable = tuple(m for m in demo_modalities if _variable_size(host, m))
             if variable:
-                notes.append(f"{', '.join(variable)}: variable-size inputs, left out of the training-step figures "
-                             "(the plain LLaVA-style loop they compare with stacks fixed-size inputs)")
+                notes.append(f"{', '.join(variable)}: variable-size inputs; their encoder and projector rows time "
+                             "the encoder's blank(batch), not inputs of the demo's sizes, and the training-step "
+                             "figures leave them out (the plain LLaVA-style loop they compare with stacks "
+                             "fixed-size inputs)")
                 demo_modalities = tuple(m for m in demo_modalities if m not in variable)
             if not demo_modalities:
                 notes.append("no chosen modality has a demo task: no training-step figures")
