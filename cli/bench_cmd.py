@@ -41,7 +41,7 @@ def bench(
     )
 
     console = Console()
-    base = load_bench_report(compare) if compare else None  # a bad --compare file fails before measuring
+    base = load_bench_report(compare, preset=preset, quick=quick) if compare else None  # a bad --compare file fails before measuring
     chosen = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     with console.status("measuring") as status:
         report = run_bench(preset, modalities=chosen, quick=quick, progress=lambda msg: status.update(msg))

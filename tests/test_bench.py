@@ -139,6 +139,18 @@ def sleepy_host():
     SLEEP["seconds"] = 0.0
 
 
+def test_compare_refuses_a_report_of_another_preset_or_mode(tmp_path):
+    report = tmp_path / "full.json"
+    report.write_text(json.dumps({"preset": "tiny", "quick": False, "figures": {}}))
+    assert load_report(report, preset="tiny", quick=False)["preset"] == "tiny"
+    with pytest.raises(ConfigError, match="a full run, this run --quick"):
+        load_report(report, preset="tiny", quick=True)
+    with pytest.raises(ConfigError, match="--preset tiny, this run --preset small"):
+        load_report(report, preset="small", quick=False)
+    result = CliRunner().invoke(_app(), ["bench", "--quick", "--compare", str(report)])
+    assert result.exit_code != 0 and "no baseline" in str(result.exception or result.output)
+
+
 def test_compare_flags_a_deliberately_slowed_encoder(sleepy_host, tmp_path):
     runner = CliRunner()
     base = tmp_path / "base.json"

@@ -29,7 +29,9 @@ class Change:
         return rel if self.higher_is_better else -rel
 
 
-def load_report(path: str | Path) -> dict[str, Any]:
+def load_report(path: str | Path, *, preset: str | None = None, quick: bool | None = None) -> dict[str, Any]:
+    """An earlier ``--json`` report. With ``preset`` / ``quick``, the run about to be compared: a report
+    made at another preset or in the other mode measured other work, so its figures are no baseline."""
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -38,6 +40,13 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--compare {path}: not a readable JSON file: {exc}") from None
     if not isinstance(report, dict) or not isinstance(report.get("figures"), dict):
         raise ConfigError(f"--compare {path}: not an `mmkit bench --json` report (no 'figures' mapping)")
+    mode = {True: "--quick", False: "a full run"}
+    if preset is not None and report.get("preset") != preset:
+        raise ConfigError(f"--compare {path}: that report measured --preset {report.get('preset')}, this run "
+                          f"--preset {preset}; compare runs of one preset")
+    if quick is not None and bool(report.get("quick")) != quick:
+        raise ConfigError(f"--compare {path}: that report is {mode[bool(report.get('quick'))]}, this run "
+                          f"{mode[quick]}; a smoke run's figures are no baseline for a measurement, or back")
     return report
 
 
