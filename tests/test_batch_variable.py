@@ -8,6 +8,7 @@ lengths; and under ZeRO-3 two processes, one with sequences and one with text on
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -264,3 +265,39 @@ def test_zero3_two_processes_variable_inputs_on_one_text_on_the_other(seq_data, 
     assert sorted(losses) == [1, 2, 3, 4]
     assert max(abs(losses[s] - expected[s]) for s in expected) <= 1e-5
     assert max_weight_diff(one_process, out) <= 1e-6
+
+
+@pytest.mark.parametrize("method, message", [
+    ("num_tokens_for", "num_tokens_for raised ValueError: bad item"),
+    ("collate", "collate of 2 input(s) raised ValueError: bad item"),
+])
+def test_a_plugins_count_or_collate_fault_is_a_plugin_error_naming_it(monkeypatch, method, message):
+    from mmkit.errors import PluginError
+    from mmkit.modeling.components import build_encoder
+
+    host = seq_host()
+    encoder = build_encoder(host, host.modality(mmkit_seq_toy.MODALITY))
+
+    def broken(*args, **kwargs):
+        raise ValueError("bad\nitem")
+
+    monkeypatch.setattr(type(encoder), method, broken)
+    items = [torch.ones(3, mmkit_seq_toy.DIM), torch.ones(2, mmkit_seq_toy.DIM)]
+    counters = input_counters({"seq": encoder}, {"seq": torch.nn.Identity()})
+    with pytest.raises(PluginError, match=f"plugin seqtoy, modality {mmkit_seq_toy.MODALITY}.*{re.escape(message)}"):
+        if method == "num_tokens_for":
+            counters["seq"].of_item(items[0])
+        else:
+            collate_fns({"seq": encoder})["seq"](items)
+
+
+def test_a_count_that_is_not_a_token_count_is_refused(monkeypatch):
+    from mmkit.errors import PluginError
+    from mmkit.modeling.components import build_encoder
+    from mmkit.modeling.encoder import count_tokens
+
+    host = seq_host()
+    encoder = build_encoder(host, host.modality(mmkit_seq_toy.MODALITY))
+    monkeypatch.setattr(type(encoder), "num_tokens_for", lambda self, item: 2.5)
+    with pytest.raises(PluginError, match="num_tokens_for returned 2.5"):
+        count_tokens(encoder, torch.ones(3, mmkit_seq_toy.DIM))

@@ -3,6 +3,7 @@ builder, and pad into batches."""
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from mmkit.data.batch import Batch
 from mmkit.data.feature_cache import encode_frozen, split_features
 from mmkit.errors import DataError, InputError
+from mmkit.modeling.encoder import ModalityEncoder, collate_checked, count_tokens
 from mmkit.modeling.features import RaggedFeatures
 from mmkit.prompt import IGNORE_INDEX, EncodedSample, PromptBuilder
 from mmkit.records import Sample
@@ -123,7 +125,7 @@ class InputTokens:
     counted: dict[str, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     def of_item(self, item: Any) -> int:
-        return self.fixed if self.fixed is not None else int(self.encoder.num_tokens_for(item))
+        return self.fixed if self.fixed is not None else count_tokens(self.encoder, item)
 
     def of_features(self, features: Any) -> int:
         if self.fixed is not None:
@@ -148,10 +150,8 @@ _COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
     """Each modality's ``collate`` where its encoder defines its own (the others stack, as before)."""
-    from mmkit.modeling.encoder import ModalityEncoder
-
     base = getattr(ModalityEncoder, "collate", None)
-    return {m: enc.collate for m, enc in encoders.items()
+    return {m: functools.partial(collate_checked, enc) for m, enc in encoders.items()
             if getattr(type(enc), "collate", base) is not base}
 
 

@@ -127,7 +127,34 @@ def tokens_per_input(encoder: ModalityEncoder, projector: nn.Module, item: Any) 
     fixed = getattr(projector, "num_output_tokens", None)
     if fixed is not None:
         return int(fixed)
-    return int(encoder.num_tokens_for(item))
+    return count_tokens(encoder, item)
+
+
+def count_tokens(encoder: ModalityEncoder, item: Any) -> int:
+    """``encoder.num_tokens_for(item)``, checked: a plugin's exception or a count that is not a
+    non-negative int becomes a :class:`PluginError` naming the plugin."""
+    try:
+        count = encoder.num_tokens_for(item)
+    except MmkitError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{describe(encoder)}: num_tokens_for raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    if isinstance(count, torch.Tensor) and count.numel() == 1:
+        count = count.item()
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise PluginError(f"{describe(encoder)}: num_tokens_for returned {count!r}, declared a token count (an int >= 0)")
+    return count
+
+
+def collate_checked(encoder: ModalityEncoder, items: list[Any]) -> Any:
+    """``encoder.collate(items)``; a plugin's exception becomes a :class:`PluginError` naming it."""
+    try:
+        return encoder.collate(items)
+    except MmkitError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{describe(encoder)}: collate of {len(items)} input(s) raised {type(exc).__name__}: "
+                          f"{_one_line(exc)}") from exc
 
 
 def describe(encoder: nn.Module) -> str:
@@ -193,8 +220,8 @@ def _check_ragged(encoder: ModalityEncoder, out: Any, x: Any, counts: Sequence[i
 def encode_items(encoder: ModalityEncoder, items: Sequence[Any]) -> Any:
     """Collate preprocessed ``items``, encode them, and check each input's token count against
     ``num_tokens_for`` (what the prompt reserved)."""
-    counts = [encoder.num_tokens_for(item) for item in items] if is_variable(encoder) else None
-    return encoder(encoder.collate(list(items)), counts=counts)
+    counts = [count_tokens(encoder, item) for item in items] if is_variable(encoder) else None
+    return encoder(collate_checked(encoder, list(items)), counts=counts)
 
 
 def _one_line(exc: BaseException) -> str:
