@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +16,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _without_build_notice() -> Iterator[None]:
+    """DeepSpeed prints "DeepSpeed ... built successfully" on stdout each time it loads its CPU
+    communication op, at the start of every run: that one line is dropped, anything else printed
+    passes through."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True)
+                if not (line.startswith("DeepSpeed ") and line.rstrip().endswith("built successfully"))]
+        sys.stdout.write("".join(kept))
 
 
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
@@ -42,7 +61,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         for attempt in range(5):
             try:
-                deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
+                with _without_build_notice():
+                    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
                 break
             except dist.DistNetworkError as exc:
                 # A lone process picked a free port, but another process may take it before the
