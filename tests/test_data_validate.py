@@ -254,3 +254,11 @@ def test_variable_inputs_counted_by_the_parallel_file_check_feed_the_length_chec
     assert all("(1 image x 76)" in i.reason for i in report.errors if i.kind == "too_long")
     assert [(i.id, i.kind) for i in report.errors if i.kind != "too_long"] == [("bad", "corrupt_file")]
     assert {v for v in lengths.counter._seen.values() if isinstance(v, int)} == {52, 76}
+
+
+def test_a_missing_data_file_is_named_as_train_names_it(cli, root):
+    missing = root / "no-such-file.json"
+    result = cli(missing, write(root, [GOOD], "good2.jsonl"))
+    assert result.exit_code == 1
+    assert f"{missing}: file not found" in result.output.replace("\n", " "), result.output
+    assert "FileNotFoundError" not in result.output and "Errno" not in result.output

@@ -591,6 +591,9 @@ class _Validation:
         elif isinstance(exc, MmkitError):
             self.add(Issue(source, None, None, ERROR, "file_format", str(exc)))
             summary.file_error = str(exc)
+        elif isinstance(exc, FileNotFoundError):  # the words train uses for the same file
+            self.add(Issue(source, None, None, ERROR, "missing_file", "file not found"))
+            summary.file_error = "file not found"
         else:
             self.add(Issue(source, None, None, ERROR, "reader_failed",
                            f"the reader failed: {type(exc).__name__}: {exc}"))
