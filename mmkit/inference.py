@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from mmkit.data.batching import Collator, blank_item, collate_fns, input_counters, make_preprocessor
+from mmkit.data.batching import Collator, collate_fns, input_counters, make_preprocessor
 from mmkit.records import USER, Sample, Turn
 from mmkit.errors import InputError, MmkitError
 from mmkit.generation import GenerationOptions
@@ -161,7 +161,7 @@ class LoadedModel:
             tensors = {}
             for m, paths in sample.inputs.items():
                 if m in ablate:
-                    tensors[m] = [blank_item(self.model.encoders[m]) for _ in paths]
+                    tensors[m] = [self.model.encoders[m].blank_item() for _ in paths]
                 else:
                     tensors[m] = [self.preprocess[m](Path(p)) for p in paths]
             items.append(self._item(sample.id, sample.turns, sample.system, tensors, sample.modalities))

@@ -155,18 +155,6 @@ def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
             if getattr(type(enc), "collate", base) is not base}
 
 
-def blank_item(encoder: Any) -> Any:
-    """One blank preprocessed input (the evaluation ablation): the first input of the encoder's
-    ``blank(1)`` batch (a tensor's first row, a torch-geometric batch's first graph); otherwise the
-    blank batch itself, which the encoder's ``collate`` must then accept."""
-    blank = getattr(encoder, "blank", None) or encoder.blank_input
-    batch = blank(1)
-    if isinstance(batch, torch.Tensor):
-        return batch[0]
-    to_list = getattr(batch, "to_data_list", None)
-    return to_list()[0] if callable(to_list) else batch
-
-
 def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Preprocess],
                        counters: Mapping[str, InputTokens], *, cache: Any = None
                        ) -> list[dict[str, list[int]] | None]:

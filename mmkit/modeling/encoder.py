@@ -101,6 +101,20 @@ class ModalityEncoder(nn.Module):
                               f"{type(self).__qualname__} does not implement blank(batch_size)")
         return torch.zeros(batch_size, *self.input_shape)
 
+    def blank_item(self) -> Any:
+        """One blank preprocessed input, as ``preprocess`` returns: the evaluation ablation puts it in
+        place of each file, so it is counted with ``num_tokens_for`` and collated beside real inputs.
+        Default: the first input of ``blank(1)`` (a tensor's first row, a torch-geometric batch's first
+        graph); an encoder whose batches are another type implements it."""
+        batch = self.blank(1)
+        if isinstance(batch, torch.Tensor):
+            return batch[0]
+        to_list = getattr(batch, "to_data_list", None)
+        if callable(to_list):
+            return to_list()[0]
+        raise PluginError(f"{describe(self)}: blank(1) returned a {type(batch).__name__}, which mmkit cannot take "
+                          f"apart into one input: {type(self).__qualname__} must implement blank_item()")
+
     def blank_input(self, batch_size: int = 1) -> Any:
         """Contract 1.0's name of :meth:`blank` (kept: 1.0 plugins override or call it)."""
         return self.blank(batch_size)

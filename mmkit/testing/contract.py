@@ -231,19 +231,18 @@ class ModalityContract:
 
     def test_blank_input_joins_a_batch(self, spec, encoder, valid_files):
         """The evaluation ablation (``mmkit eval``, the end of ``mmkit train``) puts a blank input in
-        place of each file: ``blank_item`` (a tensor's first row, a torch-geometric batch's first graph,
-        else ``blank(1)`` itself) is counted with ``num_tokens_for`` and collated beside real items."""
-        from mmkit.data.batching import blank_item
-
-        blank = blank_item(encoder)
+        place of each file: ``encoder.blank_item()`` (by default a tensor's first row of ``blank(1)``,
+        a torch-geometric batch's first graph) is counted with ``num_tokens_for`` and collated beside
+        real items."""
+        blank = encoder.blank_item()
         items = [blank, *self._items(spec, encoder, valid_files)[:1], blank]
         try:
             counts = [int(encoder.num_tokens_for(item)) for item in items]
             batch = encoder.collate(items)
         except Exception as exc:
             raise AssertionError(
-                f"the ablation's blank input ({type(blank).__name__}, from blank(1)) must be accepted by "
-                f"num_tokens_for and collate (a collated batch of one among the items): "
+                f"the ablation's blank input ({type(blank).__name__}, from blank_item()) must be accepted by "
+                f"num_tokens_for and collate beside real items: "
                 f"{type(exc).__name__}: {exc}") from exc
         with _no_grad():
             out = encoder(batch)

@@ -253,15 +253,17 @@ def test_llava_hf_export_refuses_an_anyres_run() -> None:
     assert reason and "anyres" in reason and "LlavaForConditionalGeneration" in reason
 
 
-def test_collate_accepts_a_blank_batch_among_items(anyres) -> None:
-    """The core's blank input of a variable-size encoder is ``blank(1)``, collated with real items."""
+def test_the_blank_item_joins_real_items(anyres) -> None:
+    """The evaluation ablation's input: a 1x1 grid of zero crops, counted and collated with real images."""
     item = anyres.preprocess(_image(32, 64))
-    batch = anyres.collate([item, anyres.blank(1)])
+    blank = anyres.blank_item()
+    batch = anyres.collate([item, blank])
     assert batch.grids == ((1, 2), (1, 1)) and batch.crops == [3, 2]
-    assert anyres.num_tokens_for(anyres.blank(1)) == SIDE * SIDE + SIDE * (SIDE + 1)
+    assert anyres.num_tokens_for(blank) == SIDE * SIDE + SIDE * (SIDE + 1)
     with torch.no_grad():
         out = anyres(batch)
-    assert out.counts == (anyres.num_tokens_for(item), anyres.num_tokens_for(anyres.blank(1)))
+    assert out.counts == (anyres.num_tokens_for(item), anyres.num_tokens_for(blank))
+    assert torch.equal(anyres.blank(2).pixels, anyres.collate([blank, blank]).pixels)
 
 
 def test_anyres_on_a_saved_checkpoint(tmp_path) -> None:

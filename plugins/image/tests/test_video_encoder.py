@@ -132,19 +132,16 @@ def test_blank_and_moves_like_any_batch(encoder) -> None:
     assert out.counts == (16, 16, 16) and torch.isfinite(out.values).all()
 
 
-def test_a_blank_batch_joins_real_items(encoder) -> None:
-    """The core's blank input of a variable-size encoder is ``blank(1)``, collated with real items."""
-    from mmkit.data.batching import blank_item
-
+def test_the_blank_item_joins_real_items(encoder) -> None:
+    """The evaluation ablation's input: a clip of one zero frame, counted and collated with real clips."""
     item = encoder.preprocess(clip(3))
-    blank = blank_item(encoder)
-    assert encoder.num_tokens_for(blank) == 16
-    batch = encoder.collate([item, blank, encoder.collate([item, item])])
-    assert batch.frame_counts.tolist() == [3, 1, 3, 3]
-    assert torch.equal(batch.items()[0], item) and torch.equal(batch.items()[1], torch.zeros(1, 3, 16, 16))
+    blank = encoder.blank_item()
+    assert torch.equal(blank, torch.zeros(1, 3, 16, 16)) and encoder.num_tokens_for(blank) == 16
+    batch = encoder.collate([item, blank, item])
+    assert batch.frame_counts.tolist() == [3, 1, 3]
     with torch.no_grad():
         out = encoder(batch)
-    assert out.counts == (50, 16, 50, 50)
+    assert out.counts == (50, 16, 50)
     with pytest.raises(TypeError, match="one clip"):
         encoder.num_tokens_for(encoder.blank(2))
 

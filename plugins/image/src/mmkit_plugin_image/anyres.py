@@ -162,11 +162,6 @@ class AnyresBatch:
         """Crops per item (base view included)."""
         return [1 + rows * cols for rows, cols in self.grids]
 
-    def items(self) -> list[AnyresImage]:
-        """The batch taken apart again (collate accepts a batch among items, e.g. a ``blank(1)``)."""
-        pixels = self.pixels.split(self.crops) if self.grids else []
-        return [AnyresImage(p, g, o) for p, g, o in zip(pixels, self.grids, self.originals, strict=True)]
-
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AnyresBatch:
         """``mmkit.modeling.features.move`` hook: ``fn`` over the tensors."""
         return AnyresBatch(fn(self.pixels), self.grids, self.originals)

@@ -148,8 +148,6 @@ class CLIPImageEncoder(ModalityEncoder):
     def collate(self, items: list[Any]) -> Any:
         if not self.anyres:
             return torch.stack(items)
-        # A collated batch among the items (the core's blank input is ``blank(1)``) joins as its items.
-        items = [part for item in items for part in (item.items() if isinstance(item, AnyresBatch) else [item])]
         for i, item in enumerate(items):
             self._check_item(item, f"item {i}")
         pixels = (torch.cat([item.pixels for item in items]) if items
@@ -159,8 +157,6 @@ class CLIPImageEncoder(ModalityEncoder):
     def num_tokens_for(self, item: Any) -> int:
         if not self.anyres:
             return self.num_tokens
-        if isinstance(item, AnyresBatch) and len(item) == 1:  # a blank(1), as the core's blank input
-            item = item.items()[0]
         self._check_item(item, "num_tokens_for")
         return self.layout.num_tokens(item.grid, item.original)
 
@@ -168,8 +164,13 @@ class CLIPImageEncoder(ModalityEncoder):
         """Zeros, as 1.0's ``blank_input``; with ``anyres`` a 1x1 grid of zero crops per input."""
         if not self.anyres:
             return torch.zeros(batch_size, *self.input_shape)
-        zeros = AnyresImage(torch.zeros(2, 3, self._size, self._size), (1, 1), (self._size, self._size))
-        return self.collate([zeros] * batch_size)
+        return self.collate([self.blank_item()] * batch_size)
+
+    def blank_item(self) -> Any:
+        """Zeros of ``input_shape``; with ``anyres`` a 1x1 grid of zero crops (base view + one crop)."""
+        if not self.anyres:
+            return torch.zeros(*self.input_shape)
+        return AnyresImage(torch.zeros(2, 3, self._size, self._size), (1, 1), (self._size, self._size))
 
     def forward(self, pixel_values: torch.Tensor | AnyresBatch) -> torch.Tensor | RaggedFeatures:
         if self.anyres:

@@ -38,10 +38,6 @@ class VideoBatch(NamedTuple):
     frames: torch.Tensor  # [sum of frame counts, 3, S, S]
     frame_counts: torch.Tensor  # int64 [clips]
 
-    def items(self) -> list[torch.Tensor]:
-        """The batch taken apart again: one ``[F, 3, S, S]`` tensor per clip."""
-        return list(torch.split(self.frames, [int(n) for n in self.frame_counts.tolist()]))
-
 
 class VideoEncoder(ModalityEncoder):
     """``[F, 3, S, S]`` frames per clip -> ``F' * tokens_per_frame (+ F' - 1 separators)`` rows."""
@@ -90,9 +86,7 @@ class VideoEncoder(ModalityEncoder):
         frames = clip.read(sample_indices(clip.num_frames, self.max_frames))
         return torch.stack([self.frame_encoder.preprocess(frame) for frame in frames])
 
-    def collate(self, items: Sequence[torch.Tensor | VideoBatch]) -> VideoBatch:
-        # A collated batch among the items (the core's blank input is ``blank(1)``) joins as its clips.
-        items = [clip for item in items for clip in (item.items() if isinstance(item, VideoBatch) else [item])]
+    def collate(self, items: Sequence[torch.Tensor]) -> VideoBatch:
         for i, item in enumerate(items):
             if not isinstance(item, torch.Tensor) or item.dim() != 4 or tuple(item.shape[1:]) != self.frame_shape \
                     or item.shape[0] < 1:
@@ -102,17 +96,20 @@ class VideoEncoder(ModalityEncoder):
         frames = torch.cat(list(items)) if items else torch.zeros(0, *self.frame_shape)
         return VideoBatch(frames, torch.tensor([len(item) for item in items], dtype=torch.long))
 
-    def num_tokens_for(self, item: torch.Tensor | VideoBatch) -> int:
-        if isinstance(item, VideoBatch):  # a one-clip batch: the core's blank input, blank(1)
-            if len(item.frame_counts) != 1:
-                raise TypeError(f"video encoder: num_tokens_for takes one clip, got a batch of {len(item.frame_counts)}")
-            item = item.frames
+    def num_tokens_for(self, item: torch.Tensor) -> int:
+        if not isinstance(item, torch.Tensor) or item.dim() != 4:
+            got = list(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise TypeError(f"video encoder: num_tokens_for takes one clip [F, 3, S, S], got {got}")
         groups = -(-int(item.shape[0]) // self.temporal_pool)
         return groups * self.tokens_per_frame + (groups - 1 if self.separators else 0)
 
     def blank(self, batch_size: int = 1) -> VideoBatch:
         """One all-zero frame per clip (the ablation and ZeRO-3's dummy pass)."""
-        return self.collate([torch.zeros(1, *self.frame_shape) for _ in range(batch_size)])
+        return self.collate([self.blank_item() for _ in range(batch_size)])
+
+    def blank_item(self) -> torch.Tensor:
+        """A clip of one all-zero frame."""
+        return torch.zeros(1, *self.frame_shape)
 
     def forward(self, batch: VideoBatch) -> RaggedFeatures:
         frames, frame_counts = batch
