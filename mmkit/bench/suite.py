@@ -179,11 +179,16 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
     # a packed step holds several times the samples of a padded one: fewer steps, similar time
     counts = {name: max(2, (steps + 1) // 2) if name == "packed" else steps for name in [*variants, "plain"]}
     flops, slots = st.step_flops(rig)
+    order = [*variants, "plain"]
     for r in range(plan.rounds):
         progress(f"training step ({preset}): round {r + 1} of {plan.rounds}")
-        for name in variants:
-            st.run_variant(rig, name, counts[name])
-        st.run_plain(rig, steps)
+        # the order rotates each round: no variant always runs first, or always right after the same
+        # one (a burst of load, or a previous loader's leftover work, then hits every variant alike)
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            if name == "plain":
+                st.run_plain(rig, steps)
+            else:
+                st.run_variant(rig, name, counts[name])
     rig.log.close()
     recs = {name: rig.variants[name].rec for name in variants}
     recs["plain"] = rig.plain_rec
