@@ -2,7 +2,7 @@
 
 The demo's PointNet++ encoder on the demo's solids, one thread: forward on bare points (FPS and kNN
 in every forward, as before the move and as a stock PointNet++) against forward on preprocessed
-items (grouping stored after the points), and the preprocessing each costs a loader worker per cloud.
+items (a GroupedCloud batch: the points with their int64 grouping), and the preprocessing each costs a loader worker per cloud.
 Rounds interleave the two; CPU time of this thread (``time.thread_time``) rather than wall time, so
 other processes on a shared machine do not blur a few-millisecond difference. The features are
 bitwise equal (``plugins/pointcloud/tests/test_grouping.py``).
@@ -46,7 +46,7 @@ def main() -> None:
     m = statistics.median
     for count in args.clouds:
         raws = [sample_shape(names[i % len(names)], rng, args.points).astype(np.float32) for i in range(count)]
-        items = torch.stack([enc.preprocess(c) for c in raws])
+        items = enc.collate([enc.preprocess(c) for c in raws])
         points = enc.stock_input(items).contiguous()
         grouped, stored, before, after = [], [], [], []
         with torch.no_grad():

@@ -52,7 +52,7 @@ def sampling_share(rig) -> None:
 
     enc = rig.assembled.model.encoders["pointcloud"]
     cfg = getattr(enc, "cfg", None) or enc.config  # PointNet2Config
-    x = torch.randn(rig.cfg.micro_batch_size, *enc.input_shape)
+    x = torch.randn(rig.cfg.micro_batch_size, cfg.num_points, cfg.in_channels)  # bare points: grouped in forward
 
     def sampling() -> None:
         pos = x[..., :3]

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from mmkit.data.batching import Collator, collate_fns, input_counters, make_preprocessor
+from mmkit.data.batching import Collator, collate_fns, floating_leaves, input_counters, make_preprocessor
 from mmkit.records import USER, Sample, Turn
 from mmkit.errors import InputError, MmkitError
 from mmkit.generation import GenerationOptions
@@ -96,7 +96,8 @@ class LoadedModel:
             raise
         except Exception as exc:  # the encoder's own complaint, with what was passed
             raise InputError(where, f"the {modality} encoder cannot use it: {type(exc).__name__}: {exc}") from None
-        if not isinstance(tensor, torch.Tensor) or not bool(torch.isfinite(tensor).all()):
+        floats = floating_leaves(tensor)  # a tensor, or any item the encoder's collate takes
+        if not floats or not all(bool(torch.isfinite(t).all()) for t in floats):
             raise InputError(where, "preprocessing produced NaN or inf values (or no tensor)")
         return tensor
 

@@ -243,20 +243,22 @@ class BatchKit:
     @staticmethod
     def batch(assembled: Any, samples: list[Any], seed: int = 0, padding_side: str = "right") -> Any:
         """Encode through the prompt builder and collate; each input is a random tensor of the
-        encoder's input shape (stacked in row order, as the collator does)."""
+        encoder's input shape (stacked in row order, as the collator does), or the encoder's blank
+        item where it declares no input shape (batched by its own collate)."""
         import torch
 
-        from mmkit.data.batching import Collator
+        from mmkit.data.batching import Collator, collate_fns
 
         gen = torch.Generator().manual_seed(seed)
         items = []
         for s in samples:
             enc = assembled.prompts.encode_sample(s)
-            tensors = {m: [torch.randn(assembled.model.encoders[m].input_shape, generator=gen) for _ in paths]
+            tensors = {m: [random_input(assembled.model.encoders[m], gen) for _ in paths]
                        for m, paths in s.inputs.items()}
             items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels, "inputs": tensors,
                           "modalities": s.modalities})
-        return Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side=padding_side)(items)
+        return Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side=padding_side,
+                        collate=collate_fns(assembled.model.encoders))(items)
 
     @staticmethod
     def run(model: Any, batch: Any) -> Any:
@@ -266,3 +268,13 @@ class BatchKit:
 @pytest.fixture(scope="session")
 def kit() -> type[BatchKit]:
     return BatchKit
+
+
+def random_input(encoder: Any, gen: Any) -> Any:
+    """A preprocessed input for tests of the batch path: random values of the encoder's
+    ``input_shape``, or (an encoder that declares none) its blank item."""
+    import torch
+
+    if encoder.input_shape is None:
+        return encoder.blank_item()
+    return torch.randn(encoder.input_shape, generator=gen)

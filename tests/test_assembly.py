@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from mmkit.data.batching import Collator, SampleDataset, make_preprocessor
+from mmkit.data.batching import Collator, SampleDataset, collate_fns, make_preprocessor
 from mmkit.records import Sample, Turn
 from mmkit.default_plugins.lora_targets import TARGETS
 from mmkit.errors import ConfigError, DataError
@@ -29,7 +29,7 @@ def test_mixed_batch_trains_on_each_architecture(assemble_model, kit, architectu
     mixed = kit.mixed()
     batch = kit.batch(assembled, mixed)
     assert routes_for_rows(batch.modalities, model.lora.adapters) == ["image", "pointcloud", "image", "text"]
-    assert batch.inputs["image"].shape[0] == 2 and batch.inputs["pointcloud"].shape[0] == 2
+    assert batch.inputs["image"].shape[0] == 2 and batch.inputs["pointcloud"].points.shape[0] == 2
     out = kit.run(model, batch)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     assert out.logits.shape[:2] == batch.input_ids.shape
@@ -143,9 +143,12 @@ def test_files_through_dataset_and_collator(assemble_model, kit, mm_host, input_
                kit.sample("<pointcloud> Which shape is it ?", "a cube", pointcloud=[str(input_files["pointcloud"][0])]),
                kit.sample("hello world", "yes")]
     dataset = SampleDataset(samples, assembled.prompts, preprocess)
-    batch = Collator(pad_id=assembled.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    batch = Collator(pad_id=assembled.tokenizer.pad_token_id, collate=collate_fns(model.encoders))(
+        [dataset[i] for i in range(3)])
     assert batch.inputs["image"].shape == (2, *model.encoders["image"].input_shape)
-    assert batch.inputs["pointcloud"].shape == (1, *model.encoders["pointcloud"].input_shape)
+    cfg = model.encoders["pointcloud"].cfg  # points and their grouping (int64), each stacked
+    assert batch.inputs["pointcloud"].points.shape == (1, cfg.num_points, cfg.in_channels)
+    assert batch.inputs["pointcloud"].centres.dtype == torch.long
     assert batch.modalities == (("image",), ("pointcloud",), ())
     assert routes_for_rows(batch.modalities, model.lora.adapters) == ["image", "pointcloud", "text"]
     model.train()

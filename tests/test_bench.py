@@ -204,7 +204,8 @@ def test_plain_llava_loop_computes_mmkits_loss_on_the_same_batch(mm_host, tmp_pa
     # (a stock PointNet++); mmkit's items carry the grouping preprocess computed
     pcl = rig.assembled.model.encoders["pointcloud"]
     assert plain_batch["inputs"]["pointcloud"].shape[1:] == (pcl.cfg.num_points, pcl.cfg.in_channels)
-    assert batch.inputs["pointcloud"].shape[1:] == pcl.input_shape
+    assert torch.equal(batch.inputs["pointcloud"].points, plain_batch["inputs"]["pointcloud"])
+    assert batch.inputs["pointcloud"].neighbours[0].dtype == torch.long
     # the bench's "stock" variant: mmkit's step fed the same bare points, other modalities untouched
     assert set(st.stock_encoders(rig)) == {"pointcloud"}
     image = batch.inputs["image"]

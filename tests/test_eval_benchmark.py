@@ -247,7 +247,8 @@ def test_choice_mode_picks_the_most_likely_option(saved_run, mm_host, tmp_path):
         encoded = model.prompts.encode_sample(attrs.evolve(sample, turns=_answer_turns(sample, option)))
         ids = torch.tensor([encoded.input_ids])
         labels = torch.tensor([encoded.labels])
-        inputs = {m: torch.stack([model.preprocess[m](Path(p)) for p in paths]) for m, paths in sample.inputs.items()}
+        inputs = {m: model.model.encoders[m].collate([model.preprocess[m](Path(p)) for p in paths])
+                  for m, paths in sample.inputs.items()}
         with torch.no_grad():
             loss = model.model(ids, torch.ones_like(ids), labels=labels, inputs=inputs,
                                modalities=[sample.modalities]).loss

@@ -26,7 +26,7 @@ TEXT_PROMPT = "hello world , what about this one ?"
 
 def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
     """A few real optimizer steps on the instruct stage (projectors, marker rows, LoRA)."""
-    from mmkit.data.batching import Collator
+    from mmkit.data.batching import Collator, collate_fns
     from mmkit.inference import LoadedModel
     from mmkit.modeling.assemble import trainable_parameters
 
@@ -40,7 +40,8 @@ def _train(assembled, mm_host, samples, steps: int = 6) -> list[float]:
         items.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels,
                       "inputs": {m: [mm.preprocess[m](Path(p)) for p in paths] for m, paths in s.inputs.items()},
                       "modalities": s.modalities})
-    batch = Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side="right")(items)
+    batch = Collator(pad_id=assembled.tokenizer.pad_token_id, padding_side="right",
+                     collate=collate_fns(model.encoders))(items)
     model.train()
     losses = []
     for _ in range(steps):
@@ -117,7 +118,7 @@ def _mmkit_logits(mm, text: str, inputs: dict | None = None) -> tuple[list[int],
     turns = [Turn("user", mm._with_placeholders(text, inputs))]
     enc = mm.prompts.encode_prompt(turns)
     ids = torch.tensor([enc.input_ids])
-    tensors = {m: torch.stack([mm.prepare(m, v) for v in vs]) for m, vs in inputs.items()}
+    tensors = {m: mm.model.encoders[m].collate([mm.prepare(m, v) for v in vs]) for m, vs in inputs.items()}
     with torch.no_grad():
         out = mm.model(input_ids=ids, attention_mask=torch.ones_like(ids), inputs=tensors,
                        modalities=[tuple(inputs)])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mmkit.data.batching import Batches, Collator, SampleDataset, make_preprocessor, model_inputs
+from mmkit.data.batching import Batches, Collator, SampleDataset, collate_fns, make_preprocessor, model_inputs
 from mmkit.data.feature_cache import (
     FeatureCache,
     FeatureStore,
@@ -151,7 +151,7 @@ def test_cached_features_reproduce_online_encoding(tmp_path, assemble_model, kit
                kit.sample("<image> and <pointcloud> compare the two", "yes", image=[img[1]], pointcloud=[pcl[0]]),
                kit.sample("hello world", "yes no")]
     online = SampleDataset(samples, assembled.prompts, preprocess)
-    collate = Collator(pad_id=0)
+    collate = Collator(pad_id=0, collate=collate_fns(model.encoders))
     batch = collate([online[i] for i in range(3)])
 
     cache = open_training_cache(tmp_path, host=mm_host, encoders=dict(model.encoders), samples=samples,

@@ -43,7 +43,8 @@ def _samples(input_files):
 def _argmax_reference(mm, sample, steps):
     """Greedy decoding the slow way: the whole sequence through the model at every step, no cache."""
     encoded = mm.prompts.encode_prompt(list(sample.turns))
-    tensors = {m: torch.stack([mm.preprocess[m](Path(p)) for p in paths]) for m, paths in sample.inputs.items()}
+    tensors = {m: mm.model.encoders[m].collate([mm.preprocess[m](Path(p)) for p in paths])
+               for m, paths in sample.inputs.items()}
     ids = list(encoded.input_ids)
     out = []
     for _ in range(steps):

@@ -106,7 +106,8 @@ def test_dummy_pass_runs_absent_modalities_in_training_only(routed, backward, ro
     grouped batches paid a blank pass every step)."""
     model = routed.model
     calls = []
-    handle = model.encoders["pointcloud"].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    encoder = model.encoders["pointcloud"]
+    handle = encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].points.shape))
     try:
         backward(routed, rows["text"])
         assert calls == []  # one process, no ZeRO-3: nothing waits on this one
@@ -114,7 +115,8 @@ def test_dummy_pass_runs_absent_modalities_in_training_only(routed, backward, ro
         model.zero_grad(set_to_none=True)
         monkeypatch.setattr(type(model), "_blank_pass_needed", lambda self, modality: True)
         backward(routed, rows["text"])
-        assert calls == [torch.Size([1, *model.encoders["pointcloud"].input_shape])]
+        cfg = model.encoders["pointcloud"].cfg
+        assert calls == [torch.Size([1, cfg.num_points, cfg.in_channels])]  # the blank batch of one cloud
         for modality in ("image", "pointcloud"):
             grads = [p.grad for p in model.projectors[modality].parameters()]
             assert grads and all(g is not None for g in grads) and all(not g.any() for g in grads)
@@ -169,6 +171,14 @@ def _input_rows(samples, modality, row) -> list[int]:
     return list(range(start, start + len(samples[row].inputs[modality])))
 
 
+def _select(batch, rows):
+    """Inputs ``rows`` of a collated batch: a tensor, or a NamedTuple / tuple of them (each field)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rows]
+    parts = [_select(part, rows) for part in batch]
+    return type(batch)(*parts) if hasattr(batch, "_fields") else tuple(parts)
+
+
 def test_per_row_routing_equals_each_row_alone(routed, rows, kit):
     """Rows routed to different adapters in one (padded) batch give the same logits as each row run
     alone with its adapter; and the route matters (another adapter gives other logits)."""
@@ -182,7 +192,7 @@ def test_per_row_routing_equals_each_row_alone(routed, rows, kit):
         together = kit.run(model, batch)
         for row, sample in enumerate(mixed):
             single = kit.batch(routed, [sample])
-            single.inputs = {m: batch.inputs[m][_input_rows(mixed, m, row)] for m in sample.inputs}
+            single.inputs = {m: _select(batch.inputs[m], _input_rows(mixed, m, row)) for m in sample.inputs}
             assert routes_for_rows(single.modalities, model.lora.adapters) == [routes[row]]
             alone = kit.run(model, single)
             batched = together.logits[row][batch.attention_mask[row].bool()]

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import attrs
 
 from mmkit.data.batch import Batch
-from mmkit.data.batching import Batches, Collator, SampleDataset, make_preprocessor, model_inputs
+from mmkit.data.batching import (Batches, Collator, SampleDataset, collate_fns, make_preprocessor,
+                                 model_inputs)
 from mmkit.data.packing import (
     GroupedBatchSampler,
     PackedBatchSampler,
@@ -32,13 +33,17 @@ from mmkit.prompt import IGNORE_INDEX
 from mmkit.specs import resolve
 
 
+def random_input(encoder, gen):
+    """Random values of the encoder's ``input_shape``; its blank item where it declares none."""
+    return torch.randn(encoder.input_shape, generator=gen) if encoder.input_shape is not None else encoder.blank_item()
+
+
 def items_for(assembled, samples, seed=0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for s in samples:
         enc = assembled.prompts.encode_sample(s)
-        tensors = {m: [torch.randn(assembled.model.encoders[m].input_shape, generator=gen) for _ in p]
-                   for m, p in s.inputs.items()}
+        tensors = {m: [random_input(assembled.model.encoders[m], gen) for _ in p] for m, p in s.inputs.items()}
         out.append({"id": s.id, "input_ids": enc.input_ids, "labels": enc.labels, "inputs": tensors,
                     "modalities": s.modalities})
     return out
@@ -67,9 +72,10 @@ def test_packed_rows_give_each_sample_its_own_loss(assemble_model, kit, randomiz
     items = items_for(assembled, samples)
     pad = assembled.tokenizer.pad_token_id
     with torch.no_grad():
-        alone = [float(model(**model_inputs(Collator(pad_id=pad)([it]), "cpu")).loss) for it in items]
+        collate = collate_fns(model.encoders)
+        alone = [float(model(**model_inputs(Collator(pad_id=pad, collate=collate)([it]), "cpu")).loss) for it in items]
         rows = [0, 0, 1, 0, 1]  # two rows of mixed modalities, out of order
-        batch = PackingCollator(pad_id=pad)([dict(it, row=r) for it, r in zip(items, rows)])
+        batch = PackingCollator(pad_id=pad, collate=collate)([dict(it, row=r) for it, r in zip(items, rows)])
         out = model(**model_inputs(batch, "cpu"))
     packed = per_sample_losses(out.logits, batch.labels, batch.segment_ids)
     expected = [alone[i] for r in (0, 1) for i, row in enumerate(rows) if row == r]

@@ -62,7 +62,7 @@ class PlainLlavaLoop:
             input_ids[i, :len(ids)] = torch.tensor(ids)
             labels[i, :len(labs)] = torch.tensor(labs)
             mask[i, :len(ids)] = True
-        inputs: dict[str, list[torch.Tensor]] = {}
+        inputs: dict[str, list[Any]] = {}  # preprocessed items, batched by each encoder's collate
         for item in items:
             for modality, tensors in item["inputs"].items():
                 inputs.setdefault(modality, []).extend(tensors)
@@ -70,7 +70,7 @@ class PlainLlavaLoop:
         lengths = [len(item["input_ids"]) for item in items]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
                 "num_tokens": sum(lengths), "num_slots": len(items) * max(lengths),
-                "inputs": {m: self.stock_input(m, torch.stack(t)) for m, t in inputs.items()},
+                "inputs": {m: self.stock_input(m, self.model.encoders[m].collate(t)) for m, t in inputs.items()},
                 "modalities": [item["modalities"] for item in items], "ids": [item["id"] for item in items]}
 
     def stock_input(self, modality: str, x: torch.Tensor) -> torch.Tensor:

@@ -104,9 +104,9 @@ def test_frozen_demo_features_are_linearly_separable(demo) -> None:
     answers = list(task.answers)
 
     def features(records) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.stack([encoder.preprocess(load(root / r["pointcloud"])) for r in records])
+        items = [encoder.preprocess(load(root / r["pointcloud"])) for r in records]
         with torch.no_grad():
-            tokens = torch.cat([encoder(chunk) for chunk in x.split(150)])
+            tokens = torch.cat([encoder(encoder.collate(items[i:i + 150])) for i in range(0, len(items), 150)])
         labels = torch.tensor([answers.index(r["conversations"][1]["value"]) for r in records])
         return torch.cat([tokens.mean(1), tokens.amax(1)], dim=1), labels
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmkit.errors import CheckpointMismatchError, ConfigError, PluginError
+from mmkit.modeling.features import move
 from mmkit_plugin_pointcloud.config import DEMO, REAL, TINY, PointNet2Config
 from mmkit_plugin_pointcloud.encoder import PointNet2Encoder, build_encoder
 from mmkit_plugin_pointcloud.shapes import sample_shape
@@ -31,13 +32,15 @@ def test_preprocess_normalises_and_resamples() -> None:
     for raw in (_clouds(1, 1000)[0], _clouds(1, 40)[0]):
         x = enc.prepare_points(raw)
         assert x.shape == (256, 6) and x.dtype == torch.float32
-        assert torch.equal(enc.preprocess(raw)[:256 * 6], x.reshape(-1))  # the points lead the preprocessed item
+        assert torch.equal(enc.preprocess(raw).points, x)  # the points of the preprocessed item
         assert x[:, :3].norm(dim=1).max() <= 1 + 1e-6
         assert torch.equal(x[:, 3:], torch.zeros(256, 3))  # no colour in the file: zeros
     raw = _clouds(1, 500)[0]
     shifted = raw * 7.5 + np.array([100.0, -3.0, 40.0], dtype=np.float32)
     assert torch.allclose(enc.prepare_points(raw), enc.prepare_points(shifted), atol=1e-5)
-    assert torch.equal(enc.preprocess(raw), enc.preprocess(torch.from_numpy(raw)))
+    a, b = enc.preprocess(raw), enc.preprocess(torch.from_numpy(raw))
+    assert all(torch.equal(p, q) for p, q in zip([a.points, a.centres, *a.neighbours], [b.points, b.centres, *b.neighbours],
+                                                   strict=True))
 
 
 def test_colour_channels_kept_or_dropped() -> None:
@@ -55,16 +58,17 @@ def test_colour_channels_kept_or_dropped() -> None:
                                       "widths": [16]}])
 def test_forward_shape_and_batch_invariance(options: dict) -> None:
     enc = build_encoder(**options).eval()
-    batch = torch.stack([enc.preprocess(c) for c in _clouds(4, colour=True)])
+    items = [enc.preprocess(c) for c in _clouds(4, colour=True)]
+    batch = enc.collate(items)
     with torch.no_grad():
         out = enc(batch)
-        alone = torch.cat([enc(batch[i:i + 1]) for i in range(4)])
+        alone = torch.cat([enc(enc.collate([item])) for item in items])
     assert out.shape == (4, enc.num_tokens, enc.output_dim) == (4, options["centres"][-1], options["output_dim"])
     assert torch.allclose(out, alone, atol=1e-5)
     assert not torch.allclose(out[0], out[1])
-    with pytest.raises(PluginError, match=r"encode raised ValueError: expected preprocessed input \[B, \d+\] or "
-                                          r"points \[B, 256, \d\]"):
-        enc(batch[:, :100])  # named by mmkit, with the plugin's own reason
+    with pytest.raises(PluginError, match=r"encode raised ValueError: expected a collated GroupedCloud batch or "
+                                          r"points \[B, 256, \d\], got a tensor of shape \[4, 100, \d\]"):
+        enc(batch.points[:, :100])  # named by mmkit, with the plugin's own reason
 
 
 def test_blank_input_encodes() -> None:
@@ -75,10 +79,10 @@ def test_blank_input_encodes() -> None:
 
 def test_half_precision_layers() -> None:
     enc = build_encoder(**TINY).eval()
-    x = torch.stack([enc.preprocess(c) for c in _clouds(2)])
+    x = enc.collate([enc.preprocess(c) for c in _clouds(2)])
     with torch.no_grad():
         full = enc(x)
-        half = enc.to(torch.bfloat16)(x.to(torch.bfloat16))
+        half = enc.to(torch.bfloat16)(move(x, "cpu", torch.bfloat16))
     assert half.dtype == torch.bfloat16 and half.isfinite().all()
     assert (half.float() - full).abs().mean() < 0.1
 
@@ -125,7 +129,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     enc.save_pretrained(tmp_path / "enc")
     assert sorted(p.name for p in (tmp_path / "enc").iterdir()) == ["config.json", "model.safetensors"]
     loaded = build_encoder(pretrained=str(tmp_path / "enc")).eval()
-    batch = torch.stack([enc.preprocess(c) for c in _clouds(2)])
+    batch = enc.collate([enc.preprocess(c) for c in _clouds(2)])
     with torch.no_grad():
         assert torch.equal(enc(batch), loaded(batch))
     ident = loaded.identity()
@@ -133,7 +137,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert ident["config"] == enc.identity()["config"]
     # Options that keep weight shapes may be overridden; the identity records them.
     more = build_encoder(pretrained=str(tmp_path / "enc"), num_points=512)
-    assert more.layout.point_values == 512 * 6 and more.identity()["config"]["num_points"] == 512
+    assert more.cfg.num_points == 512 and more.identity()["config"]["num_points"] == 512
 
 
 def test_load_through_the_mmkit_factory(tmp_path: Path) -> None:

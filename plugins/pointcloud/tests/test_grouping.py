@@ -1,17 +1,21 @@
 """Sampling and grouping moved from forward into preprocess: the features are bitwise those of the
-encoder that grouped in every forward, the grouping survives the mixed-precision cast, and runs
-recorded before the move still load (their identity is a legacy identity of the same encoder)."""
+encoder that grouped in every forward, the grouping (int64 indices in a GroupedCloud) survives the
+mixed-precision cast, and runs recorded before the move still load (their identity is a legacy
+identity of the same encoder)."""
 
 from __future__ import annotations
+
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
 
+from mmkit.modeling.features import move
 from mmkit_plugin_pointcloud.config import DEMO, TINY
 from mmkit_plugin_pointcloud.encoder import PointNet2Encoder, build_encoder
-from mmkit_plugin_pointcloud.layout import group
+from mmkit_plugin_pointcloud.layout import GroupedCloud, group
 from mmkit_plugin_pointcloud.sampling import farthest_point_sample, gather_points, knn
 from mmkit_plugin_pointcloud.shapes import sample_shape
 
@@ -71,42 +75,65 @@ def test_features_equal_the_per_step_grouping(options: dict) -> None:
     enc = build_encoder(**options).eval()
     clouds = _clouds(colour=enc.cfg.in_channels == 6)
     points = torch.stack([enc.prepare_points(c) for c in clouds])
-    x = torch.stack([enc.preprocess(c) for c in clouds])
-    assert x.shape == (len(clouds), *enc.input_shape)
+    items = [enc.preprocess(c) for c in clouds]
+    x = enc.collate(items)
+    assert isinstance(x, GroupedCloud) and x.points.shape == (len(clouds), *points.shape[1:])
     with torch.no_grad():
         before = grouped_every_step(enc, points)
         assert torch.equal(enc(x), before)  # grouping precomputed per cloud, in the loader
         assert torch.equal(enc(points), before)  # bare points: grouped in forward, as a stock PointNet++
         assert torch.equal(enc.stock_input(x), points)
-        assert torch.equal(enc(x[2:3]), before[2:3])
+        assert torch.equal(enc(enc.collate(items[2:3])), before[2:3])
         # the blank pass (zeros) and the ablation encode as the old blank cloud did
-        assert torch.equal(enc(enc.blank_input(2)), grouped_every_step(enc, torch.zeros_like(points[:2])))
+        blank = grouped_every_step(enc, torch.zeros_like(points[:2]))
+        assert torch.equal(enc(enc.blank_input(2)), blank)
+        assert torch.equal(enc(group(torch.zeros_like(points[:2]), enc.cfg)), blank)
 
 
-def test_grouping_survives_the_cast_to_the_layers_dtype() -> None:
-    # 300 points need two base-256 digits per index; bf16 holds integers exactly only up to 256
+def test_integer_leaves_survive_the_move_to_bf16() -> None:
+    """mmkit moves batches casting only floating leaves: the points take the layers' dtype, the
+    indices stay int64 and exact (300 points: indices above 256, where bf16 would round them)."""
     enc = build_encoder(**{**TINY, "num_points": 300}).eval()
-    assert enc.layout.digits == 2
-    x = torch.stack([enc.preprocess(c) for c in _clouds(colour=True)])
-    exact = enc.layout.unpack(x)[1]
-    assert int(exact.neighbours[0].max()) > 256  # the test would not notice a lossy cast otherwise
-    expected = group(enc.stock_input(x)[..., :3], enc.cfg)
+    x = enc.collate([enc.preprocess(c) for c in _clouds(colour=True)])
+    assert int(x.neighbours[0].max()) > 256  # the test would not notice a lossy cast otherwise
     for dtype in (torch.bfloat16, torch.float16):
-        grouping = enc.layout.unpack(x.to(dtype))[1]
-        assert torch.equal(grouping.order, expected.order)
-        for got, want in zip(grouping.neighbours, expected.neighbours, strict=True):
-            assert torch.equal(got, want)
+        moved = move(x, "cpu", dtype)
+        assert isinstance(moved, GroupedCloud) and moved.points.dtype == dtype
+        assert moved.centres.dtype == torch.long and torch.equal(moved.centres, x.centres)
+        for got, want in zip(moved.neighbours, x.neighbours, strict=True):
+            assert got.dtype == torch.long and torch.equal(got, want)
     with torch.no_grad():
-        half = enc.to(torch.bfloat16)(x.to(torch.bfloat16))
+        half = enc.to(torch.bfloat16)(move(x, "cpu", torch.bfloat16))
     assert half.dtype == torch.bfloat16 and half.isfinite().all()
 
 
-def test_a_random_tensor_of_the_input_shape_encodes() -> None:
-    """Throughput benchmarks feed random tensors of ``input_shape``: indices are clamped into range."""
+def test_items_pickle_and_collate_with_a_blank_batch() -> None:
+    """Loader workers pickle items; the evaluation ablation collates ``blank(1)`` among single clouds."""
     enc = build_encoder(**TINY).eval()
+    item = enc.preprocess(_clouds(colour=True)[0])
+    again = pickle.loads(pickle.dumps(item))
+    assert isinstance(again, GroupedCloud) and torch.equal(again.points, item.points)
+    assert all(torch.equal(a, b) for a, b in zip(again.neighbours, item.neighbours, strict=True))
+    blank = enc.blank_item()
+    assert isinstance(blank, GroupedCloud) and blank.points.shape == item.points.shape
+    batch = enc.collate([blank, item, enc.blank(1)])  # a single blank cloud, or a collated batch of one
     with torch.no_grad():
-        out = enc(100 * torch.randn(3, *enc.input_shape, generator=torch.Generator().manual_seed(0)))
-    assert out.shape == (3, enc.num_tokens, enc.output_dim) and out.isfinite().all()
+        out = enc(batch)
+        assert torch.equal(out[1:2], enc(enc.collate([item])))
+        assert torch.equal(out[0], out[2]) and torch.equal(out[0:1], enc(enc.blank(1)))
+    with pytest.raises(TypeError, match="expected GroupedCloud items"):
+        enc.collate([item.points])
+
+
+def test_a_batch_of_the_wrong_shape_is_a_clear_error() -> None:
+    from mmkit.errors import PluginError
+
+    enc = build_encoder(**TINY).eval()
+    x = enc.collate([enc.preprocess(c) for c in _clouds(colour=True)[:2]])
+    with pytest.raises(PluginError, match=r"GroupedCloud neighbours\[1\] has shape \[2, 16, 4\], expected \[B, 16, 16\]"):
+        enc(x._replace(neighbours=(x.neighbours[0], x.neighbours[1][..., :4])))
+    with pytest.raises(PluginError, match="centres is torch.float32, expected integer indices"):
+        enc(x._replace(centres=x.centres.float()))
 
 
 def test_identity_changed_and_the_previous_one_is_legacy() -> None:

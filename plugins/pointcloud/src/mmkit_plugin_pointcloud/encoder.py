@@ -4,8 +4,9 @@ Each level picks centres by farthest-point sampling, groups each centre's k near
 ``torch_geometric.nn.PointNetConv`` (shared MLP on ``[feature_j, pos_j - pos_i]``, max-pooled) on the
 bipartite graph points -> centres. The last level's centres are the tokens: their pooled features
 plus an embedding of the centre position, optionally mixed by a small transformer. Sampling and
-grouping need no weights, so ``preprocess`` computes them once per cloud and stores them after the
-points (:mod:`mmkit_plugin_pointcloud.layout`); forward only gathers.
+grouping need no weights, so ``preprocess`` computes them once per cloud and returns them beside the
+points, as a :class:`~mmkit_plugin_pointcloud.layout.GroupedCloud` (int64 indices, exact whatever
+dtype the layers run in); forward only gathers.
 
 Weights are stored as ``config.json`` + ``model.safetensors`` (the Hugging Face Hub layout), loaded
 with strict key and shape checks.
@@ -13,6 +14,7 @@ with strict key and shape checks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,8 +23,9 @@ from mmkit.modeling import PretrainedEncoder
 from torch import Tensor, nn
 from torch_geometric.nn import MLP, PointNetConv
 
+from mmkit_plugin_pointcloud import layout
 from mmkit_plugin_pointcloud.config import PointNet2Config
-from mmkit_plugin_pointcloud.layout import Grouping, InputLayout, group
+from mmkit_plugin_pointcloud.layout import GroupedCloud, group
 from mmkit_plugin_pointcloud.sampling import gather_points, normalise_cloud, resample
 
 
@@ -39,8 +42,8 @@ class PointNet2Encoder(PretrainedEncoder):
         self.cfg = cfg
         self.num_tokens = cfg.num_tokens
         self.output_dim = cfg.output_dim
-        self.layout = InputLayout(cfg)
-        self.input_shape = (self.layout.size,)  # the points, then their grouping (layout.py)
+        # a GroupedCloud (points + int64 grouping), not one tensor shape: collate and blank are ours
+        self.input_shape = None
         self._build(cfg)
 
     def _build(self, config: PointNet2Config) -> None:
@@ -66,15 +69,27 @@ class PointNet2Encoder(PretrainedEncoder):
         self.norm = nn.LayerNorm(config.output_dim)
 
     # -- preprocessing (data-loader workers; no weights needed) ------------------------------------
-    def preprocess(self, raw: Any) -> Tensor:
-        """``[N, 3]`` or ``[N, 6]`` points -> the flat vector ``input_shape`` (see
-        :mod:`mmkit_plugin_pointcloud.layout`): the points, centred at the centroid, scaled into the
-        unit sphere, FPS-subsampled (from point 0) or cyclically repeated to exactly ``num_points``,
-        colours zero-filled when absent (6 channels) or dropped (3 channels); then every level's FPS
-        centres and kNN groups, which depend on the points alone, so they are computed here once
-        instead of in every training step."""
-        points = self.prepare_points(raw)[None]
-        return self.layout.pack(points, group(points[..., :3], self.cfg))[0]
+    def preprocess(self, raw: Any) -> GroupedCloud:
+        """``[N, 3]`` or ``[N, 6]`` points -> a :class:`GroupedCloud`: the points, centred at the
+        centroid, scaled into the unit sphere, FPS-subsampled (from point 0) or cyclically repeated to
+        exactly ``num_points``, colours zero-filled when absent (6 channels) or dropped (3 channels);
+        then every level's FPS centres and kNN groups (int64), which depend on the points alone, so
+        they are computed here once instead of in every training step."""
+        grouped = group(self.prepare_points(raw)[None], self.cfg)
+        return GroupedCloud(grouped.points[0], grouped.centres[0], tuple(n[0] for n in grouped.neighbours))
+
+    def collate(self, items: Sequence[GroupedCloud]) -> GroupedCloud:
+        """Preprocessed clouds (or collated batches of them) -> one batch, each field stacked."""
+        return layout.collate(items)
+
+    def blank(self, batch_size: int = 1) -> GroupedCloud:
+        """``batch_size`` all-zero clouds with their grouping, collated."""
+        return layout.blank(self.cfg, batch_size)
+
+    def blank_item(self) -> GroupedCloud:
+        """One all-zero cloud with its grouping, as ``preprocess`` returns (the evaluation ablation's input)."""
+        one = self.blank(1)
+        return GroupedCloud(one.points[0], one.centres[0], tuple(n[0] for n in one.neighbours))
 
     def prepare_points(self, raw: Any) -> Tensor:
         """``[N, 3]`` or ``[N, 6]`` points -> ``[num_points, in_channels]`` float32 (the points part
@@ -88,25 +103,26 @@ class PointNet2Encoder(PretrainedEncoder):
             xyz = np.concatenate([xyz, rgb], axis=1)
         return torch.from_numpy(np.ascontiguousarray(resample(xyz, self.cfg.num_points), dtype=np.float32))
 
-    def stock_input(self, batch: Tensor) -> Tensor:
-        """The points ``[B, num_points, in_channels]`` of a preprocessed batch: what a stock PointNet++
+    def stock_input(self, batch: GroupedCloud | Tensor) -> Tensor:
+        """The points ``[B, num_points, in_channels]`` of a collated batch: what a stock PointNet++
         is fed, leaving it to sample and group in every forward (``mmkit bench``'s plain loop does)."""
-        return self.layout.unpack(batch)[0]
+        return batch.points if isinstance(batch, GroupedCloud) else batch
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """Preprocessed vectors ``[B, input_shape[0]]`` (grouping precomputed), or bare points ``[B,
+    def forward(self, x: GroupedCloud | Tensor) -> Tensor:
+        """A collated :class:`GroupedCloud` batch (grouping precomputed), or bare points ``[B,
         num_points, in_channels]`` (grouped here, as before the grouping moved into ``preprocess``)."""
-        if x.dim() == 2 and tuple(x.shape[1:]) == self.input_shape:
-            points, grouping = self.layout.unpack(x)
-        elif x.dim() == 3 and tuple(x.shape[1:]) == (self.cfg.num_points, self.cfg.in_channels):
-            points, grouping = x, group(x[..., :3], self.cfg)
-        else:
-            raise ValueError(f"expected preprocessed input [B, {self.input_shape[0]}] or points "
-                             f"[B, {self.cfg.num_points}, {self.cfg.in_channels}], got {tuple(x.shape)}")
-        return self._encode(points, grouping)
+        if isinstance(x, GroupedCloud):
+            layout.check(x, self.cfg)
+            return self._encode(x)
+        points = (self.cfg.num_points, self.cfg.in_channels)
+        if isinstance(x, Tensor) and x.dim() == 3 and tuple(x.shape[1:]) == points:
+            return self._encode(group(x, self.cfg))
+        got = f"a tensor of shape {list(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+        raise ValueError(f"expected a collated GroupedCloud batch or points [B, {', '.join(map(str, points))}], got {got}")
 
-    def _encode(self, x: Tensor, grouping: Grouping) -> Tensor:
+    def _encode(self, grouping: GroupedCloud) -> Tensor:
+        x = grouping.points
         batch = x.shape[0]
         dtype = self.feature_proj.weight.dtype  # the layers' dtype (bf16/fp16 under mixed precision)
         pos = x[..., :3].float()  # positions stay float32 whatever the layers run in
@@ -118,7 +134,7 @@ class PointNet2Encoder(PretrainedEncoder):
             m, k = self.cfg.centres[level], self.cfg.neighbours[level]
             n = pos.shape[1]
             # level 0's centres in FPS order; level l's are the first centres[l] of level l-1's
-            centre_pos = gather_points(pos, grouping.order) if level == 0 else pos[:, :m]
+            centre_pos = gather_points(pos, grouping.centres.to(x.device)) if level == 0 else pos[:, :m]
             neighbours = grouping.neighbours[level].to(x.device)  # [B, m, k]
             offsets = torch.arange(batch, device=x.device).view(batch, 1, 1)
             source = (neighbours + offsets * n).reshape(-1)
@@ -157,6 +173,8 @@ class PointNet2Encoder(PretrainedEncoder):
         return out + [{**ident, "plugin_version": version} for version in _LEGACY_VERSIONS]
 
     def describe_preprocessing(self) -> dict[str, Any]:
+        # worded as when the grouping was stored after the points in one vector: the features are the
+        # same, so the identity (the feature cache's key) stays
         return {**self._points_preprocessing(),
                 "grouping": "per level, FPS centres and kNN groups of the float32 points, stored after them"}
 

@@ -1,23 +1,21 @@
-"""The preprocessed cloud as one fixed-size float vector: the points, then each level's grouping.
+"""The preprocessed cloud: its points and each level's grouping, as typed tensors.
 
 Farthest-point sampling and kNN depend on the points alone, not on weights, so ``preprocess`` runs
 them once per cloud (in the data-loader workers, or once into the feature cache) and the encoder's
-forward only gathers. The item stays one fixed-shape float tensor, so the encoder remains a
-fixed-size (contract 1.0) encoder that stacks, caches and blanks like any other::
+forward only gathers. The item is a :class:`GroupedCloud` (a NamedTuple: it pickles to loader
+workers, and mmkit's ``move`` casts only its floating leaf, the points, so the int64 indices stay
+exact under bf16/fp16); the encoder's ``collate`` stacks each field.
 
-    [ points: num_points x in_channels | index digits: digits x indices ]
-
-``indices`` = the level-0 centres (FPS order, into the points), then per level ``l`` its
-``centres[l] x neighbours[l]`` kNN indices (level 0 into the points, level ``l`` into level
-``l-1``'s centres; level ``l``'s centres are the first ``centres[l]`` of level 0's, as FPS from
-point 0 of an FPS-ordered prefix is that prefix). Each index is stored as base-256 digits, least
-significant first: values 0..255 are exact in bfloat16 and float16, so the indices survive the cast
-to the layers' dtype that mixed-precision training applies to every floating input.
+``centres`` = level 0's centres (FPS order, into the points); per level ``l`` its ``centres[l] x
+neighbours[l]`` kNN indices (level 0 into the points, level ``l`` into level ``l-1``'s centres;
+level ``l``'s centres are the first ``centres[l]`` of level 0's, as FPS from point 0 of an FPS-ordered
+prefix is that prefix).
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,80 +24,73 @@ from torch import Tensor
 from mmkit_plugin_pointcloud.config import PointNet2Config
 from mmkit_plugin_pointcloud.sampling import farthest_point_sample, farthest_point_sample_single, gather_points, knn
 
-BASE = 256
 
+class GroupedCloud(NamedTuple):
+    """One preprocessed cloud, or a collated batch of them (a leading batch dimension on every field):
+    ``points`` ``[N, C]`` float32, ``centres`` ``[centres[0]]`` int64 and per level ``neighbours[l]``
+    ``[centres[l], neighbours[l]]`` int64."""
 
-@dataclasses.dataclass(frozen=True)
-class Grouping:
-    """One batch's sampling and grouping: ``order`` ``[B, centres[0]]`` (level 0's centres, into the
-    points) and per level ``neighbours[l]`` ``[B, centres[l], neighbours[l]]``."""
-
-    order: Tensor
+    points: Tensor
+    centres: Tensor
     neighbours: tuple[Tensor, ...]
 
 
-def group(pos: Tensor, cfg: PointNet2Config) -> Grouping:
-    """FPS centres and kNN groups of every level for ``pos`` ``[B, N, 3]`` (float32: the precision
-    the encoder has always grouped at). Per cloud, so a batch groups exactly as its clouds alone."""
-    pos = pos.float()
+def group(points: Tensor, cfg: PointNet2Config) -> GroupedCloud:
+    """``points`` ``[B, N, C]`` with the FPS centres and kNN groups of every level of their xyz (in
+    float32: the precision the encoder has always grouped at). Per cloud, so a batch groups exactly as
+    its clouds alone."""
+    pos = points[..., :3].float()
     if pos.device.type == "cpu" and pos.shape[0] == 1:  # preprocess: numpy's per-op cost is a fraction of torch's
         order = torch.from_numpy(farthest_point_sample_single(pos[0].numpy(), cfg.centres[0], dtype=np.float32))[None]
     else:  # a batch: one torch loop over all clouds at once
         order = farthest_point_sample(pos, cfg.centres[0])
     centre_pos = gather_points(pos, order)  # [B, centres[0], 3], FPS order
-    neighbours, points = [], pos
+    neighbours, source = [], pos
     for m, k in zip(cfg.centres, cfg.neighbours):
         query = centre_pos[:, :m]
-        neighbours.append(knn(query, points, k))
-        points = query
-    return Grouping(order, tuple(neighbours))
+        neighbours.append(knn(query, source, k))
+        source = query
+    return GroupedCloud(points, order, tuple(neighbours))
 
 
-@dataclasses.dataclass(frozen=True)
-class InputLayout:
-    """Where the points and each index sit in the flat preprocessed vector of ``cfg``."""
+def blank(cfg: PointNet2Config, batch_size: int) -> GroupedCloud:
+    """``batch_size`` all-zero clouds, grouped: every point coincides, so FPS picks point 0 throughout
+    and any neighbour is the same point; index 0 everywhere is that grouping, without running it."""
+    zeros = torch.zeros(batch_size, cfg.num_points, cfg.in_channels)
+    return GroupedCloud(zeros, torch.zeros(batch_size, cfg.centres[0], dtype=torch.long),
+                        tuple(torch.zeros(batch_size, m, k, dtype=torch.long) for m, k in zip(cfg.centres, cfg.neighbours)))
 
-    cfg: PointNet2Config
 
-    @property
-    def point_values(self) -> int:
-        return self.cfg.num_points * self.cfg.in_channels
+def collate(items: Sequence[GroupedCloud]) -> GroupedCloud:
+    """Stack each field of single clouds; an item that is already a batch (``points`` ``[B, N, C]``,
+    such as the evaluation ablation's ``blank(1)``) joins with its clouds in place."""
+    if not items:
+        raise ValueError("no point clouds to collate")
+    bad = [type(item).__name__ for item in items if not isinstance(item, GroupedCloud)]
+    if bad:
+        raise TypeError(f"expected GroupedCloud items (the encoder's preprocess output), got {', '.join(sorted(set(bad)))}")
+    batches = [item if item.points.dim() == 3 else _batch_of_one(item) for item in items]
+    return GroupedCloud(torch.cat([b.points for b in batches]), torch.cat([b.centres for b in batches]),
+                        tuple(torch.cat(level) for level in zip(*(b.neighbours for b in batches), strict=True)))
 
-    @property
-    def num_indices(self) -> int:
-        return self.cfg.centres[0] + sum(m * k for m, k in zip(self.cfg.centres, self.cfg.neighbours))
 
-    @property
-    def digits(self) -> int:
-        """Base-256 digits per index: enough for the largest, ``num_points - 1``."""
-        digits, reach = 1, BASE
-        while reach < self.cfg.num_points:
-            digits, reach = digits + 1, reach * BASE
-        return digits
+def _batch_of_one(item: GroupedCloud) -> GroupedCloud:
+    return GroupedCloud(item.points[None], item.centres[None], tuple(n[None] for n in item.neighbours))
 
-    @property
-    def size(self) -> int:
-        return self.point_values + self.digits * self.num_indices
 
-    def pack(self, points: Tensor, grouping: Grouping) -> Tensor:
-        """``points`` ``[B, num_points, in_channels]`` and their grouping -> ``[B, size]`` float32."""
-        batch = points.shape[0]
-        index = torch.cat([grouping.order, *(n.reshape(batch, -1) for n in grouping.neighbours)], dim=1)
-        digits = [(index // BASE**d) % BASE for d in range(self.digits)]
-        return torch.cat([points.reshape(batch, -1).float(), *(d.float() for d in digits)], dim=1)
-
-    def unpack(self, x: Tensor) -> tuple[Tensor, Grouping]:
-        """``[B, size]`` -> points ``[B, num_points, in_channels]`` (in ``x``'s dtype) and the grouping.
-
-        Indices are rounded and clamped into range: a vector ``preprocess`` made is unchanged by that,
-        and a random one of the same shape (what throughput benchmarks feed) still encodes."""
-        cfg, batch = self.cfg, x.shape[0]
-        points = x[:, :self.point_values].reshape(batch, cfg.num_points, cfg.in_channels)
-        digits = x[:, self.point_values:].float().round().clamp(0, BASE - 1).long().view(batch, self.digits, -1)
-        index = sum(digits[:, d] * BASE**d for d in range(self.digits))
-        order = index[:, :cfg.centres[0]].clamp(max=cfg.num_points - 1)
-        neighbours, start, available = [], cfg.centres[0], cfg.num_points
-        for m, k in zip(cfg.centres, cfg.neighbours):
-            neighbours.append(index[:, start:start + m * k].reshape(batch, m, k).clamp(max=available - 1))
-            start, available = start + m * k, m
-        return points, Grouping(order, tuple(neighbours))
+def check(batch: GroupedCloud, cfg: PointNet2Config) -> None:
+    """Shapes and dtypes of a collated batch against ``cfg`` (a ValueError naming the field)."""
+    size = batch.points.shape[0] if batch.points.dim() == 3 else None
+    want = {"points": (size, cfg.num_points, cfg.in_channels), "centres": (size, cfg.centres[0])}
+    got = {"points": batch.points, "centres": batch.centres}
+    if len(batch.neighbours) != len(cfg.centres):
+        raise ValueError(f"GroupedCloud has {len(batch.neighbours)} neighbour levels, the encoder {len(cfg.centres)}")
+    for level, (m, k) in enumerate(zip(cfg.centres, cfg.neighbours)):
+        want[f"neighbours[{level}]"] = (size, m, k)
+        got[f"neighbours[{level}]"] = batch.neighbours[level]
+    for name, tensor in got.items():
+        if tuple(tensor.shape) != want[name]:
+            raise ValueError(f"GroupedCloud {name} has shape {list(tensor.shape)}, expected "
+                             f"[B, {', '.join(str(d) for d in want[name][1:])}] (a collated batch)")
+        if name != "points" and tensor.is_floating_point():
+            raise ValueError(f"GroupedCloud {name} is {tensor.dtype}, expected integer indices")
