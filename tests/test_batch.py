@@ -78,3 +78,25 @@ def test_large_tensor_batches_are_encoded_in_chunks_with_the_same_features(assem
         hook.remove()
     assert calls == [7, 3, 3, 1]
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+def test_structured_batches_split_into_chunks_of_inputs_and_others_stay_whole():
+    """A named tuple / dict whose every tensor holds one row per input (a grouped point cloud: points,
+    centres, neighbour indices) is encoded in chunks like a tensor; a batch whose leaves disagree on
+    the input count (inputs laid end to end with their counts) is encoded whole."""
+    from typing import NamedTuple
+
+    from mmkit.modeling.model import split_batch
+
+    class Grouped(NamedTuple):
+        points: torch.Tensor
+        neighbours: tuple
+
+    batch = Grouped(torch.randn(7, 5, 3), (torch.arange(7 * 4).reshape(7, 4), torch.zeros(7, 2, dtype=torch.long)))
+    parts = split_batch(batch, 3)
+    assert [type(p) for p in parts] == [Grouped] * 3 and [p.points.shape[0] for p in parts] == [3, 3, 1]
+    assert torch.equal(torch.cat([p.neighbours[0] for p in parts]), batch.neighbours[0])
+    assert [p["x"].shape[0] for p in split_batch({"x": torch.zeros(5, 2), "n": torch.ones(5)}, 4)] == [4, 1]
+    assert split_batch(batch, 7) is None  # no larger than a chunk
+    assert split_batch((torch.zeros(9, 3), torch.tensor([4, 5])), 1) is None  # frames end to end + counts
+    assert split_batch([torch.zeros(4, 2), "not a tensor"], 1) is None

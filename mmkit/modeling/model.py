@@ -55,17 +55,17 @@ class MultimodalLM(nn.Module):
     def encode(self, modality: str, inputs: Any) -> Any:
         """A collated batch of preprocessed inputs -> projected features: ``Tensor[K, T, hidden]``
         (a fixed-size encoder) or :class:`RaggedFeatures` (a variable-size one). Only floating-point
-        leaves take the encoder's dtype. A tensor batch larger than ``encode_chunk`` is encoded in
-        chunks (a packed batch holds many samples; each call's memory stays what a padded batch
+        leaves take the encoder's dtype. A batch larger than ``encode_chunk`` whose leaves all
+        stack its inputs (see :func:`split_batch`) is encoded in chunks (a packed batch holds many samples; each call's memory stays what a padded batch
         needs), except under ZeRO-3, where every process must call each encoder once per pass."""
         encoder = self.encoders[modality]
         param = next(encoder.parameters(), None)
         if param is not None:
             inputs = move(inputs, param.device, param.dtype)
         with contextlib.nullcontext() if self.train_encoders else torch.no_grad():
-            if (isinstance(inputs, torch.Tensor) and inputs.shape[0] > self.encode_chunk
-                    and not _partitioned(encoder)):
-                features = _concat([encoder(part) for part in inputs.split(self.encode_chunk)])
+            chunks = None if _partitioned(encoder) else split_batch(inputs, self.encode_chunk)
+            if chunks is not None:
+                features = _concat([encoder(part) for part in chunks])
             else:
                 features = encoder(inputs)
         return self.project(modality, features)
@@ -228,6 +228,42 @@ def _batch_size(batch: Any) -> int | None:
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
         return len(batch)
     return None
+
+
+def split_batch(batch: Any, size: int) -> list[Any] | None:
+    """``batch`` in consecutive chunks of ``size`` inputs, or ``None`` when it is no larger or cannot be
+    split safely. Splittable: a tensor, or a tuple / named tuple / list / dict of such whose every
+    tensor leaf holds one row per input (the same first dimension); anything else (a torch-geometric
+    batch, inputs laid end to end with their counts) is encoded whole."""
+    leaves: list[torch.Tensor] = []
+
+    def collect(obj: Any) -> bool:
+        if isinstance(obj, torch.Tensor):
+            leaves.append(obj)
+            return obj.dim() > 0
+        if isinstance(obj, (tuple, list)):
+            return all(collect(o) for o in obj)
+        if isinstance(obj, dict):
+            return all(collect(o) for o in obj.values())
+        return False
+
+    if not collect(batch) or not leaves or len({int(t.shape[0]) for t in leaves}) != 1:
+        return None
+    rows = int(leaves[0].shape[0])
+    if rows <= size:
+        return None
+
+    def take(obj: Any, start: int) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj[start:start + size]
+        if isinstance(obj, tuple):
+            parts = [take(o, start) for o in obj]
+            return type(obj)(*parts) if hasattr(obj, "_fields") else tuple(parts)
+        if isinstance(obj, list):
+            return [take(o, start) for o in obj]
+        return {k: take(v, start) for k, v in obj.items()}
+
+    return [take(batch, start) for start in range(0, rows, size)]
 
 
 def _values(features: Any) -> torch.Tensor:
