@@ -281,3 +281,16 @@ def test_an_encoder_fault_in_training_names_the_batch_records():
                                           r"rec-1, rec-2\)"):
         forward_batch(engine, batch, "cpu")
     assert str(in_batch(PluginError("x"), attrs.evolve(batch, ids=list(range(10))))).endswith("records 0, 1, 2, 3, 4, 5, 6, 7 and 2 more)")
+
+
+def test_the_weights_hash_is_of_the_weights_as_built_not_after_a_bf16_cast():
+    """A bf16 run casts its frozen encoders after building them; the identity it records (and the one
+    a later load computes, before casting) must name the same weights, or the run cannot be loaded."""
+    import torch
+
+    import mmkit_seq_toy
+
+    built = mmkit_seq_toy.build(hidden=8, seed=3)
+    cast = mmkit_seq_toy.build(hidden=8, seed=3).to(torch.bfloat16)
+    assert cast.identity()["weights_sha256"] == built.identity()["weights_sha256"]
+    assert mmkit_seq_toy.build(hidden=8, seed=4).identity()["weights_sha256"] != built.identity()["weights_sha256"]

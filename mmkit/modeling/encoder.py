@@ -301,6 +301,7 @@ class PretrainedEncoder(ModalityEncoder):
         with seeded(seed):
             model = cls(config)
         model.seed = seed
+        model.weights_sha256()  # now, as built: the run may cast the weights to bf16 before identity() is asked
         return model.eval()
 
     def describe_preprocessing(self) -> dict[str, Any]:
@@ -309,7 +310,8 @@ class PretrainedEncoder(ModalityEncoder):
 
     # -- identity -----------------------------------------------------------------------------------
     def weights_sha256(self) -> str:
-        """The content hash of the weights as built or loaded (computed once)."""
+        """The content hash of the weights as built or loaded (computed then, once: a later cast to
+        bf16 changes the values, not the weights the run was built from)."""
         if self._weights_sha256 is None:
             self._weights_sha256 = weights_sha256(self)
         return self._weights_sha256
@@ -361,6 +363,7 @@ class PretrainedEncoder(ModalityEncoder):
         check_state(model, state, f"{weights_path} ({cls.__name__})")
         model.load_state_dict(state, strict=True)
         model.pretrained = str(name_or_path)
+        model.weights_sha256()  # as loaded (see build)
         return model.eval()
 
     @classmethod
