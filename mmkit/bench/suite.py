@@ -155,8 +155,24 @@ def _variable_size(host: Any, modality: str) -> bool:
 
 def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root: Path, figures: Figures,
           peak: float, progress: Callable[[str], None], *, full: bool) -> None:
+    """The training step of ``preset``: every variant and the plain loop, measured in interleaved
+    rounds, then their figures and their ratios to the plain loop."""
     from mmkit.bench import step as st
-    from mmkit.bench.stats import ratio
+
+    rig, variants, counts, flops = _measure_steps(preset, plan, host, modalities, root, progress, full=full)
+    recs = {name: rig.variants[name].rec for name in variants}
+    recs["plain"] = rig.plain_rec
+    per_round = {name: st.round_figures(rec, counts[name]) for name, rec in recs.items()}
+    _step_figures(figures, preset, rig, per_round, recs, counts, peak, flops)
+    _step_ratios(figures, preset, rig, variants, per_round, full=full)
+
+
+def _measure_steps(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root: Path,
+                   progress: Callable[[str], None], *, full: bool
+                   ) -> tuple[Any, list[str], dict[str, int], tuple[float, int]]:
+    """Build the rig (data, model, engine per variant, the plain loop), count one padded step's FLOPs
+    and padded slots, and run the rounds."""
+    from mmkit.bench import step as st
 
     progress(f"training step ({preset} preset): building data, model and engine")
     rig = st.build_rig(preset, root, modalities=modalities, host=host, max_samples=plan.max_samples)
@@ -178,7 +194,7 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
     steps = plan.steps if preset == "demo" else plan.small_steps
     # a packed step holds several times the samples of a padded one: fewer steps, similar time
     counts = {name: max(2, (steps + 1) // 2) if name == "packed" else steps for name in [*variants, "plain"]}
-    flops, slots = st.step_flops(rig)
+    flops = st.step_flops(rig)
     order = [*variants, "plain"]
     for r in range(plan.rounds):
         progress(f"training step ({preset}): round {r + 1} of {plan.rounds}")
@@ -190,9 +206,15 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
             else:
                 st.run_variant(rig, name, counts[name])
     rig.log.close()
-    recs = {name: rig.variants[name].rec for name in variants}
-    recs["plain"] = rig.plain_rec
-    per_round = {name: st.round_figures(rec, counts[name]) for name, rec in recs.items()}
+    return rig, variants, counts, flops
+
+
+def _step_figures(figures: Figures, preset: str, rig: Any, per_round: dict[str, list[dict[str, float]]],
+                  recs: dict[str, Any], counts: dict[str, int], peak: float, step_flops: tuple[float, int]) -> None:
+    """Throughput, step time, padding and phase shares of each variant; MFU of the padded one."""
+    from mmkit.bench import step as st
+
+    flops, slots = step_flops
     base = f"step/{preset}"
     info = {"micro_batch_size": rig.cfg.micro_batch_size, "threads": torch.get_num_threads(),
             "llm_params": sum(p.numel() for p in rig.assembled.model.llm.parameters())}
@@ -214,6 +236,15 @@ def _step(preset: str, plan: Plan, host: Any, modalities: tuple[str, ...], root:
                                            "fraction"), flops_per_slot=per_slot, peak_flops=peak)
     figures.add(f"{base}/padded/model_flops_per_s",
                 Stat([per_slot * x["slots_per_s"] for x in per_round["padded"]], "FLOP/s"))
+
+
+
+def _step_ratios(figures: Figures, preset: str, rig: Any, variants: list[str],
+                 per_round: dict[str, list[dict[str, float]]], *, full: bool) -> None:
+    """Each variant against the plain loop (and cached/online, packed/grouped against padded),
+    ratios of rounds measured side by side."""
+    from mmkit.bench import step as st
+    from mmkit.bench.stats import ratio
 
     def series(name: str, key: str) -> list[float]:
         return [x[key] for x in per_round[name]]
