@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import torch
 from torch import nn
 
 from mmkit.errors import ConfigError
