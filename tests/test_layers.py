@@ -11,10 +11,10 @@ through the public API (see test_public_api.py).
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from imports import mmkit_imports
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmkit"
 
@@ -53,18 +53,6 @@ def _module_of(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> list[tuple[int, str, str | None]]:
-    """``(line, module, imported name)`` of every mmkit import in the file, anywhere in it."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "mmkit"]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == "mmkit":
-            found += [(node.lineno, node.module, a.name) for a in node.names]
-    return found
-
-
 def problems_in(path: Path, source: str) -> list[str]:
     """The imports of file ``path`` (module ``source``) that point up or sideways."""
     unit = _unit(source)
@@ -72,7 +60,7 @@ def problems_in(path: Path, source: str) -> list[str]:
         return []
     where, rank, problems = path.name if not path.is_relative_to(PACKAGE.parent) else \
         path.relative_to(PACKAGE.parent), LAYERS[unit], []
-    for line, target, name in sorted(set(_imports(path))):
+    for line, target, name in sorted(set(mmkit_imports(path.read_text(), str(path)))):
         if target == "mmkit" and name is not None:
             if (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").is_file():
                 target = f"mmkit.{name}"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from imports import mmkit_imports
 
 import mmkit
 
@@ -137,23 +138,10 @@ def test_builtin_projectors_satisfy_the_projector_protocol():
 
 
 # -- the CLI uses only the public API --------------------------------------------------------------
-def _mmkit_imports(source: str) -> list[tuple[int, str, str | None]]:
-    """``(line, module, name)`` of every mmkit import anywhere in the source, function-local and
-    ``TYPE_CHECKING`` ones included."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name, None) for a in node.names if a.name.split(".")[0] == "mmkit"]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == "mmkit":
-            found += [(node.lineno, node.module, a.name) for a in node.names]
-    return found
-
-
 def cli_problems(filename: str, source: str) -> list[str]:
     allowed = PUBLIC | EXTRA.get(filename, set())
     problems = []
-    for line, module, name in _mmkit_imports(source):
+    for line, module, name in mmkit_imports(source):
         if module == "mmkit" and name is not None and name not in mmkit.__all__ and name not in FACADE_EXTRAS:
             module = f"mmkit.{name}"  # ``from mmkit import hookspecs`` imports the submodule
             if module not in allowed:
