@@ -115,21 +115,19 @@ class SampleDataset(torch.utils.data.Dataset):
 
 @attrs.frozen
 class InputTokens:
-    """The prompt slots one input of a variable-size modality gets: the projector's fixed output
-    count, else (a token-wise projector) the encoder's ``num_tokens_for`` of the preprocessed input,
-    or the rows of its cached features. ``counted`` remembers :func:`count_input_tokens`' counts per
-    file, so the read check and packing preprocess each input once."""
+    """The prompt slots one input of a variable-size modality with a token-wise projector gets (a
+    projector with a fixed output count needs no counter: :func:`input_counters`): the encoder's
+    ``num_tokens_for`` of the preprocessed input, or the rows of its cached features. ``counted``
+    remembers :func:`count_input_tokens`' counts per file, so the read check and packing preprocess
+    each input once."""
 
     encoder: Any = attrs.field(eq=False)
-    fixed: int | None = None
     counted: dict[str, int] = attrs.field(factory=dict, eq=False, repr=False)
 
     def of_item(self, item: Any) -> int:
-        return self.fixed if self.fixed is not None else count_tokens(self.encoder, item)
+        return count_tokens(self.encoder, item)
 
     def of_features(self, features: Any) -> int:
-        if self.fixed is not None:
-            return self.fixed
         values = features.values if isinstance(features, RaggedFeatures) else features
         return int(values.shape[0])
 
