@@ -148,9 +148,8 @@ _COUNTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def collate_fns(encoders: Mapping[str, Any]) -> dict[str, Collate]:
     """Each modality's ``collate`` where its encoder defines its own (the others stack, as before)."""
-    base = getattr(ModalityEncoder, "collate", None)
     return {m: functools.partial(collate_checked, enc) for m, enc in encoders.items()
-            if getattr(type(enc), "collate", base) is not base}
+            if type(enc).collate is not ModalityEncoder.collate}
 
 
 def count_input_tokens(samples: Sequence[Sample], preprocess: Mapping[str, Preprocess],

@@ -125,8 +125,7 @@ class MultimodalLM(nn.Module):
     def _blank(self, modality: str, *, cached: bool) -> Any:
         encoder, projector = self.encoders[modality], self.projectors[modality]
         if not cached:
-            blank = getattr(encoder, "blank", None) or encoder.blank_input
-            return _values(self.encode(modality, blank(1)))
+            return _values(self.encode(modality, encoder.blank(1)))  # blank() serves 1.0's blank_input too
         # cached features: no process runs an encoder, so neither does the blank pass
         param = next(projector.parameters())
         if encoder.num_tokens is None:
