@@ -14,6 +14,7 @@ from mmkit.default_plugins.lora_targets import TARGETS
 from mmkit.errors import ConfigError, DataError
 from mmkit.modeling.assemble import trainable_parameters
 from mmkit.modeling.lora import routes_for_rows
+from mmkit.prompt import IGNORE_INDEX
 from mmkit.specs import resolve
 
 ARCHITECTURES = ["llama", "qwen2", "gpt_neox"]
@@ -32,7 +33,9 @@ def test_mixed_batch_trains_on_each_architecture(assemble_model, kit, architectu
     assert batch.inputs["image"].shape[0] == 2 and batch.inputs["pointcloud"].points.shape[0] == 2
     out = kit.run(model, batch)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
-    assert out.logits.shape[:2] == batch.input_ids.shape
+    # logits only where a next token is supervised (mmkit.modeling.loss)
+    supervised = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    assert out.logits.shape == (supervised, model.llm.get_output_embeddings().weight.shape[0])
     out.loss.backward()
     for modality in ("image", "pointcloud"):
         grads = [p.grad for p in model.projectors[modality].parameters()]

@@ -138,13 +138,13 @@ def test_packed_rows_of_variable_inputs_give_each_sample_its_own_loss(seq_data, 
         packed = PackingCollator(pad_id=0, collate=collate)([dict(it, row=r) for it, r in zip(items, [0, 1, 0, 1])])
         out = model(**packed.model_kwargs())
     assert packed.inputs["seq"].lengths.tolist() == [2, 5, 6, 3]  # row 0's inputs, then row 1's
-    logits, labels = out.logits[:, :-1], packed.labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    keep = packed.labels[:, 1:] != -100  # the forward's logits: the supervised positions, in batch order
+    losses = torch.nn.functional.cross_entropy(out.logits, packed.labels[:, 1:][keep], reduction="none")
+    rows, segments = keep.nonzero()[:, 0], packed.segment_ids[:, 1:][keep]
     per_sample = []
     for r in range(2):
         for seg in range(1, int(packed.segment_ids[r].max()) + 1):
-            keep = (labels[r] != -100) & (packed.segment_ids[r, 1:] == seg)
-            per_sample.append(float(losses[r][keep].sum() / keep.sum()))
+            per_sample.append(float(losses[(rows == r) & (segments == seg)].mean()))
     assert per_sample == pytest.approx([alone[i] for i in (0, 2, 1, 3)], abs=1e-5)
 
 

@@ -188,18 +188,21 @@ def test_per_row_routing_equals_each_row_alone(routed, rows, kit):
     routes = routes_for_rows(batch.modalities, model.lora.adapters)
     assert routes == ["image", "pointcloud", "image", "text"]
     assert not batch.attention_mask.all()  # rows of different lengths: padding is exercised
+    def every_position(b, **overrides):  # no labels: logits at every position, not only supervised ones
+        return model(**{**b.model_kwargs(), "labels": None, **overrides})
+
     with torch.no_grad():
-        together = kit.run(model, batch)
+        together = every_position(batch)
         for row, sample in enumerate(mixed):
             single = kit.batch(routed, [sample])
             single.inputs = {m: _select(batch.inputs[m], _input_rows(mixed, m, row)) for m in sample.inputs}
             assert routes_for_rows(single.modalities, model.lora.adapters) == [routes[row]]
-            alone = kit.run(model, single)
+            alone = every_position(single)
             batched = together.logits[row][batch.attention_mask[row].bool()]
             torch.testing.assert_close(batched, alone.logits[0], atol=1e-5, rtol=0)
             # the same row routed elsewhere (the model routes from the modalities it is given)
             model.lora.set_routes(["text" if routes[row] != "text" else "image"], torch.device("cpu"))
-            rerouted = model(**{**single.model_kwargs(), "modalities": None})
+            rerouted = every_position(single, modalities=None)
             assert (rerouted.logits[0] - alone.logits[0]).abs().max() > 1e-3
 
 

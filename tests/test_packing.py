@@ -50,15 +50,17 @@ def items_for(assembled, samples, seed=0):
 
 
 def per_sample_losses(logits, labels, segments):
-    """Mean next-token loss of each sample (segment) of each row."""
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
-                             reduction="none")
+    """Mean next-token loss of each sample (segment) of each row, from a forward with labels: logits at
+    the supervised positions, in batch order (``mmkit.modeling.loss``)."""
     keep = labels[:, 1:] != IGNORE_INDEX
+    assert logits.shape[0] == int(keep.sum())
+    losses = F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction="none")
+    rows, segs = keep.nonzero()[:, 0], segments[:, 1:][keep]
     out = []
     for r in range(labels.shape[0]):
         for seg in range(1, int(segments[r].max()) + 1):
-            sel = keep[r] & (segments[r, 1:] == seg)
-            out.append(float(losses[r][sel].sum() / sel.sum()))
+            sel = (rows == r) & (segs == seg)
+            out.append(float(losses[sel].mean()))
     return out
 
 

@@ -54,11 +54,13 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
             out = net(**batch.model_kwargs())
     finally:
         net.train(was_training)
-    logits = out.logits[:, :-1].float()
+    # with labels, the forward returns logits at the supervised positions only, in batch order
+    # (mmkit.modeling.loss): here each option's answer tokens
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    flat = [float(v) for v in (logp * mask).sum(-1)]
+    logp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    sums = logp.new_zeros(labels.shape[0]).index_add_(0, mask.nonzero()[:, 0].to(logp.device), logp)
+    flat = [float(v) for v in sums]
     out_scores, start = [], 0
     for _, options in questions:
         out_scores.append(flat[start:start + len(options)])

@@ -22,6 +22,7 @@ from mmkit.modeling.encoder import ModalityEncoder
 from mmkit.modeling.features import RaggedFeatures, move
 from mmkit.modeling.loading import full_shape
 from mmkit.modeling.lora import RoutedLora
+from mmkit.modeling.loss import supervised_forward
 from mmkit.modeling.tokens import ExtendedEmbedding
 
 
@@ -142,7 +143,8 @@ class MultimodalLM(nn.Module):
         ``modalities``: each sample's modalities; the LoRA route of each row follows from them
         (``sample_rows``: a packed batch's row of each sample). ``segment_ids`` (packed rows, see
         ``mmkit.data.packing``): which sample each token belongs to; attention then stays inside
-        each sample (``position_ids`` must restart per sample)."""
+        each sample (``position_ids`` must restart per sample). With ``labels``, logits and loss
+        are computed at the supervised positions only (:mod:`mmkit.modeling.loss`)."""
         if self.lora is not None and modalities is not None:
             self.lora.route(modalities, input_ids.device, sample_rows, rows=input_ids.shape[0])
         embeds = self.embed(input_ids, inputs or {}, features)
@@ -151,8 +153,11 @@ class MultimodalLM(nn.Module):
                                                    getattr(self.llm.config, "_attn_implementation", None))
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, use_cache=False)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+        return supervised_forward(self.llm, labels, inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
