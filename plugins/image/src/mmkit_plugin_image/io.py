@@ -51,8 +51,19 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise InputError(path, "not a readable image (unknown or corrupt format)") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ... on bad bytes
-        raise InputError(path, f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
+        raise InputError(path, f"corrupt or truncated image: {decode_problem(exc)}") from None
     return rgb
+
+
+def decode_problem(exc: BaseException) -> str:
+    """Why a decoder gave up, in words for the person who owns the file. Pillow's and PyAV's own
+    messages are kept where they are written for people (``OSError`` / ``ValueError``: "image file is
+    truncated (3 bytes not processed)"); an ``IndexError``, ``EOFError`` or ``SyntaxError`` from inside
+    a decoder says nothing about the file but that it ended early or is damaged."""
+    message = str(exc).strip()
+    if isinstance(exc, (OSError, ValueError)) and message:
+        return message
+    return "the data ends early or is damaged"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

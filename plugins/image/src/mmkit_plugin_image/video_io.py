@@ -20,7 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from mmkit import InputError
-from mmkit_plugin_image.io import _to_rgb
+
+from mmkit_plugin_image.io import _to_rgb, decode_problem
 
 #: Frame files a frame folder may hold (other files, e.g. a README, are ignored).
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -158,7 +159,7 @@ def _header_size(file: Path) -> tuple[int, int]:
     except Image.UnidentifiedImageError:
         raise InputError(file, "not a readable image (unknown or corrupt format)") from None
     except Exception as exc:
-        raise InputError(file, f"unreadable frame: {type(exc).__name__}: {exc}") from None
+        raise InputError(file, f"unreadable frame: {decode_problem(exc)}") from None
     if size[0] <= 0 or size[1] <= 0:
         raise InputError(file, f"zero-size frame ({size[0]}x{size[1]})")
     return size
@@ -174,7 +175,7 @@ def _decode_image(file: Path) -> Image.Image:
     except FileNotFoundError:
         raise InputError(file, "frame file not found (removed after the video was checked?)") from None
     except Exception as exc:  # truncated / corrupt bytes: Pillow raises OSError, SyntaxError, ...
-        raise InputError(file, f"corrupt or truncated frame: {type(exc).__name__}: {exc}") from None
+        raise InputError(file, f"corrupt or truncated frame: {decode_problem(exc)}") from None
 
 
 # -- animated images (Pillow) ------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _load_pillow(path: Path) -> VideoClip:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(path, f"video too large, refusing to decode (decompression bomb?): {exc}") from None
     except Exception as exc:
-        raise InputError(path, f"corrupt or truncated video: {type(exc).__name__}: {exc}") from None
+        raise InputError(path, f"corrupt or truncated video: {decode_problem(exc)}") from None
     return VideoClip(path=str(path), kind="pillow", num_frames=count)
 
 
@@ -216,7 +217,7 @@ def _read_pillow(path: Path, indices: Sequence[int]) -> list[Image.Image]:
     except FileNotFoundError:
         raise InputError(path, "file not found (removed after it was checked?)") from None
     except Exception as exc:
-        raise InputError(path, f"corrupt or truncated video: {type(exc).__name__}: {exc}") from None
+        raise InputError(path, f"corrupt or truncated video: {decode_problem(exc)}") from None
 
 
 # -- video files (PyAV) ------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def _load_av(path: Path) -> VideoClip:
     except InputError:
         raise
     except Exception as exc:  # av.error.FFmpegError and its subclasses, EOFError, ...
-        raise InputError(path, f"not a readable video: {type(exc).__name__}: {exc}") from None
+        raise InputError(path, f"not a readable video: {decode_problem(exc)}") from None
     return VideoClip(path=str(path), kind="av", num_frames=count, frame_pts=frame_pts)
 
 
@@ -308,7 +309,7 @@ def _read_av(path: Path, indices: Sequence[int], expected: int) -> list[Image.Im
     except FileNotFoundError:
         raise InputError(path, "file not found (removed after it was checked?)") from None
     except Exception as exc:
-        raise InputError(path, f"corrupt video: {type(exc).__name__}: {exc}") from None
+        raise InputError(path, f"corrupt video: {decode_problem(exc)}") from None
     if any(f is None for f in frames):
         # Fewer decodable frames than packets (a codec's trailing packets, a damaged tail): the
         # clip is sampled again over the frames that really decode, so it still spans the whole video.
