@@ -188,6 +188,8 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(uninterrupted: Path) -> 
         _check(saved, seed=1)
     mode, notes = _check(saved, lr=5e-4, max_steps=20)  # a longer or gentler schedule may continue
     assert mode == "exact" and any(n.startswith("lr changed") for n in notes) and any("max_steps" in n for n in notes)
+    # either engine resumes the other's ZeRO-0 checkpoint; the switch is said, not silent
+    assert _check(saved, optimizer_step="torch")[1] == ["optimizer_step changed: checkpoint 'deepspeed', now 'torch'"]
     geometry = {"micro_batch_size": 2, "grad_accum": 2, "global_batch_size": 4, "num_samples": 16}
     with pytest.raises(CheckpointMismatchError, match="global batch differs.*global_batch_size: 2"):
         ckpt.check_resumable(saved, config=saved["config"], world_size=1, geometry=geometry,

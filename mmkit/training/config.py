@@ -275,8 +275,8 @@ class TrainConfig:
         "stop", resume=IGNORED, check=one_of("stop", "skip"),
         help="Out of memory in a micro-batch: stop with advice, or skip (that step's update is skipped on "
              "every process and counted; ZeRO stage 0 only).")
-    optimizer_step: str = option(
-        "auto", resume=IGNORED, check=one_of("auto", "deepspeed", "torch"),
+    optimizer_step: str = option(  # each engine resumes the other's checkpoint (ZeRO 0); a switch is reported
+        "auto", resume=MAY_CHANGE, check=one_of("auto", "deepspeed", "torch"),
         help="auto: a plain torch AdamW step where DeepSpeed adds nothing (one process, ZeRO 0, fp32), "
              "DeepSpeed's engine otherwise; deepspeed or torch to choose.")
     # processes
