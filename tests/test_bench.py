@@ -4,11 +4,13 @@ with mmkit's step, and one quick smoke run of every figure. Nothing here asserts
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mmkit import EncoderSpec, MarkerSpec, ModalitySpec, hookimpl
@@ -293,10 +295,20 @@ def test_matmul_peak_is_measured_once_and_a_busy_measurement_is_redone_when_quie
     assert (tmp_path / "mmkit" / machine.PEAK_FILE).is_file()
 
 
-def test_variable_size_modality_says_its_encoder_rows_time_blank_inputs():
+def test_variable_size_modality_is_timed_on_its_demo_inputs():
     from mmkit.bench import suite
+    from mmkit.bench.components import _inputs, components, demo_items
+    from mmkit.plugins import get_host
 
     report = suite.run("tiny", modalities=["video"], quick=True)
     notes = " ".join(report["notes"])
-    assert "video: variable-size inputs" in notes and "blank(batch)" in notes, notes
-    assert "encoder/video/demo/bs2/inputs_per_s" in report["figures"]
+    assert "video: variable-size inputs" in notes and "the demo's inputs" in notes, notes
+    assert report["figures"]["encoder/video/demo/bs2/inputs_per_s"]["inputs"] == "demo"
+    # the demo's clips (3-8 frames), not one-frame blanks: the encoder gets more tokens per input
+    c = components(get_host(), "video", batch_size=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        items = demo_items(get_host(), "video", c.encoder, 4, Path(tmp))
+    assert len(items) == 4
+    demo = c.encoder(_inputs(c.encoder, 4, torch.device("cpu"), torch.float32, items))
+    blank = c.encoder(_inputs(c.encoder, 4, torch.device("cpu"), torch.float32))
+    assert sum(demo.counts) > sum(blank.counts)

@@ -9,7 +9,9 @@ projected to a 7B LLM's width.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -62,14 +64,38 @@ def components(host: PluginHost, modality: str, *, batch_size: int, hidden: int 
     return Components(modality, encoder, proj, _inputs(encoder, batch_size, device, dtype), preset or "demo")
 
 
-def _inputs(encoder: Any, batch_size: int, device: Any, dtype: torch.dtype) -> Any:
-    """Random inputs of the preprocessed shape (throughput does not depend on content); a variable-size
-    encoder (no ``input_shape``) gets its own ``blank(batch_size)``, the one batch every encoder can make."""
-    if encoder.input_shape is None:
-        from mmkit.modeling.features import move
+def _inputs(encoder: Any, batch_size: int, device: Any, dtype: torch.dtype, items: Sequence[Any] | None = None) -> Any:
+    """Random inputs of the preprocessed shape (throughput does not depend on content). A variable-size
+    encoder (no ``input_shape``), whose cost follows its inputs' sizes, gets ``items`` (its modality's
+    demo inputs, :func:`demo_items`), cycled to ``batch_size``; without them its own
+    ``blank(batch_size)``, the one batch every encoder can make."""
+    from mmkit.modeling.features import move
 
+    if encoder.input_shape is None:
+        if items:
+            return move(encoder.collate([items[i % len(items)] for i in range(batch_size)]), device, dtype)
         return move(encoder.blank(batch_size), device, dtype)
     return torch.randn(batch_size, *encoder.input_shape, device=device)
+
+
+def demo_items(host: PluginHost, modality: str, encoder: Any, count: int, root: Path) -> list[Any]:
+    """The first ``count`` inputs of the modality's demo task (written under ``root``), loaded and
+    preprocessed by ``encoder``: inputs of the sizes the demo trains on. Empty without a demo task."""
+    from mmkit.data.batching import make_preprocessor
+
+    spec = host.modality(modality)
+    if spec.demo is None:
+        return []
+    task = resolve(spec.demo.build)(root / modality, seed=0)
+    preprocess = make_preprocessor(resolve(spec.load), encoder.preprocess, modality=modality)
+    items: list[Any] = []
+    for record in task.train:
+        for key in spec.data_keys:
+            paths = record.get(key)
+            for path in [paths] if isinstance(paths, str) else paths or []:
+                if len(items) < count:
+                    items.append(preprocess(root / modality / path))
+    return items
 
 
 def _tokens_per_input(features: Any) -> float:
@@ -110,9 +136,14 @@ def bench_components(host: PluginHost, modality: str, *, batch_sizes: Sequence[i
     rows = []
     base = components(host, modality, batch_size=max(batch_sizes), hidden=hidden, preset=preset, device=device,
                       dtype=dtype, pretrained=pretrained)
+    items: list[Any] = []
+    if base.encoder.input_shape is None:
+        with tempfile.TemporaryDirectory(prefix="mmkit-bench-inputs-") as tmp:
+            items = demo_items(host, modality, base.encoder, max(batch_sizes), Path(tmp))
+    inputs = "random" if base.encoder.input_shape is not None else "demo" if items else "blank"
     for size in batch_sizes:
         batch = base.batch[:size].to(dtype) if isinstance(base.batch, torch.Tensor) else \
-            _inputs(base.encoder, size, device, dtype)
+            _inputs(base.encoder, size, device, dtype, items)
         c = attrs.evolve(base, batch=batch)
         features = encode(c)
         enc = rate(lambda c=c: encode(c), size, rounds=rounds, min_seconds=min_seconds, sync=sync, unit="inputs/s")
@@ -121,7 +152,7 @@ def bench_components(host: PluginHost, modality: str, *, batch_sizes: Sequence[i
         tokens_in = _tokens_per_input(features)
         tokens_out = _tokens_per_input(project(c, features))  # None num_output_tokens: one per input row
         rows.append({
-            "modality": modality, "preset": c.preset, "encoder": host.modality(modality).encoder,
+            "modality": modality, "preset": c.preset, "inputs": inputs, "encoder": host.modality(modality).encoder,
             "projector": host.modality(modality).projector, "batch_size": size, "hidden": hidden,
             "dtype": str(dtype).removeprefix("torch."), "encoder_tokens": tokens_in, "tokens_per_input": tokens_out,
             "encoder_inputs_per_s": enc,

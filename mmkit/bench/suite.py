@@ -100,12 +100,13 @@ def run(preset: str = "tiny", *, modalities: Sequence[str] | None = None, quick:
             variable = tuple(m for m in demo_modalities if _variable_size(host, m))
             if variable:
                 notes.append(f"{', '.join(variable)}: variable-size inputs; their encoder and projector rows time "
-                             "the encoder's blank(batch), not inputs of the demo's sizes, and the training-step "
-                             "figures leave them out (the plain LLaVA-style loop they compare with stacks "
-                             "fixed-size inputs)")
+                             "the demo's inputs (the first of its training set, cycled to each batch size), and the "
+                             "training-step figures leave them out (the plain LLaVA-style loop they compare with "
+                             "stacks fixed-size inputs)")
                 demo_modalities = tuple(m for m in demo_modalities if m not in variable)
             if not demo_modalities:
-                notes.append("no chosen modality has a demo task: no training-step figures")
+                what = "a demo task with fixed-size inputs" if variable else "a demo task"
+                notes.append(f"no chosen modality has {what}: no training-step figures")
             else:
                 _step(step_preset, plan, host, demo_modalities, root, figures, peak["flops"], progress, full=preset == "tiny")
     finally:
@@ -133,7 +134,8 @@ def _encoders(preset: str, plan: Plan, host: Any, chosen: Sequence[str], dev: to
                                     min_seconds=plan.min_seconds, preset=p, device=dev, dtype=dtype)
             for r in rows:
                 key = f"{m}/{label}/bs{r['batch_size']}"
-                info = {"encoder": r["encoder"], "projector": r["projector"], "hidden": hidden, "dtype": r["dtype"]}
+                info = {"encoder": r["encoder"], "projector": r["projector"], "hidden": hidden, "dtype": r["dtype"],
+                        "inputs": r["inputs"]}
                 figures.add(f"encoder/{key}/inputs_per_s", r["encoder_inputs_per_s"], **info)
                 figures.add(f"encoder/{key}/tokens_per_s", r["encoder_tokens_per_s"], **info)
                 figures.add(f"projector/{key}/inputs_per_s", r["projector_inputs_per_s"], **info)
