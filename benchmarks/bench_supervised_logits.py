@@ -40,7 +40,7 @@ def measure(mode: str, vocab: int, length: int, answer: float) -> dict[str, floa
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from mmkit.modeling.loss import supervised_forward
+    from mmkit.modeling.loss import next_token_targets, supervised_forward
     from mmkit.prompt import IGNORE_INDEX
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def measure(mode: str, vocab: int, length: int, answer: float) -> dict[str, floa
         if mode == "full":
             loss = llm(inputs_embeds=e, labels=labels, use_cache=False).loss
         else:
-            loss = supervised_forward(llm, labels, inputs_embeds=e, use_cache=False).loss
+            loss = supervised_forward(llm, next_token_targets(labels), inputs_embeds=e, use_cache=False).loss
         loss.backward()
 
     step()  # allocator warm-up

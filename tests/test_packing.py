@@ -26,7 +26,8 @@ from mmkit.data.packing import (
     modality_group,
     sample_lengths,
 )
-from mmkit.modeling.attention import packed_attention_mask
+from mmkit.modeling import model as model_module
+from mmkit.modeling.attention import packed_attention_mask, packed_flash_kwargs
 from mmkit.modeling.lora import routes_for_rows
 from mmkit.errors import DataError
 from mmkit.prompt import IGNORE_INDEX
@@ -267,3 +268,72 @@ def test_model_inputs_pass_packing_and_features_through():
     batch = attrs.evolve(batch, position_ids=torch.zeros(1, 3), segment_ids=torch.ones(1, 3), sample_rows=(0,),
                          features={"image": torch.zeros(1, 2, 2)})
     assert {"position_ids", "segment_ids", "features", "sample_rows"} <= set(model_inputs(batch, "cpu"))
+
+
+# -- flash attention ---------------------------------------------------------------------------------
+# The model hands transformers the samples' bounds (``cu_seq_lens_*``), so attention stays inside each
+# sample in every packed row; transformers finds the samples itself only in a single row, and with
+# several rows flash attention would attend across samples. flash-attn needs a GPU, so a CPU stand-in
+# registered through transformers' attention interface plays its part: given the bounds it attends
+# within each run of tokens (as ``flash_attn_varlen_func``), without them causally over each whole
+# row (as the dense kernel transformers falls back to).
+NAME = "flash_reference_cpu"
+
+
+def flash_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``[B, H, L, D]`` in, ``[B, L, H, D]`` out, as transformers' attention functions."""
+    rows, heads, length, dim = query.shape
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    flat = [x.transpose(1, 2).reshape(rows * length, x.shape[1], dim) for x in (query, key, value)]
+    out = torch.empty_like(flat[0])
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        q, k, v = (x[start:end].transpose(0, 1) for x in flat)
+        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                        enable_gqa=True).transpose(0, 1)
+    return out.reshape(rows, length, heads, dim), None
+
+
+@pytest.fixture
+def flash_stand_in():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(NAME, flash_reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
+    return NAME
+
+
+def test_flash_bounds_cover_each_run_of_a_segment_row_by_row():
+    kwargs = packed_flash_kwargs(torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0], [3, 3, 3, 3, 3, 3]]))
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5, 6, 10, 12, 18]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["max_length_q"] == 6
+    assert kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"] and kwargs["max_length_k"] == 6
+
+
+def test_packed_rows_under_flash_attention_give_each_sample_its_own_loss(assemble_model, kit, randomize_lora,
+                                                                          flash_stand_in, monkeypatch):
+    assembled = assemble_model(("image", "pointcloud"), mode="shared")
+    model = assembled.model.eval()
+    randomize_lora(model)
+    samples = [*kit.mixed(), kit.sample("<image> <image> What is shown here ?", "1 2 3", image=["a", "b"])]
+    items = items_for(assembled, samples)
+    pad = assembled.tokenizer.pad_token_id
+    collate = collate_fns(model.encoders)
+    rows = [0, 0, 1, 0, 1]  # two packed rows
+    batch = PackingCollator(pad_id=pad, collate=collate)([dict(it, row=r) for it, r in zip(items, rows)])
+    with torch.no_grad():
+        alone = [float(model(**model_inputs(Collator(pad_id=pad, collate=collate)([it]), "cpu")).loss) for it in items]
+        model.llm.config._attn_implementation = flash_stand_in
+        try:
+            packed = per_sample_losses(model(**model_inputs(batch, "cpu")).logits, batch.labels, batch.segment_ids)
+            # without the bounds, flash attends across the samples of a row: the check can fail
+            monkeypatch.setattr(model_module, "packed_flash_kwargs", lambda segment_ids: {})
+            leaky = per_sample_losses(model(**model_inputs(batch, "cpu")).logits, batch.labels, batch.segment_ids)
+        finally:
+            model.llm.config._attn_implementation = "sdpa"
+    expected = [alone[i] for r in (0, 1) for i, row in enumerate(rows) if row == r]
+    assert packed == pytest.approx(expected, abs=1e-5)
+    assert leaky != pytest.approx(expected, abs=1e-3)

@@ -54,7 +54,7 @@ def _reference(llm: nn.Module, embeds, mask, labels, position_ids=None):
 
 def _ours(llm: nn.Module, embeds, mask, labels, position_ids=None):
     e = embeds.clone().requires_grad_(True)
-    out = supervised_forward(llm, labels, inputs_embeds=e, attention_mask=mask, position_ids=position_ids,
+    out = supervised_forward(llm, next_token_targets(labels), inputs_embeds=e, attention_mask=mask, position_ids=position_ids,
                              use_cache=False)
     out.loss.backward()
     return out, e.grad
@@ -131,23 +131,33 @@ def test_no_supervised_token_gives_nan_as_transformers_does():
     embeds, mask, labels = _batch()
     labels[:] = IGNORE_INDEX
     ref = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    out = supervised_forward(llm, labels, inputs_embeds=embeds, attention_mask=mask)
+    out = supervised_forward(llm, next_token_targets(labels), inputs_embeds=embeds, attention_mask=mask)
     assert torch.isnan(ref) and torch.isnan(out.loss)
 
 
-def test_the_last_position_is_not_run_and_a_one_token_row_still_works():
-    llm = _model("llama")
-    embeds, mask, labels = _batch(rows=2, length=6)
+def test_the_model_does_not_run_the_last_position_and_keeps_a_lone_token(assemble_model, kit):
+    assembled = assemble_model(("image",), mode="shared")
+    model = assembled.model.eval()
+    batch = kit.batch(assembled, [kit.sample("hello world", "yes"), kit.sample("<image> What is shown here ?", "7",
+                                                                                image=["i"])])
     lengths = []
-    handle = llm.model.register_forward_pre_hook(
+    handle = model.llm.model.register_forward_pre_hook(
         lambda _m, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
     try:
-        supervised_forward(llm, labels, inputs_embeds=embeds, attention_mask=mask)
-        out = supervised_forward(llm, labels[:, :1], inputs_embeds=embeds[:, :1], attention_mask=mask[:, :1])
+        with torch.no_grad():
+            out = model(**batch.model_kwargs())
+            full = model(**{**batch.model_kwargs(), "labels": None})
+            one = model(**{**batch.model_kwargs(), "input_ids": batch.input_ids[:, :1],
+                           "attention_mask": batch.attention_mask[:, :1], "labels": batch.labels[:, :1],
+                           "inputs": {}, "modalities": None})
     finally:
         handle.remove()
-    assert lengths == [5, 1]  # the last position predicts nothing; a lone token is kept (nothing to drop)
-    assert torch.isnan(out.loss)
+    width = batch.input_ids.shape[1]
+    assert lengths == [width - 1, width, 1]  # a lone token has no last position to spare
+    reference = nn.functional.cross_entropy(full.logits[:, :-1].reshape(-1, full.logits.shape[-1]),
+                                            batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(one.loss)
 
 
 def test_output_rows_leaves_other_calls_alone_and_removes_its_hook():

@@ -62,7 +62,7 @@ def _loss_and_grads(llm: nn.Module, embeds: torch.Tensor, labels: torch.Tensor, 
     llm.zero_grad(set_to_none=True)
     e = embeds.clone().requires_grad_(True)
     if ours:
-        out = supervised_forward(llm, labels, inputs_embeds=e, use_cache=False, **kwargs)
+        out = supervised_forward(llm, next_token_targets(labels), inputs_embeds=e, use_cache=False, **kwargs)
     else:
         out = llm(inputs_embeds=e, labels=labels, use_cache=False, **kwargs)
     out.loss.backward()

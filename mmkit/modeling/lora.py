@@ -86,6 +86,11 @@ class RoutedLora:
         for param in self.parameters():
             param.requires_grad_(True)
 
+    def routes_rows_of(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a LoRA layer whose adapters are masked per batch row (its input must
+        keep the batch's rows)."""
+        return len(self.adapters) > 1 and any(layer is module for layer in self.layers)
+
     def parameters(self, adapter: str | None = None):
         for name, param in self.model.named_parameters():
             if "lora_" in name and (adapter is None or f".{adapter}." in name or name.endswith(f".{adapter}")):
@@ -121,5 +126,7 @@ class RoutedLora:
             lora_in = layer.lora_dropout[name](x.to(layer.lora_A[name].weight.dtype))
             delta = layer.lora_B[name](layer.lora_A[name](lora_in)) * layer.scaling[name]
             mask = self._masks[name].to(delta.dtype)
+            if mask.shape[0] != delta.shape[0]:  # never broadcast one row's route over others
+                raise RuntimeError(f"LoRA routes set for {mask.shape[0]} rows, but the layer got {delta.shape[0]}")
             output = output + (delta * mask.view(-1, *([1] * (delta.dim() - 1)))).to(output.dtype)
         return output

@@ -12,7 +12,8 @@ applied as always. A model whose forward does not call that module gets full log
 picked from them: the same loss, without the saving.
 
 The last position of a row predicts nothing (its next token is outside the row), and under causal
-attention nothing earlier depends on it, so :func:`drop_last_position` removes it before the LLM runs.
+attention nothing earlier depends on it: the model removes it (:func:`drop_last_position`) before the
+LLM runs.
 """
 
 from __future__ import annotations
@@ -65,30 +66,16 @@ def output_rows(llm: nn.Module, keep: torch.Tensor) -> Iterator[dict[str, bool]]
         handle.remove()
 
 
-def supervised_forward(llm: nn.Module, labels: torch.Tensor, **llm_kwargs: Any) -> Any:
-    """``llm(**llm_kwargs)`` (``inputs_embeds`` and the rest, ``[B, T]``) with its loss for ``labels``,
-    computing logits at the supervised positions only. The output's ``logits`` are those positions'
-    (``[N, vocab]``, in batch order); ``loss`` is the mean cross-entropy over them (NaN when there are
-    none, as transformers gives)."""
-    targets = next_token_targets(labels)
-    if labels.shape[1] > 1:
-        (targets,) = drop_last_position(targets)
-        llm_kwargs = {k: _drop_last(k, v) for k, v in llm_kwargs.items()}
+def supervised_forward(llm: nn.Module, targets: torch.Tensor, *, pick_rows: bool = True, **llm_kwargs: Any) -> Any:
+    """``llm(**llm_kwargs)`` (``inputs_embeds`` and the rest, ``[B, T]``) with its loss for ``targets``
+    (``[B, T]``: the token each position's logits are scored against, :func:`next_token_targets`),
+    computing logits at the supervised positions only (``pick_rows=False``: at every position, then
+    picked). The output's ``logits`` are those positions' (``[N, vocab]``, in batch order); ``loss`` is
+    the mean cross-entropy over them (NaN when there are none, as transformers gives)."""
     keep = targets != IGNORE_INDEX
-    with output_rows(llm, keep) as picked:
+    with output_rows(llm, keep) if pick_rows else contextlib.nullcontext({"applied": False}) as picked:
         out = llm(**llm_kwargs)
     logits = out.logits[0] if picked["applied"] else out.logits[keep]
     out.logits = logits
     out.loss = nn.functional.cross_entropy(logits.float(), targets[keep], ignore_index=IGNORE_INDEX)
     return out
-
-
-_PER_POSITION = ("inputs_embeds", "attention_mask", "position_ids")
-
-
-def _drop_last(name: str, value: Any) -> Any:
-    if name not in _PER_POSITION or not isinstance(value, torch.Tensor):
-        return value
-    if name == "attention_mask" and value.dim() == 4:  # [B, 1, T, T]
-        return value[:, :, :-1, :-1]
-    return value[:, :-1]

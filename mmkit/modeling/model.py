@@ -17,12 +17,12 @@ from torch import nn
 
 from mmkit.errors import ConfigError, DataError
 from mmkit.generation import GenerationOptions
-from mmkit.modeling.attention import packed_attention_mask
+from mmkit.modeling.attention import packed_attention_mask, packed_flash_kwargs
 from mmkit.modeling.encoder import ModalityEncoder
 from mmkit.modeling.features import RaggedFeatures, move
 from mmkit.modeling.loading import full_shape
 from mmkit.modeling.lora import RoutedLora
-from mmkit.modeling.loss import supervised_forward
+from mmkit.modeling.loss import drop_last_position, next_token_targets, supervised_forward
 from mmkit.modeling.tokens import ExtendedEmbedding
 
 
@@ -144,20 +144,33 @@ class MultimodalLM(nn.Module):
         (``sample_rows``: a packed batch's row of each sample). ``segment_ids`` (packed rows, see
         ``mmkit.data.packing``): which sample each token belongs to; attention then stays inside
         each sample (``position_ids`` must restart per sample). With ``labels``, logits and loss
-        are computed at the supervised positions only (:mod:`mmkit.modeling.loss`)."""
+        are computed at the supervised positions only (:mod:`mmkit.modeling.loss`), and each row's last
+        position, which predicts nothing, is not run."""
         if self.lora is not None and modalities is not None:
             self.lora.route(modalities, input_ids.device, sample_rows, rows=input_ids.shape[0])
         embeds = self.embed(input_ids, inputs or {}, features)
-        if segment_ids is not None:
-            attention_mask = packed_attention_mask(segment_ids, embeds.dtype,
-                                                   getattr(self.llm.config, "_attn_implementation", None))
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if labels is None:
+        targets = None
+        if labels is not None:
+            targets = next_token_targets(labels)
+            if labels.shape[1] > 1:  # the last position predicts nothing: not run
+                embeds, attention_mask, position_ids, segment_ids, targets = drop_last_position(
+                    embeds, attention_mask, position_ids, segment_ids, targets)
+        layout: dict[str, Any] = {}
+        if segment_ids is not None:
+            implementation = getattr(self.llm.config, "_attn_implementation", None)
+            attention_mask = packed_attention_mask(segment_ids, embeds.dtype, implementation)
+            if attention_mask is None:  # flash attention: the samples' bounds instead of a mask
+                layout = packed_flash_kwargs(segment_ids)
+        if targets is None:
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
-        return supervised_forward(self.llm, labels, inputs_embeds=embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False)
+                            use_cache=False, **layout)
+        head = self.llm.get_output_embeddings()
+        # a LoRA layer masked per batch row cannot take the supervised positions as one row
+        pick_rows = self.lora is None or not self.lora.routes_rows_of(head)
+        return supervised_forward(self.llm, targets, pick_rows=pick_rows, inputs_embeds=embeds,
+                                  attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **layout)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
