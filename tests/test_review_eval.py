@@ -153,6 +153,18 @@ def test_3d_grounding_and_detection_need_iou_above_the_threshold():
     assert got == {"recall@0.25": 1.0, "recall@0.5": 0.0}
 
 
+
+def test_3d_grounding_reads_a_box_written_as_centre_and_size_groups():
+    """LAMM's parse_bbox_3d takes the numbers of all ``[...]`` (then ``(...)``) groups and chunks them
+    by 6 (lamm.md: "parsed from [...] / (...) groups ... chunked into ... 3D boxes (6)"): "at
+    [1, 2, 0.5] with size [0.5, 0.5, 1]" is the box [1, 2, 0.5, 0.5, 0.5, 1]. Chunking each group
+    alone finds no box: a right answer scored 0."""
+    from mmkit.evaluation.metrics import grounding3d
+
+    truth = {"bbox3d": [1.0, 2.0, 0.5, 0.5, 0.5, 1.0]}
+    got = grounding3d(["The chair is at [1.0, 2.0, 0.5] with size [0.5, 0.5, 1.0]."], [truth])
+    assert got == {"acc@0.25": 1.0, "acc@0.5": 1.0}
+
 # -- counting ---------------------------------------------------------------------------------------
 def test_count_reads_thousands_separators():
     """FSC147 counts run into the thousands; "1,200" is one number, not 1."""
@@ -180,6 +192,18 @@ def test_a_plural_label_accepts_its_singular():
     # still: naming another class of the set is not credited
     assert accuracy(["a building next to a forest", "a forest"], ["buildings", "forest"]) == {"accuracy": 0.5}
 
+
+
+# -- OCR: LAMM's SVT metric (src/ChEF/metric/ocr.py SVT_OCR) -----------------------------------------
+def test_svt_scores_the_share_of_the_images_words_read():
+    """An SVT record's ``word_list`` holds every word of the image; LAMM scores a sample by the
+    share of them found among the answer's words (then the mean over samples). Reading one word of
+    three is 1/3, not full marks."""
+    from mmkit.evaluation.metrics import ocr_word_accuracy
+
+    got = ocr_word_accuracy(["The sign says HOTEL", "grand central hotel"],
+                            [["hotel", "grand", "central"], ["hotel", "grand", "central"]])
+    assert got["ocr_word_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
 
 # -- mmkit eval --data: every file is evaluated -----------------------------------------------------
 def test_eval_data_files_with_the_same_name_are_all_evaluated_or_refused(tmp_path, monkeypatch):
