@@ -205,6 +205,28 @@ def test_svt_scores_the_share_of_the_images_words_read():
                             [["hotel", "grand", "central"], ["hotel", "grand", "central"]])
     assert got["ocr_word_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
 
+
+# -- captioning: LAMM's BLEU-4 (pycocoevalcap, PTB tokenizer: lower-cased, punctuation removed) -----
+def test_bleu_ignores_case_and_punctuation_as_lamms_scorer():
+    """LAMM_Caption tokenises predictions and references with the COCO PTB tokenizer (lower case,
+    punctuation dropped) before BLEU. A caption differing from its reference only by a capital and
+    a full stop is a perfect match there; case-sensitive 13a scoring gives it about 68."""
+    from mmkit.evaluation.metrics import bleu
+
+    got = bleu(["A brown dog runs on the grass."], [["a brown dog runs on the grass"]])["bleu4"]
+    assert got == pytest.approx(100.0)
+
+
+# -- classification: a synonym of the label counts (lamm.md; LAMM checks WordNet synonyms) ----------
+def test_cifar10_label_synonyms_count():
+    """LAMM-Bench's CIFAR-10 meta file gives one label string ("automobile"); LAMM credits an answer
+    naming a synonym of it (WordNet lemmas: "car" for automobile, "aeroplane" / "plane" for
+    airplane). With ``reference: label`` no synonyms reach the metric, so "a car" is scored wrong."""
+    from mmkit.evaluation.metrics import accuracy
+
+    got = accuracy(["It is a car.", "an aeroplane", "a cat"], ["automobile", "airplane", "cat"])
+    assert got == {"accuracy": 1.0}
+
 # -- mmkit eval --data: every file is evaluated -----------------------------------------------------
 def test_eval_data_files_with_the_same_name_are_all_evaluated_or_refused(tmp_path, monkeypatch):
     """``--data a/held.jsonl --data b/held.jsonl``: keyed by file stem, the first file was silently
