@@ -258,3 +258,27 @@ def test_eval_data_files_with_the_same_name_are_all_evaluated_or_refused(tmp_pat
         return
     assert result.exit_code == 0, result.output
     assert sorted(map(str, seen["sources"].values())) == sorted(map(str, files))
+
+
+# -- the held-out table: a metric whose headline figure has another name ---------------------------
+def test_held_out_table_shows_a_metric_whose_headline_is_named_differently(mm_host):
+    """``mmkit eval RUN --data F --metric count``: the result holds ``mae`` / ``ablated_mae`` (the
+    headline), while print_eval looked up ``r["count"]`` (KeyError after the files were written) and
+    ``ablated_count`` (the ablation would show as "-"). Same for bleu, det2d, det3d, grounding3d, pck."""
+    from rich.console import Console
+
+    from mmkit.evaluation.evaluate import evaluate_samples, print_eval
+    from mmkit.records import ASSISTANT, USER, Sample, Turn
+
+    class Answers:  # the model: "3" with its input, "0" with the input blanked
+        def generate_batch(self, samples, *, max_new_tokens, ablate=()):
+            return ["0" if ablate else "3" for _ in samples]
+
+    samples = [Sample(id=str(i), turns=(Turn(USER, "<image>\nHow many?"), Turn(ASSISTANT, str(n))),
+                      inputs={"image": ("x.png",)}) for i, n in enumerate((3, 5))]
+    result = evaluate_samples(Answers(), samples, metric="count", host=mm_host)
+    assert result["mae"] == 1.0 and result["ablated_mae"] == 4.0  # |3-3|, |3-5| ; |0-3|, |0-5|
+    console = Console(record=True, width=120)
+    print_eval({"held": result}, console)
+    text = console.export_text()
+    assert "1.000" in text and "4.000" in text
