@@ -163,3 +163,65 @@ def test_inference_rewrites_a_placeholder_alias_as_training_does(assemble_model,
     mm._answer = answer
     mm.generate(question, {"pointcloud": pcl})
     assert seen and seen[0] == trained, (mm.tokenizer.decode(seen[0]), mm.tokenizer.decode(trained))
+
+
+# -- a template that reads the date renders the same prompt on any day --------------------------------
+#: Llama-3.2-Instruct's chat template (tokenizer_config.json), without its tool-calling branches: the
+#: date logic and the system header are verbatim. Its system header holds "Today Date: <today>".
+LLAMA_3_2 = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- if strftime_now is defined %}\n"
+    "        {%- set date_string = strftime_now(\"%d %b %Y\") %}\n"
+    "    {%- else %}\n"
+    "        {%- set date_string = \"26 Jul 2024\" %}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def test_a_template_reading_todays_date_renders_training_and_inference_alike(monkeypatch):
+    """Llama-3.2's own template writes today's date into the system header (``strftime_now``) unless
+    ``date_string`` is given: a run trained on one day and chatted with on another saw a different
+    prompt than it was trained on (and a render around midnight could disagree with itself)."""
+    import datetime as real
+
+    import transformers.utils.chat_template_utils as ctu
+
+    tok = tokenizer("llama3_1")
+    pb = PromptBuilder(tok, MARKERS, {"image": 2}, template=LLAMA_3_2)
+    sample = Sample(id="s", turns=(Turn("user", "<image>\nWhat is shown here?"), Turn("assistant", "a cube")),
+                    inputs={"image": ("a.png",)})
+
+    def on(day: int):
+        class Day(real.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return real.datetime(2026, 3, day, 12, 0, 0)
+
+        monkeypatch.setattr(ctu, "datetime", Day)
+
+    on(1)
+    trained = pb.encode_sample(sample)
+    on(2)
+    prompt = pb.encode_prompt(sample.turns[:1]).input_ids
+    assert trained.input_ids[:len(prompt)] == prompt, (
+        f"training saw {tok.decode(trained.input_ids[:len(prompt)])!r}, inference {tok.decode(prompt)!r}")
+    assert trained.labels[len(prompt) - 1] == IGNORE_INDEX and trained.labels[len(prompt)] != IGNORE_INDEX
