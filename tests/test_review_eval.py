@@ -76,8 +76,17 @@ def _questions(mm_host, input_files):
     ]
 
 
-def test_batched_choice_scores_equal_full_logit_sums(loaded, mm_host, input_files):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_choice_scores_equal_full_logit_sums(loaded, mm_host, input_files, monkeypatch, side):
+    """Several questions (an image one, a text-only one, a point-cloud one: three LoRA routes) with
+    options of 2 to 8 tokens in one padded batch: each score is the summed log-probability of the
+    option's tokens and its end of turn, exactly as full logits give it, whichever side is padded."""
+    import functools
+
+    import mmkit.data.batching as batching
     from mmkit.evaluation.choice import batch_log_likelihoods, best
+
+    monkeypatch.setattr(batching, "Collator", functools.partial(batching.Collator, padding_side=side))
 
     questions = _questions(mm_host, input_files)
     batched = batch_log_likelihoods(loaded, questions)
