@@ -225,3 +225,27 @@ def test_a_template_reading_todays_date_renders_training_and_inference_alike(mon
     assert trained.input_ids[:len(prompt)] == prompt, (
         f"training saw {tok.decode(trained.input_ids[:len(prompt)])!r}, inference {tok.decode(prompt)!r}")
     assert trained.labels[len(prompt) - 1] == IGNORE_INDEX and trained.labels[len(prompt)] != IGNORE_INDEX
+
+
+# -- the first token the model must generate is learned, whatever the answer starts with -----------------
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "llama2", "mistral"])
+@pytest.mark.parametrize("answer", ["3", "12 people", "[0.12, 0.40, 0.55, 0.91]", "日本です", "😀 yes"],
+                         ids=["count", "number-first", "box", "cjk", "emoji"])
+def test_the_first_generated_token_is_learned_for_any_answer(template, answer):
+    """Llama-2's vocabulary has no ``▁3`` (digits, most CJK and emoji stand alone), so after
+    ``ASSISTANT:`` an answer "3" tokenises as ``▁`` + ``3``. The ``▁`` carries only the template's
+    space, not answer text, and was left unlearned, yet the inference prompt ends at ``ASSISTANT:``:
+    the first token generated (``▁``) was never trained, for every counting answer, box list that
+    opens with a digit, and most non-Latin answers (LLaVA-1.5 / Vicuna, LAMM counting)."""
+    tok = tokenizer("llama2")
+    pb = PromptBuilder(tok, MARKERS, {"image": 2}, template=template)
+    turns = (Turn("user", "<image>\nHow many people are there?"), Turn("assistant", answer),
+             Turn("user", "And now?"), Turn("assistant", answer))
+    full = pb.encode_sample(Sample(id="s", turns=turns, inputs={"image": ("a.png",)}))
+    for upto in (1, 3):
+        prompt = pb.encode_prompt(turns[:upto]).input_ids
+        assert full.input_ids[:len(prompt)] == prompt
+        nxt = tok.convert_ids_to_tokens(full.input_ids[len(prompt)])
+        assert full.labels[len(prompt)] != IGNORE_INDEX, (
+            f"turn {upto}: the first token after the inference prompt ({nxt!r}) is not learned")
+        assert full.labels[len(prompt) - 1] == IGNORE_INDEX  # nothing of the prompt is learned
