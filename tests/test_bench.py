@@ -23,6 +23,7 @@ from mmkit.plugins import PluginHost, set_host
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # the matmul peak is cached per machine; tests keep theirs out of the user's cache directory
+    monkeypatch.delenv("MMKIT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "bench-cache"))
 
 
@@ -312,3 +313,17 @@ def test_variable_size_modality_is_timed_on_its_demo_inputs():
     demo = c.encoder(_inputs(c.encoder, 4, torch.device("cpu"), torch.float32, items))
     blank = c.encoder(_inputs(c.encoder, 4, torch.device("cpu"), torch.float32))
     assert sum(demo.counts) > sum(blank.counts)
+
+
+def test_one_cache_folder_for_what_mmkit_builds_or_measures_once(monkeypatch, tmp_path):
+    from mmkit.bench import machine
+    from mmkit.cache import cache_root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "mmkit" == machine.cache_dir()
+    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "mine"))  # mmkit's own variable wins
+    assert cache_root() == tmp_path / "mine" == machine.cache_dir()
+    monkeypatch.delenv("MMKIT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "mmkit"

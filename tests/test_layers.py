@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmkit"
 LAYERS: dict[str, int] = {
     # the base, itself ordered: errors <- descriptors and helpers <- the contract <- the host <- its users
     "errors": 0,
-    **dict.fromkeys(["specs", "atomic", "io", "templates", "generation"], 1),
+    **dict.fromkeys(["specs", "atomic", "io", "cache", "templates", "generation"], 1),
     **dict.fromkeys(["hookspecs", "records"], 2),
     "plugins": 3,
     **dict.fromkeys(["demo", "default_plugins", "scaffold"], 4),

@@ -2,7 +2,7 @@
 
 The peak is measured, not looked up: a dense matmul at the thread count and dtype the step uses,
 the best of a few rounds. It is measured once per machine and cached in the user's cache
-directory (``$XDG_CACHE_HOME/mmkit`` or ``~/.cache/mmkit``), keyed by device, threads, dtype and torch.
+directory (:func:`mmkit.cache.cache_root`), keyed by device, threads, dtype and torch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ PEAK_FILE = "matmul_peak.json"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mmkit"
+    from mmkit.cache import cache_root
+
+    return cache_root()
 
 
 def cpu_name() -> str:

@@ -57,12 +57,14 @@ _TINY_VERSION = 1  # bump when the recipe below changes: a new cache folder, nev
 
 def tiny_llm_path(cache_dir: str | Path | None = None) -> Path:
     """The ``--llm tiny`` model folder, built (seeded, so always the same weights) on first use into
-    ``$MMKIT_CACHE`` (default ``~/.cache/mmkit``) and moved into place whole."""
+    mmkit's cache folder (:func:`mmkit.cache.cache_root`) and moved into place whole."""
     import os
     import shutil
     import tempfile
 
-    root = Path(cache_dir or os.environ.get("MMKIT_CACHE") or Path.home() / ".cache" / "mmkit").expanduser()
+    from mmkit.cache import cache_root
+
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     target = root / f"tiny-llm-v{_TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
