@@ -22,6 +22,7 @@ causal LM's loss cannot depend on them).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -35,6 +36,8 @@ from mmkit.templates import ChatTemplate, resolve
 
 IGNORE_INDEX = -100
 _MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never merged by a tokenizer rule
+#: the date a template that reads today's date sees (Llama-3.2's own fallback, "26 Jul 2024")
+_FIXED_DATE = datetime.datetime(2024, 7, 26)
 
 
 #: per modality, the slots of each input in placeholder order (what ``input_tokens`` arguments take)
@@ -128,7 +131,10 @@ class PromptBuilder:
         kwargs = {**self.tokenizer.special_tokens_map,
                   # for the plain template (placeholders only); Qwen3's template: no thinking block to
                   # generate, the same empty one its training rendering holds
-                  "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False}
+                  "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False,
+                  # a template that writes today's date (Llama-3.2's "Today Date") renders one fixed
+                  # date, its own fallback: training and inference on other days see the same text
+                  "date_string": _FIXED_DATE.strftime("%d %b %Y"), "strftime_now": _FIXED_DATE.strftime}
         try:
             rendered, indices = render_jinja_template(
                 conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
