@@ -3,6 +3,7 @@ into its vocabulary, the run's other trainable weights, and the model card."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,8 +70,14 @@ def standalone_llm(model: Any, adapter: str | None) -> Any:
 
     hf = model.model.llm
     state = merged_llm_state(model, adapter)
+    config = hf.config
+    if _head_adapted(hf, adapter) and getattr(config, "tie_word_embeddings", False):
+        # The adapter changed the output head, so it is no longer the input embedding: a tied
+        # config would re-tie it on load and save, dropping the head's delta. Keep both weights.
+        config = copy.deepcopy(config)
+        config.tie_word_embeddings = False
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(hf.config)
+        llm = AutoModelForCausalLM.from_config(config)
     # Not strict only so tied weights (absent from the state by design) can be told apart; every
     # other missing or unexpected key is refused just below.
     missing, unexpected = llm.load_state_dict(state, strict=False, assign=True)
@@ -99,6 +106,15 @@ def standalone_llm(model: Any, adapter: str | None) -> Any:
     gen.pad_token_id = model.tokenizer.pad_token_id
     llm.eval()
     return llm
+
+
+def _head_adapted(hf: Any, adapter: str | None) -> bool:
+    """Whether ``adapter``'s LoRA adapts the LLM's output head (``lm_head`` in the targets)."""
+    from peft.tuners.lora import LoraLayer
+
+    head = hf.get_output_embeddings()
+    return adapter is not None and isinstance(head, LoraLayer) and (
+        adapter in head.lora_A or adapter in getattr(head, "lora_embedding_A", {}))
 
 
 def _is_tied(llm: Any, key: str) -> bool:
