@@ -12,7 +12,7 @@ import attrs
 import torch
 
 from mmkit.data.batching import Collator, collate_fns, floating_leaves, input_counters, make_preprocessor
-from mmkit.records import USER, Sample, Turn
+from mmkit.records import USER, Sample, Turn, canonical_placeholders, placeholder_order
 from mmkit.errors import InputError, MmkitError
 from mmkit.generation import GenerationOptions
 from mmkit.modeling.assemble import Assembled
@@ -65,8 +65,10 @@ class LoadedModel:
         return self.model.modalities
 
     def _with_placeholders(self, text: str, inputs: Mapping[str, Sequence[Any]]) -> str:
-        """Prepend a placeholder for every input the question does not already mark (as LLaVA's
-        chat does), so ``generate("What is this?", {"image": [...]})`` just works."""
+        """The question with placeholder aliases rewritten (as the readers do for training) and a
+        placeholder prepended for every input it does not already mark (as LLaVA's chat does), so
+        ``generate("What is this?", {"image": [...]})`` just works."""
+        text = canonical_placeholders(text, self.markers.values())
         prefix = ""
         for modality, items in inputs.items():
             self._check_modality(modality, items)
@@ -124,7 +126,8 @@ class LoadedModel:
         """Answer ``question`` about ``inputs``.
 
         - ``question``: the user's text, or a whole conversation (``Turn`` list ending with a user
-          turn). Inputs the text does not mark with their placeholder get one prepended.
+          turn). Inputs the text does not mark with their placeholder get one prepended; placeholder
+          aliases are rewritten, and inputs taken in placeholder order, as training reads its data.
         - ``inputs``: ``{modality: input or [inputs]}``; an input is a file path (``str`` or
           ``Path``, never iterated), the bytes of a file, or an in-memory value the modality's
           encoder takes (a PIL image, a numpy array, a torch tensor, ...).
@@ -144,9 +147,12 @@ class LoadedModel:
         if isinstance(question, str):
             turns: Sequence[Turn] = (Turn(USER, self._with_placeholders(question, given)),)
         else:
-            turns = list(question)
+            turns = [Turn(t.role, canonical_placeholders(t.text, self.markers.values())) for t in question]
             for modality, items in given.items():
                 self._check_modality(modality, items)
+        # inputs in placeholder order, as the readers give them to training: the first one routes
+        # the prompt to its adapter, whatever order the caller listed them in
+        given = {m: given[m] for m in placeholder_order(given, turns, self.markers)}
         tensors = {m: [self.prepare(m, v) for v in items] for m, items in given.items()}
         item = self._item("prompt", turns, system, tensors, tuple(given))
         return self._answer([item], options, streamer=streamer)[0]

@@ -9,7 +9,7 @@ Generic record format (JSON list or JSONL; LLaVA and LAMM records are special ca
 
 Turn roles may be written ``human``/``gpt`` (LLaVA, ShareGPT) or ``user``/``assistant`` with
 ``content`` (``messages``: TRL, Hugging Face chat, ms-swift). A leading ``system`` turn becomes the
-system message. ``content`` may be a list of parts (``{"type": "text", "text": ...}`` and one part per
+system message (a record gives it once: a ``system`` key or a system turn). ``content`` may be a list of parts (``{"type": "text", "text": ...}`` and one part per
 modality input, ``{"type": KEY}`` with KEY a data key of an installed modality, optionally holding
 the path itself); each modality part puts that modality's placeholder where it stands. A data key
 may also be written in the plural (the key plus ``s``, a list of paths: ms-swift and TRL style).
@@ -20,14 +20,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from mmkit.errors import DataError
-from mmkit.specs import ModalitySpec
+from mmkit.specs import MarkerSpec, ModalitySpec
 
 USER, ASSISTANT = "user", "assistant"
 SYSTEM = "system"
@@ -91,6 +91,28 @@ class ReadContext:
         return None
 
 
+def canonical_placeholders(text: str, markers: Iterable[MarkerSpec]) -> str:
+    """``text`` with every placeholder alias (LAMM's ``<pcl>``) written as its modality's placeholder:
+    what the readers do to training data and inference to a question, so both prompt alike."""
+    for marker in markers:
+        for alias in marker.aliases:
+            text = text.replace(alias, marker.placeholder)
+    return text
+
+
+def placeholder_order(names: Iterable[str], turns: Sequence[Turn], markers: Mapping[str, MarkerSpec]) -> list[str]:
+    """The modalities ``names`` ordered by where each one's placeholder first appears in ``turns``
+    (one without a placeholder last): the order of :attr:`Sample.inputs`, whose first modality picks
+    the sample's LoRA adapter in training and generation alike."""
+    text = "\n".join(t.text for t in turns)
+
+    def first(name: str) -> int:
+        at = text.find(markers[name].placeholder)
+        return at if at >= 0 else len(text) + 1
+
+    return sorted(names, key=first)
+
+
 @functools.lru_cache(maxsize=64)
 def _absolute(root: str, cwd: str) -> str:
     return os.path.realpath(os.path.join(cwd, root))
@@ -120,15 +142,18 @@ def resolve_path(raw: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int,
                  system: str | None = None, allowed_keys: set[str] | None = None,
-                 implicit_placeholders: bool = False) -> Sample:
+                 implicit_placeholders: bool = False, require_input: bool = False) -> Sample:
     """Validate one raw record and normalise it. Raises :class:`DataError` naming the record (file,
     index and, when the record has one, its id) with a ``kind`` for reports.
 
     ``implicit_placeholders``: a modality whose inputs have no placeholder anywhere in the text gets
-    them at the start of the first user turn (where LAMM's loader puts the vision tokens)."""
+    them at the start of the first user turn (where LAMM's loader puts the vision tokens).
+    ``require_input``: a record without any modality input is refused (a format with no text-only
+    records, such as LAMM's, whose model encodes an input for every sample)."""
     try:
         return _parse_record(obj, ctx=ctx, base=base, source=source, index=index, system=system,
-                             allowed_keys=allowed_keys, implicit_placeholders=implicit_placeholders)
+                             allowed_keys=allowed_keys, implicit_placeholders=implicit_placeholders,
+                             require_input=require_input)
     except DataError as exc:
         if exc.record_id is None and isinstance(obj, dict) and "id" in obj:
             raise DataError(exc.source, exc.record, exc.reason, record_id=str(obj["id"]), kind=exc.kind) from None
@@ -136,7 +161,8 @@ def parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: 
 
 
 def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index: int, system: str | None,
-                  allowed_keys: set[str] | None, implicit_placeholders: bool = False) -> Sample:
+                  allowed_keys: set[str] | None, implicit_placeholders: bool = False,
+                  require_input: bool = False) -> Sample:
     if not isinstance(obj, dict):
         raise DataError(source, index, f"record must be a JSON object, got {type(obj).__name__}", kind="schema")
     conv = obj.get("conversations", obj.get("messages"))
@@ -148,15 +174,18 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
     turns, turn_system = _read_turns(conv, ctx=ctx, source=source, index=index, part_inputs=part_inputs)
     inputs, unknown = _record_inputs(obj, part_inputs, ctx=ctx, base=base, source=source, index=index,
                                      allowed_keys=allowed_keys)
-    # Rewrite placeholder aliases (LAMM's <pcl>) and check counts per modality.
+    if require_input and not inputs:
+        keys = ", ".join(repr(k) for spec in ctx.modalities.values() for k in spec.data_keys)
+        raise DataError(source, index, f"no modality input: every record of this format has one (expected one of "
+                                       f"the keys {keys}); it is not trained as a text-only sample", kind="schema")
+    # Rewrite placeholder aliases (LAMM's <pcl>), then check counts per modality.
+    markers = {name: spec.markers for name, spec in ctx.modalities.items()}
+    turns = [Turn(t.role, canonical_placeholders(t.text, markers.values())) for t in turns]
     for spec in ctx.modalities.values():
         turns = _placeholders(spec, turns, len(inputs.get(spec.name, ())), source=source, index=index,
                               implicit=implicit_placeholders)
-
-    # Order inputs by where their first placeholder appears (cosmetic but deterministic).
-    text = "\n".join(t.text for t in turns)
-    order = sorted(inputs, key=lambda m: text.find(ctx.modalities[m].markers.placeholder))
-    record_system = obj.get("system", turn_system if turn_system is not None else system)
+    order = placeholder_order(inputs, turns, markers)
+    record_system = _system(obj, turn_system, system, source=source, index=index)
     if record_system is not None and not isinstance(record_system, str):
         raise DataError(source, index, "'system' must be a string", kind="schema")
     meta = {k: obj[k] for k in ("task_type", "label", "answers", "src_dataset") if k in obj}
@@ -171,6 +200,19 @@ def _parse_record(obj: Any, *, ctx: ReadContext, base: Path, source: str, index:
         index=index,
         meta=meta,
     )
+
+
+def _system(obj: dict[str, Any], turn_system: str | None, default: str | None, *, source: str,
+            index: int) -> Any:
+    """The record's system message: its ``system`` key or its leading system turn (never both: no
+    published layout mmkit reads combines them, and keeping one would silently drop the other), else
+    the reader's ``default``. A ``system`` key of ``null`` means none."""
+    if turn_system is None:
+        return obj.get("system", default)
+    if obj.get("system") is not None:
+        raise DataError(source, index, "system message given twice: a 'system' key and a leading system turn",
+                        kind="schema")
+    return turn_system
 
 
 def _read_turns(conv: list[Any], *, ctx: ReadContext, source: str, index: int,
@@ -248,10 +290,8 @@ def _record_inputs(obj: dict[str, Any], part_inputs: Mapping[str, list[str]], *,
 
 def _placeholders(spec: ModalitySpec, turns: list[Turn], given: int, *, source: str, index: int,
                   implicit: bool) -> list[Turn]:
-    """``turns`` with the modality's placeholder aliases rewritten (and, ``implicit``, its missing
-    placeholders put first); raises unless there is one placeholder per input, none in an answer."""
-    for alias in spec.markers.aliases:
-        turns = [Turn(t.role, t.text.replace(alias, spec.markers.placeholder)) for t in turns]
+    """``turns`` (aliases already rewritten) with, ``implicit``, the modality's missing placeholders
+    put first; raises unless there is one placeholder per input, none in an answer."""
     count = sum(t.text.count(spec.markers.placeholder) for t in turns)
     if implicit and given and not count:
         # LAMM's layout: no placeholder in the text; the inputs go before the first user turn's text

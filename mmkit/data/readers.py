@@ -139,7 +139,8 @@ def _whole_file_hint(path: Path, lineno: int) -> str:
 
 
 def read_records(path: str | Path, context: ReadContext, *, system_for: Callable[[Any], str | None] | None = None,
-                 allowed_keys: set[str] | None = None, implicit_placeholders: bool = False) -> Iterator[Sample]:
+                 allowed_keys: set[str] | None = None, implicit_placeholders: bool = False,
+                 require_input: bool = False) -> Iterator[Sample]:
     """Stream a JSON list or JSONL file of conversation records as normalised :class:`Sample` s:
     the body of a reader plugin's ``read(path, *, context)`` for any conversation-shaped format.
 
@@ -147,13 +148,14 @@ def read_records(path: str | Path, context: ReadContext, *, system_for: Callable
     bad one raises :class:`~mmkit.errors.DataError` naming the file and record, or goes to
     ``context.on_bad_record``. ``system_for(raw_record)`` picks a system message per record;
     ``allowed_keys`` limits the input keys to these (a format that names its own keys);
-    ``implicit_placeholders`` puts a missing placeholder at the start of the first user turn (LAMM).
+    ``implicit_placeholders`` puts a missing placeholder at the start of the first user turn (LAMM);
+    ``require_input`` refuses a record without any modality input (a format with no text-only records).
     Records from elsewhere (a database, a dataset library): :func:`parse_records`.
     """
     path = Path(path)
     yield from parse_records(iter_raw_records(path, context.on_bad_record), context, source=str(path),
                              base=path.parent, system_for=system_for, allowed_keys=allowed_keys,
-                             implicit_placeholders=implicit_placeholders)
+                             implicit_placeholders=implicit_placeholders, require_input=require_input)
 
 
 def parse_records(records: Iterable[tuple[int, Any]], ctx: ReadContext, *, source: str, base: Path,
@@ -189,13 +191,15 @@ def read_lamm(path: Path, *, context: ReadContext) -> Iterator[Sample]:
     """LAMM 2D (``image``) and 3D (``pcl``) instruction files as LAMM publishes them; ``task_type``
     selects the system message. LAMM's text carries no placeholder: the inputs' placeholders go at
     the start of the first human turn, where LAMM's loader puts the vision tokens (a placeholder
-    already in the text, as LAMM's newer framework writes, is used as it stands)."""
+    already in the text, as LAMM's newer framework writes, is used as it stands). LAMM's model encodes
+    an input for every sample and skips a record lacking one: here such a record is a
+    :class:`DataError` (skipped and counted with ``on_bad_record``), never a text-only sample."""
 
     def system_for(obj: Any) -> str | None:
         # "normal" (and a task LAMM does not name): the chat template's system message, as in LAMM
         return LAMM_SYSTEM_MESSAGES.get(str(obj.get("task_type", "normal"))) if isinstance(obj, dict) else None
 
-    return read_records(path, context, system_for=system_for, implicit_placeholders=True)
+    return read_records(path, context, system_for=system_for, implicit_placeholders=True, require_input=True)
 
 
 def head_records(path: Path, n: int) -> list[Any]:
