@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from mmkit.errors import ConfigError
 from mmkit.export.llm import (
     choose_adapter,
+    encoder_lora_contents,
     standalone_llm,
     write_components,
     write_index,
@@ -58,6 +59,7 @@ def export_peft(model: Any, out: Path, *, adapter: str | None = None) -> None:
                   ("projectors.safetensors", "projector weights, keys `<modality>.<param>`"),
                   ("markers.safetensors", "`embeddings`: one row per marker token, ids in `mmkit_export.json`"),
                   ("encoders.safetensors", "random-init encoder weights (pretrained encoders are named instead)"),
+                  *encoder_lora_contents(index),
                   ("tokenizer/", "the base tokenizer with the marker tokens added"),
                   ("mmkit_export.json", "how the pieces fit: markers and ids, encoders, projectors, template")],
         usage=f"""
@@ -94,6 +96,7 @@ def export_merged(model: Any, out: Path, *, adapter: str | None = None) -> None:
                   ("projectors.safetensors", "projector weights, keys `<modality>.<param>`"),
                   ("markers.safetensors", "the marker embeddings (already inside llm/; kept for reference)"),
                   ("encoders.safetensors", "random-init encoder weights (pretrained encoders are named instead)"),
+                  *encoder_lora_contents(index),
                   ("mmkit_export.json", "markers and ids, encoders, projectors, template")],
         usage="""
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -15,6 +15,9 @@ from safetensors.torch import save_file
 from mmkit.errors import ConfigError
 
 
+ENCODER_LORA = "encoder_lora.safetensors"
+
+
 def choose_adapter(model: Any, adapter: str | None) -> str | None:
     """The LoRA adapter to merge: the one named, or the run's only one."""
     adapters = list(model.adapters)
@@ -142,8 +145,15 @@ def write_components(out: Path, model: Any) -> dict[str, Any]:
     files: dict[str, Any] = {}
     files["projectors.safetensors"] = save_module_weights(out / "projectors.safetensors", dict(net.projectors))
     random_init = {m: net.encoders[m] for m, c in components.items() if c.get("encoder_pretrained") is None}
-    if random_init:
+    if random_init:  # whole encoders: their encoder LoRA weights (if any) are among them
         files["encoders.safetensors"] = save_module_weights(out / "encoders.safetensors", random_init)
+    # A pretrained encoder is named, not written; the LoRA it was trained with (encoder_lora) must be
+    # written beside it, or whoever rebuilds from the export runs the un-adapted encoder.
+    adapted = {f"{m}.{k}": v.detach().to("cpu").contiguous() for m in components if m not in random_init
+               for k, v in net.encoders[m].state_dict().items() if ".lora_" in k}
+    if adapted:
+        save_file(adapted, str(out / ENCODER_LORA), metadata={"format": "pt"})
+        files[ENCODER_LORA] = {k: list(v.shape) for k, v in adapted.items()}
     markers = marker_ids(model)
     if markers:
         rows = net.embeddings.new_tokens.detach().to("cpu").contiguous()
@@ -163,10 +173,32 @@ def write_components(out: Path, model: Any) -> dict[str, Any]:
             m: {**{k: c[k] for k in ("encoder", "encoder_pretrained", "encoder_options", "projector",
                                      "projector_options", "tokens_per_input", "plugin")},
                 "placeholder": host_markers[m].placeholder, "begin": host_markers[m].begin, "end": host_markers[m].end,
-                "encoder_weights": "encoders.safetensors" if m in random_init else c["encoder_pretrained"]}
+                "encoder_weights": "encoders.safetensors" if m in random_init else c["encoder_pretrained"],
+                "encoder_lora": _encoder_lora(net.encoders[m], "encoders.safetensors" if m in random_init
+                                              else ENCODER_LORA)}
             for m, c in components.items()},
         "files": files,
     }
+
+
+def _encoder_lora(encoder: Any, weights: str) -> dict[str, Any] | None:
+    """How to re-create an encoder's LoRA (``None`` without): inject peft's ``LoraConfig`` of these
+    settings under ``adapter_name`` (``peft.inject_adapter_in_model``), then load ``weights``."""
+    configs = getattr(encoder, "peft_config", None) or {}
+    if not configs:
+        return None
+    (name, config), = configs.items()  # mmkit injects one adapter, "encoder"
+    return {"adapter_name": name, "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+            "target_modules": (config.target_modules if isinstance(config.target_modules, str)
+                               else sorted(config.target_modules)), "weights": weights}
+
+
+def encoder_lora_contents(index: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The model card's line for the encoders' LoRA weights, when the run trained any."""
+    if ENCODER_LORA not in index["files"]:
+        return []
+    return [(ENCODER_LORA, "the trained encoder LoRA of pretrained encoders, keys `<modality>.<param>`; inject "
+                          "the LoRA of `modalities.<m>.encoder_lora` in mmkit_export.json, then load them")]
 
 
 def _lora_settings(model: Any) -> dict[str, Any] | None:
