@@ -99,30 +99,44 @@ def exact_match(predictions: Sequence[str], references: Refs) -> dict[str, float
 
 
 def ocr_word_accuracy(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """OCR (SVT): the reference word appears in the answer as a whole word, case-insensitive
-    ("HOTEL" is read in "The sign says hotel.", not in "hotels"). A list of words accepts any."""
+    """OCR (SVT, LAMM's SVT_OCR): the reference is the image's word list (or one word); a sample
+    scores the share of its words the answer contains as whole words, case-insensitive ("HOTEL" is
+    read in "The sign says hotel.", not in "hotels"); the mean over samples."""
     pairs = _pairs(predictions, references)
-    hits = 0
+    scores = []
     for i, (pred, ref) in enumerate(pairs):
         text = pred.lower()
-        hits += any(re.search(rf"(?<![a-z0-9]){re.escape(w.strip().lower())}(?![a-z0-9])", text)
-                    for w in _accepted(ref, i) if w.strip())
-    return {"ocr_word_accuracy": _mean([hits], len(pairs))}
+        wanted = [w.strip().lower() for w in _accepted(ref, i) if w.strip()]
+        found = sum(bool(re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", text)) for w in wanted)
+        scores.append(found / len(wanted))
+    return {"ocr_word_accuracy": _mean(scores, len(scores))}
 
 
 # -- multiple choice -------------------------------------------------------------------------------
-_MC_PATTERNS = (re.compile(r"the answer is \(?([A-Z])\)?", re.I), re.compile(r"ANSWER:\s*\(?([A-Z])\)?"),
-                re.compile(r"\(([A-Z])\)"))
+# LAMM's cascade (ChEF's LAMM_VQA): a letter counts only standing alone, so "The answer is blue."
+# is not option B and "the answer is a cat" not option A. "(X)" in any case; a bare upper-case
+# letter not followed by a letter or digit; a bare lower-case one only as the last word
+# ("the answer is c", as LAMM answers are often written). "ANSWER:" and its letter are upper-case.
+_MC_PATTERNS = (
+    re.compile(r"(?i:the answer is) (?:\(([A-Za-z])\)|([A-Z])(?![A-Za-z0-9])|([a-z])[\s.!]*$)"),
+    re.compile(r"ANSWER:\s*(?:\(([A-Z])\)|([A-Z])(?![A-Za-z0-9]))"),
+    re.compile(r"\(([A-Za-z])\)"),
+)
+
+
+def _letters(pattern: re.Pattern[str], answer: str) -> list[str]:
+    return [next(g for g in match.groups() if g).upper() for match in pattern.finditer(answer)]
 
 
 def multiple_choice_letter(answer: str, choices: Sequence[str] = ()) -> str | None:
     """LAMM's cascade: "The answer is (X)", then "ANSWER: X", then "(X)"; then, given the choice
     texts, the one choice whose text the answer contains (when it contains exactly one); then an
-    answer that is a lone letter."""
+    answer that is a lone letter. The first pattern found decides: every letter it finds must be
+    the same (as LAMM's check_option), so a hedged "(A) or (B)" names no option."""
     for pattern in _MC_PATTERNS:
-        match = pattern.search(answer)
-        if match:
-            return match.group(1).upper()
+        found = _letters(pattern, answer)
+        if found:
+            return found[0] if len(set(found)) == 1 else None
     if choices:
         found = named(answer, [c for c in choices if words(c)])
         hit = [k for k, c in enumerate(choices) if c in found]
@@ -184,8 +198,9 @@ def count(predictions: Sequence[str], references: Refs) -> dict[str, float]:
 
 # -- captioning ------------------------------------------------------------------------------------
 def bleu(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """Corpus BLEU-4 on a 0-100 scale (sacrebleu, its default 13a tokenisation); a reference is a
-    sentence or a list of sentences (Flickr30k has five)."""
+    """Corpus BLEU-4 on a 0-100 scale (sacrebleu); a reference is a sentence or a list of sentences
+    (Flickr30k has five). Predictions and references are lower-cased and their punctuation dropped
+    first, as LAMM's scorer does (pycocoevalcap's PTB tokenizer): "A dog runs." matches "a dog runs"."""
     import sacrebleu
 
     pairs = _pairs(predictions, references)
@@ -199,7 +214,17 @@ def bleu(predictions: Sequence[str], references: Refs) -> dict[str, float]:
         return {"bleu4": 0.0}
     # sacrebleu wants one stream per reference position; a missing one is None.
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(max(map(len, refs)))]
-    return {"bleu4": float(sacrebleu.corpus_bleu([p for p, _ in pairs], streams).score)}
+    hyps = [_caption_tokens(p) for p, _ in pairs]
+    streams = [[None if r is None else _caption_tokens(r) for r in stream] for stream in streams]
+    return {"bleu4": float(sacrebleu.corpus_bleu(hyps, streams, tokenize="none").score)}
+
+
+_CAPTION_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W_]+")
+
+
+def _caption_tokens(text: str) -> str:
+    """Lower-case words and numbers joined by single spaces; punctuation dropped (PTB-style)."""
+    return " ".join(_CAPTION_TOKEN.findall(text.lower()))
 
 
 # -- localisation ----------------------------------------------------------------------------------
@@ -239,14 +264,21 @@ def _group_points(group: Any) -> list[tuple[float, float]]:
     return [(p[0], p[1]) for p in chunks(group, 2)]
 
 
+def _above(value: float, threshold: float, strict: bool) -> bool:
+    """IoU over the threshold: ``>`` (LAMM's 3-D scripts) or ``>=`` (ChEF's 2-D detection); never at 0."""
+    return value > 0 and (value > threshold if strict else value >= threshold)
+
+
 def _match(pred_boxes: Sequence[tuple[tuple[float, ...], str | None]],
            ref_boxes: Sequence[tuple[tuple[float, ...], str | None]],
-           iou: Callable[[Sequence[float], Sequence[float]], float], threshold: float) -> int:
+           iou: Callable[[Sequence[float], Sequence[float]], float], threshold: float, *,
+           strict: bool = False) -> int:
     """True positives of a one-to-one matching: the largest number of (prediction, reference) pairs
-    of the same label with IoU >= threshold in which no box is used twice (maximum bipartite
-    matching, as ChEF's detection metric; greedy pairing by IoU can miss some)."""
+    of the same label with IoU >= threshold (``strict``: IoU > threshold) in which no box is used
+    twice (maximum bipartite matching, as ChEF's detection metric; greedy pairing by IoU can miss
+    some)."""
     edges = [[r for r, (rbox, rlabel) in enumerate(ref_boxes)
-              if plabel is not None and plabel == rlabel and (v := iou(pbox, rbox)) >= threshold and v > 0]
+              if plabel is not None and plabel == rlabel and _above(iou(pbox, rbox), threshold, strict)]
              for pbox, plabel in pred_boxes]
     owner: dict[int, int] = {}  # reference -> prediction
 
@@ -279,7 +311,7 @@ def _objects(ref: Any, key: str, size: int, i: int) -> list[tuple[tuple[float, .
 
 def _detection(predictions: Sequence[str], references: Refs, *, key: str, size: int,
                iou: Callable[[Sequence[float], Sequence[float]], float],
-               thresholds: Sequence[float]) -> dict[str, dict[str, int]]:
+               thresholds: Sequence[float], strict: bool = False) -> dict[str, dict[str, int]]:
     """Micro-averaged counts per threshold: true positives, predicted boxes, reference objects."""
     pairs = _pairs(predictions, references)
     objects = [_objects(r, key, size, i) for i, (_, r) in enumerate(pairs)]
@@ -289,10 +321,10 @@ def _detection(predictions: Sequence[str], references: Refs, *, key: str, size: 
     for (pred, _), objs in zip(pairs, objects, strict=True):
         canon = {n: names[0] for _, names in objs for n in names}
         found = [(box, canon.get(last_named(before, vocabulary) or "", None))
-                 for box, before in boxes(pred, size)]
+                 for box, before in boxes(pred, size, join=size == 6)]
         refs = [(box, names[0]) for box, names in objs]
         for t in thresholds:
-            counts[t]["tp"] += _match(found, refs, iou, t)
+            counts[t]["tp"] += _match(found, refs, iou, t, strict=strict)
             counts[t]["pred"] += len(found)
             counts[t]["ref"] += len(refs)
     return {f"{t:g}": c for t, c in counts.items()}
@@ -313,24 +345,27 @@ def det2d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
 
 
 def det3d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """3-D detection (ScanNet): ``[cx, cy, cz, dx, dy, dz]`` boxes, classes as for ``det2d``,
-    axis-aligned 3-D IoU, one-to-one; micro-averaged recall at IoU >= 0.25 and >= 0.5."""
-    counts = _detection(predictions, references, key="bbox3d", size=6, iou=iou3d, thresholds=(0.25, 0.5))
+    """3-D detection (ScanNet): ``[cx, cy, cz, dx, dy, dz]`` boxes (a centre group then a size group
+    are joined, as LAMM's parse_bbox_3d), classes as for ``det2d``, axis-aligned 3-D IoU, one-to-one;
+    micro-averaged recall at IoU > 0.25 and > 0.5 (strictly above, as LAMM's 3-D scripts)."""
+    counts = _detection(predictions, references, key="bbox3d", size=6, iou=iou3d, thresholds=(0.25, 0.5),
+                        strict=True)
     return {f"recall@{t}": c["tp"] / c["ref"] if c["ref"] else 0.0 for t, c in counts.items()}
 
 
 def grounding3d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """3-D visual grounding (ScanRefer): the answer's first ``[cx, cy, cz, dx, dy, dz]`` box against
-    the referred object's (``bbox3d``, or ``bbox`` as LAMM's files name it); accuracy at IoU >= 0.25
-    and >= 0.5."""
+    """3-D visual grounding (ScanRefer): the answer's first ``[cx, cy, cz, dx, dy, dz]`` box (a centre
+    group then a size group are joined, as LAMM's parse_bbox_3d) against the referred object's
+    (``bbox3d``, or ``bbox`` as LAMM's files name it); accuracy at IoU > 0.25 and > 0.5 (strictly
+    above, as LAMM's 3-D scripts)."""
     pairs = _pairs(predictions, references)
     ious = []
     for i, (pred, ref) in enumerate(pairs):
         truth = _numbers(_box_field(ref, "bbox3d", i), 6, i, "bbox3d")
-        found = boxes(pred, 6)
+        found = boxes(pred, 6, join=True)
         ious.append(iou3d(found[0][0], truth) if found else 0.0)
-    return {"acc@0.25": _mean([v >= 0.25 for v in ious], len(ious)),
-            "acc@0.5": _mean([v >= 0.5 for v in ious], len(ious))}
+    return {"acc@0.25": _mean([v > 0.25 for v in ious], len(ious)),
+            "acc@0.5": _mean([v > 0.5 for v in ious], len(ious))}
 
 
 def pck(predictions: Sequence[str], references: Refs) -> dict[str, float]:

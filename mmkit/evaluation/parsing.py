@@ -16,12 +16,14 @@ import attrs
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 _GROUP = re.compile(r"[\[(]([^\[\]()]*)[\])]")
-#: Words a count may be written as (LAMM's counting parser reads number words too).
+#: Words a count may be written as (LAMM's counting parser reads number words too); compounds
+#: ("twenty-three", "one hundred and five", "two thousand") are read whole by :func:`first_number`.
 NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
-                     "ninety": 90, "hundred": 100})
+    "sixteen seventeen eighteen nineteen".split())}
+NUMBER_WORDS.update({"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+                     "eighty": 80, "ninety": 90, "hundred": 100})
+_SCALES = {"thousand": 1_000, "million": 1_000_000}
 
 
 def words(text: str) -> list[str]:
@@ -30,12 +32,23 @@ def words(text: str) -> list[str]:
 
 
 def _forms(word: str) -> tuple[str, ...]:
-    # The plural is accepted as the same label (LAMM credits lemmas): cube/cubes, box/boxes.
-    return (word, word + "s", word + "es")
+    """A label word and its plural/singular (LAMM credits lemmas): cube/cubes, box/boxes, and the
+    singular of a plural label: "buildings" is named by "building", "categories" by "category"."""
+    forms = [word, word + "s", word + "es"]
+    if word.endswith("ies") and len(word) > 4:
+        forms.append(word[:-3] + "y")
+    elif word.endswith("es") and len(word) > 3:
+        forms += [word[:-2], word[:-1]]
+    elif word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        forms.append(word[:-1])
+    if word.endswith("y") and len(word) > 2:
+        forms.append(word[:-1] + "ies")
+    return tuple(forms)
 
 
 def phrase_spans(text_words: Sequence[str], phrase: str) -> list[tuple[int, int]]:
-    """Word spans ``[i, j)`` where ``phrase`` occurs as whole words (its last word may be plural)."""
+    """Word spans ``[i, j)`` where ``phrase`` occurs as whole words (its last word may be plural,
+    or singular for a plural label)."""
     target = words(phrase)
     n = len(target)
     if not n:
@@ -76,15 +89,58 @@ def last_named(text: str, vocabulary: Iterable[str]) -> str | None:
     return best[2] if best else None
 
 
+_COUNT_TOKEN = re.compile(
+    # thousands separators ("1,200", "2,345,000") before plain digits; a comma then a space ("12, 13")
+    # separates numbers. A minus counts only as a sign ("-2"), not as a range's dash ("3-4").
+    r"(?<![\w.,])-?\d{1,3}(?:,\d{3})+(?![\d.,]\d)|(?<![\w.])-\d+(?:\.\d+)?|\d+(?:\.\d+)?|[a-zA-Z]+")
+_JOINER = re.compile(r"\s+|\s*-\s*")
+
+
+def _number_words(text: str, tokens: list[re.Match[str]], k: int) -> tuple[float, int] | None:
+    """The value of the number written in words from ``tokens[k]`` on ("twenty-three", "one hundred
+    and five", "two thousand"), and how many tokens it takes; ``None`` if ``tokens[k]`` is not one.
+    A word that cannot continue the number ends it: "one two" is 1, then 2."""
+    total, current, used, last = 0, None, 0, None  # last: "unit" (0-19), "tens", "hundred", "scale"
+    for j in range(k, len(tokens)):
+        word = tokens[j].group(0).lower()
+        if j > k and not _JOINER.fullmatch(text[tokens[j - 1].end():tokens[j].start()]):
+            break
+        if word == "and" and last in ("hundred", "scale"):
+            continue  # "one hundred and five": counted only if a number word follows
+        if word in _SCALES:
+            if last in (None, "scale"):
+                break
+            total, current, last = total + (current or 0) * _SCALES[word], 0, "scale"
+        elif word == "hundred":
+            if last not in (None, "unit") or (current or 0) >= 100:
+                break
+            current, last = (current or 1) * 100, "hundred"
+        elif word in NUMBER_WORDS:
+            value = NUMBER_WORDS[word]
+            ok = (last in (None, "hundred", "scale") and not (value == 0 and last is not None)
+                  or last == "tens" and 0 < value < 10)
+            if not ok:
+                break
+            current, last = (current or 0) + value, "tens" if value >= 20 else "unit"
+        else:
+            break
+        used = j - k + 1
+    if not used:
+        return None
+    return float(total + (current or 0)), used
+
+
 def first_number(text: str) -> float | None:
-    """The first number written in digits or words ("3", "3.5", "three"); ``None`` if none."""
-    # a minus counts only as a sign ("-2"), not as a range's dash ("3-4")
-    for match in re.finditer(r"(?<![\w.])-\d+(?:\.\d+)?|\d+(?:\.\d+)?|[a-zA-Z]+", text):
+    """The first number written in digits or words ("3", "3.5", "1,200", "three", "twenty-three",
+    "one hundred"); ``None`` if none."""
+    tokens = list(_COUNT_TOKEN.finditer(text))
+    for k, match in enumerate(tokens):
         token = match.group(0)
         if token[0].isdigit() or token[0] == "-":
-            return float(token)
-        if token.lower() in NUMBER_WORDS:
-            return float(NUMBER_WORDS[token.lower()])
+            return float(token.replace(",", ""))
+        found = _number_words(text, tokens, k)
+        if found is not None:
+            return found[0]
     return None
 
 
@@ -141,10 +197,18 @@ def first_point(text: str) -> tuple[float, float] | None:
     return None
 
 
-def boxes(text: str, size: int) -> list[tuple[tuple[float, ...], str]]:
+def boxes(text: str, size: int, *, join: bool = False) -> list[tuple[tuple[float, ...], str]]:
     """Every ``size``-number box (4: 2-D corners, 6: 3-D centre + size) with the text before its
-    group, where its class is named."""
-    return [(box, group.before) for group in number_groups(text) for box in chunks(group, size)]
+    group, where its class is named. ``join`` (LAMM's ``parse_bbox_3d``, which chunks the numbers of
+    all groups together): when no single group holds a box, consecutive groups' numbers are joined
+    before chunking, so "at [1, 2, 0.5] with size [0.5, 0.5, 1]" is one box; each box keeps the text
+    before the group its first number is in."""
+    groups = number_groups(text)
+    if join and groups and all(len(g.numbers) < size for g in groups):
+        numbers = [(v, g.before if n == 0 else "") for g in groups for n, v in enumerate(g.numbers)]
+        whole = len(numbers) - len(numbers) % size
+        return [(tuple(v for v, _ in numbers[i:i + size]), numbers[i][1]) for i in range(0, whole, size)]
+    return [(box, group.before) for group in groups for box in chunks(group, size)]
 
 
 def normalise_box(box: Sequence[float]) -> tuple[float, float, float, float]:
