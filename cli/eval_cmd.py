@@ -80,11 +80,19 @@ def evaluate(
 
 def _run_held_out(output_dir: Path, data: list[Path], *, metric: str, out: Path | None, batch_size: int,
                   max_new_tokens: int, console: Any, show_table: bool) -> dict[str, Any]:
-    from mmkit import evaluate, print_eval
+    from mmkit import ConfigError, evaluate, print_eval
 
+    # Results and answer files are keyed by file name: two files of the same name would overwrite
+    # each other's, so the clash is refused rather than one file silently not evaluated.
+    by_stem: dict[str, Path] = {}
+    for path in data:
+        if path.stem in by_stem:
+            raise ConfigError(f"--data {by_stem[path.stem]} and --data {path} have the same name {path.stem!r} "
+                              "(results are keyed by file name): rename or copy one of them")
+        by_stem[path.stem] = path
     # Never over the run's own eval.json (the end-of-training record): a folder of its own.
     target = out or output_dir / "eval" / "+".join(p.stem for p in data)
-    results = evaluate(output_dir, {p.stem: p for p in data}, metric=metric, batch_size=batch_size,
+    results = evaluate(output_dir, by_stem, metric=metric, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, out_dir=target)
     if show_table:
         print_eval(results, console)
