@@ -119,6 +119,25 @@ def test_lamm_with_the_real_pointcloud_plugin(tmp_path, mm_host):
     assert sample.turns[0].text == mm_host.modality("pointcloud").markers.placeholder + " What is it?"
 
 
+def test_lamm_record_without_its_input_is_not_trained_as_text_only(tmp_path):
+    """LAMM's loaders encode the record's image / point cloud for every sample and skip a record
+    lacking the modality key. Read as a text-only sample (with the 3-D task's system message), it
+    would teach the model to answer about an input it never saw: it is a bad record instead."""
+    records = [{"id": "with", "pcl": "chair.npy", "task_type": "classification3d",
+                "conversations": conv("What is the category of this object?", "chair")},
+               {"id": "without", "task_type": "classification3d", "src_dataset": "ShapeNet",
+                "conversations": conv("What is the category of this object?", "chair")}]
+    path = write_json(tmp_path / "LAMM_3dinstruct.json", records)
+    problems: list[DataError] = []
+    samples = list(read_lamm(path, context=ctx(on_bad_record=problems.append)))
+    assert [s.id for s in samples] == ["with"], [(s.id, s.inputs, s.system) for s in samples]
+    (problem,) = problems  # reported (skipped and counted), never dropped silently
+    assert (problem.record, problem.record_id, problem.kind) == (1, "without", "schema")
+    assert "'pcl'" in problem.reason and "'image'" in problem.reason  # the keys it expected
+    with pytest.raises(RecordSchemaError, match=r"LAMM_3dinstruct.json record 1 \(id without\): no modality input"):
+        list(read_lamm(path, context=ctx()))
+
+
 def test_reader_detection(tmp_path, host):
     lamm = write_json(tmp_path / "lamm.json", [{"pcl": "o.npy", "task_type": "classification3d",
                                                  "conversations": conv("<pcl> What?", "chair")}])
@@ -307,3 +326,24 @@ def test_skipping_bad_records(tmp_path):
     assert [(e.record, type(e), e.kind) for e in skipped] == [(1, RecordSchemaError, "schema"),
                                                               (3, DataError, "placeholder")]
     assert "no <image> placeholder" in skipped[1].reason
+
+
+def test_a_system_message_given_twice_is_refused_not_dropped(tmp_path):
+    """A ``system`` key and a leading system turn: keeping one silently dropped the other (the turn).
+    No published layout combines them, so the record is refused, naming it; either one alone, or a
+    ``null`` key beside a turn, is read."""
+    turns = [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue"}]
+    turn = {"role": "system", "content": "Answer with one word."}
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"id": "twice", "system": "Answer in English.", "messages": [turn, *turns]},
+        {"id": "key", "system": "Answer in English.", "messages": turns},
+        {"id": "turn", "messages": [turn, *turns]},
+        {"id": "null-key", "system": None, "messages": [turn, *turns]},
+    ])
+    with pytest.raises(RecordSchemaError, match=r"chat.jsonl record 0 \(id twice\): system message given twice"):
+        list(read_generic(path, context=ctx()))
+    skipped: list[DataError] = []
+    samples = list(read_generic(path, context=ctx(on_bad_record=skipped.append)))
+    assert [e.record_id for e in skipped] == ["twice"]
+    assert [(s.id, s.system) for s in samples] == [("key", "Answer in English."), ("turn", "Answer with one word."),
+                                                   ("null-key", "Answer with one word.")]

@@ -3,6 +3,7 @@ options behave, markers are never produced, answers stream, and inputs come from
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmkit.records import Sample, Turn
+from mmkit.records import ReadContext, Sample, Turn
 from mmkit.errors import ConfigError, InputError
 from mmkit.generation import GenerationOptions
 
@@ -148,6 +149,53 @@ def test_inputs_from_paths_bytes_and_memory_give_the_same_answer(mm, input_files
                                max_new_tokens=6)
     assert mm.generate("compare the two", {"pointcloud": pcl_path.read_bytes()}, max_new_tokens=6) == mm.generate(
         "compare the two", {"pointcloud": pcl_path}, max_new_tokens=6)
+
+
+def test_generate_routes_by_the_first_placeholder_not_the_inputs_order(mm, input_files):
+    """Training routes a sample to its first placeholder's adapter (readers order inputs by
+    placeholder). ``generate`` with a question that already places its inputs must route the same
+    way whatever order the caller's ``inputs`` dict (or ``mmkit chat``'s flags) lists them in."""
+    img, pcl = str(input_files["image"][0]), str(input_files["pointcloud"][0])
+    text = "<image> and <pointcloud> compare the two"
+    # what training and evaluation do with this conversation (inputs in placeholder order)
+    reference = mm.generate_batch([Sample("x", (Turn("user", text),), {"image": (img,), "pointcloud": (pcl,)})],
+                                  max_new_tokens=6)[0]
+    assert mm.generate(text, {"image": img, "pointcloud": pcl}, max_new_tokens=6) == reference
+    # the same prompt (same tokens, same inputs), the inputs merely listed the other way round
+    assert mm.generate(text, {"pointcloud": pcl, "image": img}, max_new_tokens=6) == reference
+    assert mm.generate([Turn("user", text)], {"pointcloud": pcl, "image": img}, max_new_tokens=6) == reference
+
+
+def test_inference_rewrites_a_placeholder_alias_as_training_does(assemble_model, mm_host, input_files, tmp_path):
+    """The readers rewrite LAMM's ``<pcl>`` to the point-cloud placeholder; so must ``generate``, or
+    the question "<pcl>\\nWhich shape is it ?" is prompted as "<pointcloud>\\n<pcl>\\n..." (a
+    placeholder prepended for the input it thought unmarked, the alias left as text)."""
+    from mmkit.data.readers import read_lamm
+    from mmkit.inference import LoadedModel
+
+    spec = mm_host.modality("pointcloud")
+    assert "<pcl>" in spec.markers.aliases
+    question = "<pcl>\nWhich shape is it ?"
+    pcl = str(input_files["pointcloud"][0])
+    path = tmp_path / "lamm.json"
+    path.write_text(json.dumps([{"pcl": pcl, "task_type": "normal", "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": "a cube"}]}]))
+    (sample,) = read_lamm(path, context=ReadContext(modalities=mm_host.modalities(), allow_outside_root=True))
+
+    mm = LoadedModel(assemble_model(("pointcloud",), lora=False), mm_host)
+    trained = mm.prompts.encode_prompt(sample.turns[:1], sample.system).input_ids
+    seen: list[list[int]] = []
+
+    def answer(items, options, streamer=None):  # the prompt, not the tiny model's answer
+        seen.append(list(items[0]["input_ids"]))
+        return [""]
+
+    mm._answer = answer
+    mm.generate(question, {"pointcloud": pcl})
+    mm.generate([Turn("user", question)], {"pointcloud": pcl})  # a conversation: its turns alike
+    assert len(seen) == 2
+    for got in seen:
+        assert got == trained, (mm.tokenizer.decode(got), mm.tokenizer.decode(trained))
 
 
 def test_bad_inputs_and_options_are_named(mm, tmp_path):

@@ -6,26 +6,19 @@ Each test pins one silently wrong result found in review:
   own test template): the EOS the builder appends to teach stopping is preceded by the template's
   trailing separator (``\\n``), which no real tokenizer drops and which carries no label, so the model
   is taught ``P(EOS | answer, "\\n")`` but never to produce that ``"\\n"`` after the answer: it never
-  learns where to stop;
-- a LAMM record without its modality input becomes a text-only training sample (with a vision
-  task's system message), where LAMM skips such records;
-- a record with both a ``system`` key and a leading system turn loses the turn's text silently;
-- inference does not rewrite a placeholder alias (LAMM's ``<pcl>``) as the readers do for training,
-  so the same conversation gets a different prompt at inference.
+  learns where to stop.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from mmkit.errors import DataError
 from mmkit.prompt import IGNORE_INDEX, PromptBuilder
-from mmkit.records import ReadContext, Sample, Turn
-from mmkit.specs import MarkerSpec, ModalitySpec
+from mmkit.records import Sample, Turn
+from mmkit.specs import MarkerSpec
 
 CACHE = Path(os.environ.get("MMKIT_TOKENIZER_CACHE", Path.home() / ".cache" / "mmkit" / "tokenizers"))
 MARKERS = {"image": MarkerSpec("<image>", begin="<Img>", end="</Img>")}
@@ -82,87 +75,6 @@ def test_eos_taught_after_an_unclosed_answer_follows_the_answer(family, template
     # and the inference prompt is still the prefix of the training sequence
     prompt = pb.encode_prompt(sample.turns[:1]).input_ids
     assert enc.input_ids[:len(prompt)] == prompt
-
-
-# -- readers ------------------------------------------------------------------------------------------
-IMAGE = ModalitySpec(name="image", data_keys=("image",), markers=MarkerSpec("<image>", "<Img>", "</Img>"),
-                     load="builtins:open", encoder="clip")
-POINTCLOUD = ModalitySpec(name="pointcloud", data_keys=("pointcloud", "pcl"),
-                          markers=MarkerSpec("<pointcloud>", "<Pcl>", "</Pcl>", aliases=("<pcl>",)),
-                          load="builtins:open", encoder="pointnet2")
-
-
-def conv(*texts: str) -> list[dict]:
-    return [{"from": ("human", "gpt")[i % 2], "value": t} for i, t in enumerate(texts)]
-
-
-def test_lamm_record_without_its_input_is_not_trained_as_text_only(tmp_path):
-    """LAMM's loaders encode the record's image / point cloud for every sample; a record lacking the
-    modality key is skipped there. mmkit turned it into a text-only sample (with the 3-D task's
-    system message), teaching the model to answer about an input it never saw."""
-    from mmkit.data.readers import read_lamm
-
-    records = [{"id": "with", "pcl": "chair.npy", "task_type": "classification3d",
-                "conversations": conv("What is the category of this object?", "chair")},
-               {"id": "without", "task_type": "classification3d", "src_dataset": "ShapeNet",
-                "conversations": conv("What is the category of this object?", "chair")}]
-    path = tmp_path / "LAMM_3dinstruct.json"
-    path.write_text(json.dumps(records))
-    problems: list[DataError] = []
-    context = ReadContext(modalities={"image": IMAGE, "pointcloud": POINTCLOUD}, on_bad_record=problems.append)
-    samples = list(read_lamm(path, context=context))
-    assert [s.id for s in samples] == ["with"], [(s.id, s.inputs, s.system) for s in samples]
-    assert [p.record_id for p in problems] == ["without"]  # reported, never dropped silently
-    with pytest.raises(DataError, match="without"):
-        list(read_lamm(path, context=ReadContext(modalities={"image": IMAGE, "pointcloud": POINTCLOUD})))
-
-
-def test_a_system_message_given_twice_is_not_dropped(tmp_path):
-    """``system`` key and a leading system turn: one of the two was silently discarded (the turn)."""
-    from mmkit.data.readers import read_generic
-
-    record = {"id": "twice", "system": "Answer in English.",
-              "messages": [{"role": "system", "content": "Answer with one word."},
-                           {"role": "user", "content": "What colour is the sky?"},
-                           {"role": "assistant", "content": "Blue"}]}
-    path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    try:
-        samples = list(read_generic(path, context=ReadContext(modalities={"image": IMAGE})))
-    except DataError as exc:  # refusing the ambiguous record is a fix
-        assert "system" in exc.reason
-        return
-    (sample,) = samples
-    assert "Answer with one word." in (sample.system or ""), f"the system turn was dropped: {sample.system!r}"
-
-
-# -- inference renders the same prompt as training for the same conversation ---------------------------
-def test_inference_rewrites_a_placeholder_alias_as_training_does(assemble_model, mm_host, input_files, tmp_path):
-    """The readers rewrite LAMM's ``<pcl>`` to the point-cloud placeholder; ``generate`` did not, so
-    the question "<pcl>\\nWhich shape is it ?" was prompted as "<pointcloud>\\n<pcl>\\n..." (a
-    placeholder prepended for the input it thought unmarked, the alias left as text)."""
-    from mmkit.data.readers import read_lamm
-    from mmkit.inference import LoadedModel
-
-    spec = mm_host.modality("pointcloud")
-    assert "<pcl>" in spec.markers.aliases
-    question = "<pcl>\nWhich shape is it ?"
-    pcl = str(input_files["pointcloud"][0])
-    path = tmp_path / "lamm.json"
-    path.write_text(json.dumps([{"pcl": pcl, "task_type": "normal", "conversations": conv(question, "a cube")}]))
-    (sample,) = read_lamm(path, context=ReadContext(modalities=mm_host.modalities(), allow_outside_root=True))
-
-    mm = LoadedModel(assemble_model(("pointcloud",), lora=False), mm_host)
-    trained = mm.prompts.encode_prompt(sample.turns[:1], sample.system).input_ids
-    seen: list[list[int]] = []
-
-    def answer(items, options, streamer=None):  # the prompt, not the tiny model's answer
-        seen.append(list(items[0]["input_ids"]))
-        return [""]
-
-    mm._answer = answer
-    mm.generate(question, {"pointcloud": pcl})
-    assert seen and seen[0] == trained, (mm.tokenizer.decode(seen[0]), mm.tokenizer.decode(trained))
 
 
 # -- a template that reads the date renders the same prompt on any day --------------------------------
