@@ -14,10 +14,17 @@ Labels come from token positions in that one tokenisation. The character spans t
   which must give the same text), extended through the first special token after it: the
   template's end-of-turn token.
 
+Either span starts where the turn's inference prompt (the messages before it with the generation
+prompt) ends, when that prompt is a prefix of the rendering: what lies between the prompt and the
+answer text (the space of ``ASSISTANT: 3``, a lone ``▁`` in Llama-2's vocabulary) is what generation
+produces first, so it is learned, and nothing of the prompt is.
+
 A token is learned when it overlaps such a span, so an answer's first token is learned even when it
-carries the space before it (``▁Yes``); separators outside the spans never are. BOS appears exactly
-once when the tokenizer uses one. Tokens after the last learned token are dropped in training (a
-causal LM's loss cannot depend on them).
+carries the space before it (``▁Yes``); separators outside the spans never are. A template with no
+end-of-turn token gets EOS right after the last answer's last token (its trailing separator is cut:
+unlearned, it would stand between the answer and the stop). BOS appears exactly once when the
+tokenizer uses one. Tokens after the last learned token are dropped in training (a causal LM's loss
+cannot depend on them).
 """
 
 from __future__ import annotations
@@ -158,7 +165,8 @@ class PromptBuilder:
             if len(spans) != n_assistant:
                 raise ConfigError(f"the {self.describe_template()} marks {len(spans)} generation block(s) for "
                                   f"{n_assistant} assistant turn(s)")
-            return text, spans, True
+            at = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
+            return text, [self._from_prompt(messages, i, text, span) for i, span in zip(at, spans, strict=True)], True
         text = self.render(messages, False)
         marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
         skeleton = self.render(marked, False)
@@ -176,13 +184,32 @@ class PromptBuilder:
             start = sum(len(part) for part in rebuilt)
             rebuilt.append(message["content"])
             if message["role"] == ASSISTANT:
-                spans.append((start, start + len(message["content"])))
+                spans.append((i, (start, start + len(message["content"]))))
             cursor = at + len(mark)
         rebuilt.append(skeleton[cursor:])
         if "".join(rebuilt) != text:
             raise ConfigError(f"the {self.describe_template()} changes message text as it renders it, so the answers "
                               "cannot be located; choose a library template with --template NAME")
-        return text, spans, False
+        return text, [self._from_prompt(messages, i, text, span) for i, span in spans], False
+
+    def _from_prompt(self, messages: list[dict[str, str]], i: int, text: str,
+                     span: tuple[int, int]) -> tuple[int, int]:
+        """Assistant message ``i``'s supervised span, starting where its inference prompt ends.
+
+        Generation starts right after the prompt (``messages[:i]`` with the generation prompt), so
+        whatever the full rendering holds between that point and the answer text (the space of
+        ``ASSISTANT: 3``, which Llama-2's vocabulary tokenises as a lone ``▁``) is generated and must
+        be learned, and nothing before it may be. Where the prompt is not a prefix of the rendering
+        (Qwen3 renders earlier turns without the thinking block its prompt opens) the located span
+        is kept."""
+        try:
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+        except ConfigError:  # a template that cannot render this prefix: the located span
+            return span
+        start, end = span
+        if text.startswith(prompt) and len(prompt) < end:
+            return len(prompt), end
+        return span
 
     # -- tokenisation ------------------------------------------------------------------------
     @cached_property
@@ -237,7 +264,12 @@ class PromptBuilder:
                 ids: list[int], offsets: list[tuple[int, int]], input_tokens: InputTokens | None) -> EncodedSample:
         labels, all_closed = self._labels(ids, [tuple(o) for o in offsets], spans, closed, len(text))
         if not closed and not all_closed and self.tokenizer.eos_token_id is not None:
-            # A template without an end-of-turn token: teach the model to stop with EOS.
+            # A template without an end-of-turn token: teach the model to stop with EOS right after
+            # the answer's last token. The template's separator after it ("\n") is never learned, so
+            # an EOS after that separator follows a step generation is never taught to take: the
+            # model would never stop. Generation produces the answer's tokens, then EOS, and stops.
+            end = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=len(labels) - 1) + 1
+            ids, labels = ids[:end], labels[:end]
             ids.append(self.tokenizer.eos_token_id)
             labels.append(self.tokenizer.eos_token_id)
         ids, labels = self._bos_once(ids, labels)
