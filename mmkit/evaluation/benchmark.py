@@ -46,6 +46,21 @@ def data_file(recipe: Recipe, *, data_root: Path | None, run_dir: Path | None, w
     return path
 
 
+def with_synonyms(reference: Any, synonyms: Mapping[str, Sequence[str]]) -> Any:
+    """The reference with each label the table names replaced by ``[label, *synonyms]`` (a label
+    string, or the ``label`` of an object or of each object of a list); anything else unchanged."""
+    if not synonyms:
+        return reference
+    if isinstance(reference, str):
+        found = synonyms.get(reference, synonyms.get(reference.strip().lower()))
+        return [reference, *found] if found else reference
+    if isinstance(reference, Mapping) and isinstance(reference.get("label"), str):
+        return {**reference, "label": with_synonyms(reference["label"], synonyms)}
+    if isinstance(reference, list) and all(isinstance(obj, Mapping) for obj in reference):
+        return [with_synonyms(obj, synonyms) for obj in reference]
+    return reference
+
+
 def _lamm_records(path: Path) -> list[Any]:
     from mmkit.data.readers import iter_raw_records
 
@@ -82,6 +97,7 @@ def _lamm_items(recipe: Recipe, path: Path, ctx: ReadContext, input_root: Path) 
         question = recipe.instruction.format_map({k: rec[k] for k in needed})
         reference = (rec[recipe.reference] if isinstance(recipe.reference, str)
                      else {f: rec[f] for f in recipe.reference})
+        reference = with_synonyms(reference, dict(recipe.synonyms))
         options: tuple[str, ...] = ()
         lettered = False
         if recipe.mode == "choice":
@@ -107,7 +123,8 @@ def _conversation_items(recipe: Recipe, path: Path, host: PluginHost, ctx: ReadC
     for sample in iter_samples(host, path, ctx):
         if recipe.system is not None:
             sample = attrs.evolve(sample, system=recipe.system)
-        items.append(Item(sample, reference(sample), tuple(recipe.choices or ()) if recipe.mode == "choice" else ()))
+        items.append(Item(sample, with_synonyms(reference(sample), dict(recipe.synonyms)),
+                          tuple(recipe.choices or ()) if recipe.mode == "choice" else ()))
     return items
 
 
@@ -151,8 +168,9 @@ def predict(model: Any, recipe: Recipe, items: Sequence[Item], *, batch_size: in
                 rows += len(items[end].options)
                 end += 1
             chunk = items[start:end]
-            for item, scores in zip(chunk, batch_log_likelihoods(model, [(i.sample, i.options) for i in chunk]),
-                                    strict=True):
+            scored = batch_log_likelihoods(model, [(i.sample, i.options) for i in chunk],
+                                           mean=recipe.choice_score == "mean")
+            for item, scores in zip(chunk, scored, strict=True):
                 k = best(scores)
                 predictions.append(f"({chr(ord('A') + k)}) {item.options[k]}" if item.lettered else item.options[k])
             advance(len(chunk))

@@ -12,8 +12,10 @@ A recipe (every key but ``name``, ``data`` and ``metrics`` optional)::
     instruction: "{query}"               # lamm: the user turn; {field} is the record's field
     system: null                         # system message (LAMM's per-task one, say)
     reference: label                     # lamm: the field(s) scored against (a list makes an object)
+    synonyms: PACKAGE:path/synonyms.yaml # labels' synonyms ({label: [synonym, ...]}, or a file of them)
     mode: generate                       # generate, or choice (the option with the highest likelihood)
     choices: gt_choices                  # choice: a record field (options lettered (A), (B), ...) or a list
+    choice_score: sum                    # choice: rank by summed option log-prob, or mean (ChEF's PPL)
     max_new_tokens: 16
     metrics: [accuracy]
 
@@ -23,6 +25,12 @@ of a modality's data keys (LAMM's own 2-D and 3-D keys among them) and the task'
 placeholder in front, as LAMM's loader puts the input before the question. ``format: conversations``
 reads training-style records: the prompt is the conversation up to its last user turn and the
 reference is the last assistant turn (the held-out files ``mmkit train`` evaluates are such files).
+
+``synonyms`` (``{label: [synonym, ...]}``, inline or a YAML file: ``package:path`` inside an installed
+package, or a path relative to the recipe) is merged into the references: a label the table names
+becomes ``[label, synonym, ...]`` (in a reference string, and in every ``label`` of a reference object
+or list of objects), which the label metrics accept. LAMM-Bench's meta files give one label string
+("automobile"), where LAMM's scorer credits WordNet synonyms ("car").
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from mmkit.specs import LazyRef
 FORMATS = ("lamm", "conversations")
 MODES = ("generate", "choice")
 _KEYS = {"name", "description", "modality", "data", "format", "input_root", "instruction", "system", "reference",
-         "mode", "choices", "max_new_tokens", "metrics"}
+         "mode", "choices", "max_new_tokens", "metrics", "synonyms", "choice_score"}
+CHOICE_SCORES = ("sum", "mean")
 
 
 @attrs.frozen
@@ -67,7 +76,9 @@ class Recipe:
     reference: str | tuple[str, ...] = "label"
     mode: str = "generate"
     choices: str | tuple[str, ...] | None = None
+    choice_score: str = "sum"
     max_new_tokens: int = 16
+    synonyms: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (label, its synonyms), merged into references
     source: str = ""  # the file it came from
 
     def fields(self) -> set[str]:
@@ -99,6 +110,9 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
         raise _fail(source, f"mode {mode!r}: expected one of {', '.join(MODES)}")
     choices = _choices(raw.get("choices"), source, mode=mode, fmt=fmt)
     reference = _reference(raw.get("reference", "label"), source)
+    choice_score = raw.get("choice_score", "sum")
+    if choice_score not in CHOICE_SCORES:
+        raise _fail(source, f"choice_score {choice_score!r}: expected one of {', '.join(CHOICE_SCORES)}")
     max_new_tokens = raw.get("max_new_tokens", 16)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise _fail(source, f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -108,8 +122,8 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
     recipe = Recipe(name=name, data=data, metrics=metrics, description=raw.get("description") or "",
                     modality=raw.get("modality"), format=fmt, input_root=raw.get("input_root"),
                     instruction=raw.get("instruction") or "{query}", system=raw.get("system"),
-                    reference=reference, mode=mode, choices=choices, max_new_tokens=max_new_tokens,
-                    source=source)
+                    reference=reference, mode=mode, choices=choices, choice_score=choice_score,
+                    max_new_tokens=max_new_tokens, synonyms=_synonyms(raw.get("synonyms"), source), source=source)
     try:
         recipe.fields()
     except ValueError as exc:
@@ -169,6 +183,29 @@ def _reference(reference: Any, source: str) -> str | tuple[str, ...]:
     if not isinstance(reference, str):
         raise _fail(source, "reference: a field name or a list of field names")
     return reference
+
+
+def _synonyms(table: Any, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``{label: [synonym, ...]}`` inline, or a YAML file of it (``package:path`` or a path relative
+    to the recipe's folder)."""
+    if table is None:
+        return ()
+    if isinstance(table, str):
+        import yaml
+
+        if ":" in table and not Path(table).is_absolute():
+            path = packaged_file(table)
+        else:
+            path = Path(source).parent / table
+        try:
+            table = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise _fail(source, f"synonyms {path}: {exc}") from None
+    if not isinstance(table, Mapping) or not all(
+            isinstance(label, str) and isinstance(syns, list) and all(isinstance(w, str) and w.strip() for w in syns)
+            for label, syns in table.items()):
+        raise _fail(source, "synonyms: a mapping {label: [synonym, ...]} of strings, or a YAML file of one")
+    return tuple((label, tuple(syns)) for label, syns in table.items())
 
 
 def load_recipe(path: str | Path) -> Recipe:
