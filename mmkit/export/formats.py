@@ -18,6 +18,7 @@ from mmkit.export.llm import (
     write_index,
     write_model_card,
 )
+from mmkit.export.template import run_tokenizer
 
 
 def export_peft(model: Any, out: Path, *, adapter: str | None = None) -> None:
@@ -47,7 +48,8 @@ def export_peft(model: Any, out: Path, *, adapter: str | None = None) -> None:
     index["format"] = "peft"
     index["exported_adapters"] = {n: f"adapters/{n}" for n in names}
     write_index(out, index)
-    model.tokenizer.save_pretrained(out / "tokenizer")
+    tokenizer, template_notes = run_tokenizer(model)
+    tokenizer.save_pretrained(out / "tokenizer")
     routing = ("one shared adapter for every prompt" if len(lora.adapters) == 1 else
                "per-modality adapters: a prompt uses its first modality's adapter, text-only prompts `text`")
     write_model_card(
@@ -60,7 +62,7 @@ def export_peft(model: Any, out: Path, *, adapter: str | None = None) -> None:
                   ("markers.safetensors", "`embeddings`: one row per marker token, ids in `mmkit_export.json`"),
                   ("encoders.safetensors", "random-init encoder weights (pretrained encoders are named instead)"),
                   *encoder_lora_contents(index),
-                  ("tokenizer/", "the base tokenizer with the marker tokens added"),
+                  ("tokenizer/", "the base tokenizer with the marker tokens added and the run's chat template"),
                   ("mmkit_export.json", "how the pieces fit: markers and ids, encoders, projectors, template")],
         usage=f"""
 from transformers import AutoModelForCausalLM
@@ -71,7 +73,7 @@ llm = PeftModel.from_pretrained(base, "adapters/{names[0]}")
 # vLLM: LLM(model={base!r}, enable_lora=True) with LoRARequest("{names[0]}", 1, "adapters/{names[0]}")
 """,
         notes=["The adapters change the LLM only; prompts with modality inputs also need the encoder, projector "
-               "and marker embeddings (or `mmkit chat` on the run itself)."])
+               "and marker embeddings (or `mmkit chat` on the run itself).", *template_notes])
 
 
 def export_merged(model: Any, out: Path, *, adapter: str | None = None) -> None:
@@ -81,7 +83,8 @@ def export_merged(model: Any, out: Path, *, adapter: str | None = None) -> None:
     name = choose_adapter(model, adapter)
     llm = standalone_llm(model, name)
     llm.save_pretrained(out / "llm", safe_serialization=True)
-    model.tokenizer.save_pretrained(out / "llm")
+    tokenizer, template_notes = run_tokenizer(model)
+    tokenizer.save_pretrained(out / "llm")
     index = write_components(out, model)
     index["format"] = "merged"
     index["merged_adapter"] = name
@@ -92,7 +95,8 @@ def export_merged(model: Any, out: Path, *, adapter: str | None = None) -> None:
                  if name else f"The base LLM `{model.assembled.config.llm}` (no LoRA) with ")
         + "weights and mmkit's marker tokens in its vocabulary: a plain Hugging Face causal LM. The encoders and "
           "projectors that turn inputs into its embeddings are beside it.",
-        contents=[("llm/", "config.json, model.safetensors, generation_config.json, tokenizer with the markers"),
+        contents=[("llm/", "config.json, model.safetensors, generation_config.json, tokenizer with the markers "
+                           "and the run's chat template"),
                   ("projectors.safetensors", "projector weights, keys `<modality>.<param>`"),
                   ("markers.safetensors", "the marker embeddings (already inside llm/; kept for reference)"),
                   ("encoders.safetensors", "random-init encoder weights (pretrained encoders are named instead)"),
@@ -111,4 +115,4 @@ print(tokenizer.decode(llm.generate(**ids, max_new_tokens=32)[0], skip_special_t
         notes=["Marker token ids (and any vocabulary padding rows) are listed in generation_config's "
                "`suppress_tokens`: the model never generates them, as in mmkit.",
                "Multimodal prompts: the placeholder's slots take the projector's output in place of token "
-               "embeddings (`inputs_embeds`); see mmkit_export.json for the tokens per input."])
+               "embeddings (`inputs_embeds`); see mmkit_export.json for the tokens per input.", *template_notes])
