@@ -1,9 +1,11 @@
-"""Multiple choice by likelihood (ChEF's "perplexity" inferencer): each option is scored as the
-assistant's answer to the prompt, through the training prompt builder, and the most likely wins.
+"""Multiple choice by likelihood: each option is scored as the assistant's answer to the prompt,
+through the training prompt builder, and the most likely wins.
 
-An option's score is the summed log-probability of its answer tokens, end-of-turn token included
-(the tokens training puts a loss on): ``log P(option, then stop | prompt)``, so "2" does not win
-by being the start of "23".
+An option's score is, by default, the summed log-probability of its answer tokens, end-of-turn
+token included (the tokens training puts a loss on): ``log P(option, then stop | prompt)``, so "2"
+does not win by being the start of "23". That is not ChEF's "perplexity" (PPL) inferencer, which
+ranks options by the MEAN log-probability per token (lowest per-token loss): a long option is not
+penalised for its length there. ``mean=True`` (a recipe's ``choice_score: mean``) ranks that way.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ def _answer_turns(sample: Sample, option: str) -> tuple[Turn, ...]:
     return (*turns, Turn(ASSISTANT, option))
 
 
-def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str]) -> list[float]:
+def option_log_likelihoods(model: Any, sample: Sample, options: Sequence[str], *, mean: bool = False) -> list[float]:
     """``model`` is a :class:`mmkit.inference.LoadedModel`; one forward pass for all options."""
-    return batch_log_likelihoods(model, [(sample, options)])[0]
+    return batch_log_likelihoods(model, [(sample, options)], mean=mean)[0]
 
 
-def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence[str]]]) -> list[list[float]]:
-    """Every option of every question scored in one padded batch (one row per option)."""
+def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence[str]]], *,
+                          mean: bool = False) -> list[list[float]]:
+    """Every option of every question scored in one padded batch (one row per option): the sum of
+    its tokens' log-probabilities, or with ``mean`` their mean (ChEF's PPL ranking)."""
     import torch
 
     from mmkit.data.batching import Collator, collate_fns
@@ -59,7 +63,10 @@ def batch_log_likelihoods(model: Any, questions: Sequence[tuple[Sample, Sequence
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     logp = torch.log_softmax(out.logits.float(), dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-    sums = logp.new_zeros(labels.shape[0]).index_add_(0, mask.nonzero()[:, 0].to(logp.device), logp)
+    rows = mask.nonzero()[:, 0].to(logp.device)
+    sums = logp.new_zeros(labels.shape[0]).index_add_(0, rows, logp)
+    if mean:
+        sums = sums / logp.new_zeros(labels.shape[0]).index_add_(0, rows, torch.ones_like(logp)).clamp(min=1)
     flat = [float(v) for v in sums]
     out_scores, start = [], 0
     for _, options in questions:
