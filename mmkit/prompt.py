@@ -43,8 +43,9 @@ from mmkit.templates import ChatTemplate, resolve
 
 IGNORE_INDEX = -100
 _MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never merged by a tokenizer rule
-#: the date a template that reads today's date sees (Llama-3.2's own fallback, "26 Jul 2024")
-_FIXED_DATE = datetime.datetime(2024, 7, 26)
+#: the date a template that reads today's date sees (Llama-3.2's own fallback, "26 Jul 2024"); an exported
+#: template must render the same (date_string = TEMPLATE_DATE.strftime("%d %b %Y"))
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
 
 
 #: per modality, the slots of each input in placeholder order (what ``input_tokens`` arguments take)
@@ -141,7 +142,7 @@ class PromptBuilder:
                   "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False,
                   # a template that writes today's date (Llama-3.2's "Today Date") renders one fixed
                   # date, its own fallback: training and inference on other days see the same text
-                  "date_string": _FIXED_DATE.strftime("%d %b %Y"), "strftime_now": _FIXED_DATE.strftime}
+                  "date_string": TEMPLATE_DATE.strftime("%d %b %Y"), "strftime_now": TEMPLATE_DATE.strftime}
         try:
             rendered, indices = render_jinja_template(
                 conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
