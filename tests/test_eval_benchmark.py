@@ -380,3 +380,206 @@ def test_a_named_task_of_a_modality_the_model_lacks_is_refused_before_its_data(m
     with pytest.raises(ConfigError, match="benchmark needs_image .*needs modality image; the model has pointcloud"):
         run_benchmark(SimpleNamespace(modalities=["pointcloud"]), [recipe], tmp_path / "out", mm_host,
                       run_dir=tmp_path)
+
+
+# -- likelihood choice: the supervised-positions logits give what full logits give ------------------
+def _full_logit_score(model, sample, option) -> float:
+    """``sum log P(answer tokens | prefix)`` from the LLM's full logits, one conversation alone (no
+    padding, no other rows): the definition choice.py implements."""
+    import attrs
+    import torch
+
+    from mmkit.evaluation.choice import _answer_turns
+
+    inputs = {m: [model.preprocess[m](Path(p)) for p in paths] for m, paths in sample.inputs.items()}
+    encoded = model.prompts.encode_sample(attrs.evolve(sample, turns=_answer_turns(sample, option)))
+    ids = torch.tensor([encoded.input_ids])
+    labels = torch.tensor([encoded.labels])
+    collated = {m: model.model.encoders[m].collate(items) for m, items in inputs.items()}
+    net = model.model
+    net.eval()
+    with torch.no_grad():
+        logits = net(ids, torch.ones_like(ids), inputs=collated, modalities=[sample.modalities]).logits
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    total = 0.0
+    for p in range(ids.shape[1] - 1):
+        target = int(labels[0, p + 1])
+        if target != -100:
+            total += float(logp[p, target])
+    return total
+
+
+@pytest.fixture
+def loaded(mm_host, tiny_llm, randomize_lora):
+    """A two-modality model with per-modality LoRA on attention and on the output layer (the routed
+    head keeps full logits in the model), all trainable weights non-zero."""
+    import torch
+
+    from mmkit.inference import LoadedModel
+    from mmkit.modeling.assemble import ModalityChoice, ModelConfig, assemble
+    from mmkit.modeling.lora import LoraSettings
+
+    torch.manual_seed(0)
+    assembled = assemble(ModelConfig(
+        llm=str(tiny_llm("llama")), modalities=(ModalityChoice("image"), ModalityChoice("pointcloud")),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, mode="per_modality", targets=("q_proj", "v_proj", "lm_head"))),
+        mm_host)
+    randomize_lora(assembled.model, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-zero projectors: scores depend on the inputs
+        for name, param in assembled.model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return LoadedModel(assembled, mm_host)
+
+
+def _questions(mm_host, input_files):
+    from mmkit.records import USER, Sample, Turn
+
+    img = mm_host.modality("image").markers.placeholder
+    pcl = mm_host.modality("pointcloud").markers.placeholder
+    return [
+        (Sample(id="q0", turns=(Turn(USER, f"{img}\nWhat digit is shown ?"),),
+                inputs={"image": (str(input_files["image"][0]),)}),
+         ["7", "seventy seven thousand", "a cube"]),
+        (Sample(id="q1", turns=(Turn(USER, "Which shape is it ? Answer briefly please"),)),
+         ["cube", "the sphere on the left"]),
+        (Sample(id="q2", turns=(Turn(USER, f"{pcl}\nWhich shape is it ?"),),
+                inputs={"pointcloud": (str(input_files["pointcloud"][1]),)}),
+         ["cone", "sphere", "a large red cube with round corners", "2"]),
+    ]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_choice_scores_equal_full_logit_sums(loaded, mm_host, input_files, monkeypatch, side):
+    """Several questions (an image one, a text-only one, a point-cloud one: three LoRA routes) with
+    options of 2 to 8 tokens in one padded batch: each score is the summed log-probability of the
+    option's tokens and its end of turn, exactly as full logits give it, whichever side is padded."""
+    import functools
+
+    import mmkit.data.batching as batching
+    from mmkit.evaluation.choice import batch_log_likelihoods, best
+
+    monkeypatch.setattr(batching, "Collator", functools.partial(batching.Collator, padding_side=side))
+
+    questions = _questions(mm_host, input_files)
+    batched = batch_log_likelihoods(loaded, questions)
+    for (sample, options), got in zip(questions, batched, strict=True):
+        want = [_full_logit_score(loaded, sample, o) for o in options]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+        assert best(got) == max(range(len(want)), key=lambda k: (want[k], -k))
+
+    # the options really differ (a test that cannot fail would prove nothing)
+    assert len({round(v, 3) for v in batched[2]}) == 4
+
+    # mean=True (ChEF's PPL ranking, a recipe's choice_score: mean): the sum over the option's tokens
+    import attrs
+
+    from mmkit.evaluation.choice import _answer_turns
+
+    means = batch_log_likelihoods(loaded, questions, mean=True)
+    for (sample, options), sums, got in zip(questions, batched, means, strict=True):
+        counts = [sum(1 for t in loaded.prompts.encode_sample(
+            attrs.evolve(sample, turns=_answer_turns(sample, o))).labels[1:] if t != -100) for o in options]
+        assert len(set(counts)) > 1  # options of different lengths: mean and sum differ
+        assert got == pytest.approx([s / n for s, n in zip(sums, counts, strict=True)], rel=1e-4, abs=1e-4)
+
+
+def test_one_question_alone_scores_as_in_a_batch(loaded, mm_host, input_files):
+    """Padding to longer rows of other questions changes nothing."""
+    from mmkit.evaluation.choice import batch_log_likelihoods, option_log_likelihoods
+
+    questions = _questions(mm_host, input_files)
+    batched = batch_log_likelihoods(loaded, questions)
+    for (sample, options), together in zip(questions, batched, strict=True):
+        assert option_log_likelihoods(loaded, sample, options) == pytest.approx(together, rel=1e-4, abs=1e-4)
+
+
+# -- label synonyms: a recipe's table merged into the references (LAMM credits WordNet synonyms) ----
+def test_cifar10_and_voc_label_synonyms_count(mm_host, tmp_path):
+    """LAMM-Bench's CIFAR-10 meta file gives one label string ("automobile"); LAMM credits an answer
+    naming a synonym of it (WordNet lemmas: "car" for automobile, "aeroplane" / "plane" for
+    airplane). The shipped lamm_cifar10 / lamm_voc2012 recipes merge a synonyms table into the
+    references, so "a car" is scored right, and the predictions file re-scores the same."""
+    from mmkit.evaluation.benchmark import load_items, with_synonyms
+    from mmkit.evaluation.metrics import accuracy, det2d
+
+    meta = tmp_path / "meta_file"
+    meta.mkdir()
+    (meta / "Classification_CIFAR10.json").write_text(json.dumps([
+        {"image": f"imgs/{i}.png", "query": "What is it?", "label": label}
+        for i, label in enumerate(["automobile", "airplane", "cat"])]))
+    recipe = load_recipe(packaged_file("mmkit_plugin_image:benchmarks/lamm_cifar10.yaml"))
+    items = load_items(recipe, mm_host, ["image"], data_root=tmp_path, run_dir=None, work_dir=tmp_path)
+    refs = [item.reference for item in items]
+    assert refs[0][:2] == ["automobile", "car"] and "aeroplane" in refs[1] and refs[2] == "cat"
+    assert accuracy(["It is a car.", "an aeroplane", "a cat"], refs) == {"accuracy": 1.0}
+    assert accuracy(["It is a car.", "an aeroplane", "a cat"], ["automobile", "airplane", "cat"])["accuracy"] < 1
+    # synonyms do not blur classes: a truck is still not an automobile
+    assert accuracy(["a truck"], [refs[0]]) == {"accuracy": 0.0}
+
+    voc = load_recipe(packaged_file("mmkit_plugin_image:benchmarks/lamm_voc2012.yaml"))
+    objects = [{"label": "aeroplane", "bbox": [0, 0, 0.5, 0.5]}, {"label": "person", "bbox": [0.5, 0.5, 1, 1]}]
+    ref = with_synonyms(objects, dict(voc.synonyms))
+    assert ref[0]["label"][0] == "aeroplane" and "man" in ref[1]["label"] and objects[0]["label"] == "aeroplane"
+    got = det2d(["an airplane [0, 0, 0.5, 0.5] and a man [0.5, 0.5, 1, 1]"], [ref])
+    assert got["recall@0.5"] == 1.0 and got["precision@0.5"] == 1.0
+
+
+def test_recipe_synonyms_are_checked(tmp_path):
+    base = {"name": "t", "data": "x.json", "metrics": ["accuracy"]}
+    assert parse_recipe({**base, "synonyms": {"car": ["auto"]}}, "t.yaml").synonyms == (("car", ("auto",)),)
+    (tmp_path / "syn.yaml").write_text("car: [auto, motorcar]\n")
+    assert parse_recipe({**base, "synonyms": "syn.yaml"}, str(tmp_path / "t.yaml")).synonyms == \
+        (("car", ("auto", "motorcar")),)
+    with pytest.raises(ConfigError, match="t.yaml: synonyms: a mapping"):
+        parse_recipe({**base, "synonyms": {"car": "auto"}}, "t.yaml")
+    with pytest.raises(ConfigError, match="synonyms .*nope.yaml"):
+        parse_recipe({**base, "synonyms": "nope.yaml"}, str(tmp_path / "t.yaml"))
+    with pytest.raises(ConfigError, match="choice_score 'max'"):
+        parse_recipe({**base, "choice_score": "max"}, "t.yaml")
+
+
+# -- mmkit eval --data: every file is evaluated -----------------------------------------------------
+def test_eval_data_files_with_the_same_name_are_refused(tmp_path, monkeypatch):
+    """``--data a/held.jsonl --data b/held.jsonl``: keyed by file stem, the first file was silently
+    not evaluated (and its answers file overwritten). The clash is refused, naming both files,
+    before anything is evaluated."""
+    import mmkit
+
+    seen = {}
+    monkeypatch.setattr(mmkit, "evaluate", lambda output_dir, sources, **kwargs: seen.setdefault("sources", sources))
+    files = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "held.jsonl"
+        path.write_text("")
+        files.append(path)
+    with pytest.raises(ConfigError, match="same name 'held'") as caught:
+        _cli(["eval", str(tmp_path), "--data", str(files[0]), "--data", str(files[1]), "--json", "-"])
+    assert str(files[0]) in str(caught.value) and str(files[1]) in str(caught.value)
+    assert not seen
+
+
+# -- the held-out table: a metric whose headline figure has another name ---------------------------
+def test_held_out_table_shows_a_metric_whose_headline_is_named_differently(mm_host):
+    """``mmkit eval RUN --data F --metric count``: the result holds ``mae`` / ``ablated_mae`` (the
+    headline), while print_eval looked up ``r["count"]`` (KeyError after the files were written) and
+    ``ablated_count`` (the ablation would show as "-"). Same for bleu, det2d, det3d, grounding3d, pck."""
+    from rich.console import Console
+
+    from mmkit.evaluation.evaluate import evaluate_samples, print_eval
+    from mmkit.records import ASSISTANT, USER, Sample, Turn
+
+    class Answers:  # the model: "3" with its input, "0" with the input blanked
+        def generate_batch(self, samples, *, max_new_tokens, ablate=()):
+            return ["0" if ablate else "3" for _ in samples]
+
+    samples = [Sample(id=str(i), turns=(Turn(USER, "<image>\nHow many?"), Turn(ASSISTANT, str(n))),
+                      inputs={"image": ("x.png",)}) for i, n in enumerate((3, 5))]
+    result = evaluate_samples(Answers(), samples, metric="count", host=mm_host)
+    assert result["mae"] == 1.0 and result["ablated_mae"] == 4.0  # |3-3|, |3-5| ; |0-3|, |0-5|
+    console = Console(record=True, width=120)
+    print_eval({"held": result}, console)
+    text = console.export_text()
+    assert "1.000" in text and "4.000" in text

@@ -320,3 +320,112 @@ def test_metrics_reject_unpaired_inputs():
     for name in ALL_METRICS:
         with pytest.raises(ValueError):
             getattr(M, {"mc_accuracy": "multiple_choice_accuracy"}.get(name, name))(["a"], [])
+
+
+# -- review fixes (LAMM's definitions, shared/reference/lamm.md and LAMM's scoring code) ------------
+def _mc(answer: str, gt_choice: int, choices: list[str]) -> float:
+    return multiple_choice_accuracy([answer], [{"gt_choice": gt_choice, "gt_choices": choices}])["mc_accuracy"]
+
+
+def test_the_answer_is_reads_a_letter_only_when_it_stands_alone():
+    """LAMM's pattern is ``The answer is \\(?[A-E]\\)?\\W``: an upper-case letter on its own. "The
+    answer is blue." names option A's text; reading the "b" of "blue" as option B scores a right
+    answer wrong (and "a cat" is the article, not option A)."""
+    assert multiple_choice_letter("The answer is blue.", ["blue", "red"]) == "A"
+    assert _mc("The answer is blue.", 0, ["blue", "red"]) == 1.0
+    assert multiple_choice_letter("I think the answer is a cat.", ["dog", "cat"]) == "B"
+    assert _mc("I think the answer is a cat.", 1, ["dog", "cat"]) == 1.0
+    # the letter forms still read; a lower-case letter only as the last word
+    assert multiple_choice_letter("The answer is (B).", ["blue", "red"]) == "B"
+    assert multiple_choice_letter("The answer is B", ["blue", "red"]) == "B"
+    assert multiple_choice_letter("The answer is A because it is red", ["red", "blue"]) == "A"
+    assert multiple_choice_letter("the answer is b.") == "B"
+
+
+def test_answer_colon_reads_a_letter_only_when_it_stands_alone():
+    assert multiple_choice_letter("ANSWER: Blue", ["blue", "red"]) == "A"
+    assert multiple_choice_letter("ANSWER: B", ["blue", "red"]) == "B"
+
+
+def test_an_answer_giving_several_letters_is_not_credited():
+    """LAMM's check_option: every "(X)" (or "The answer is X") found must be the right letter; a
+    hedged "(A) or (B)" is not credited for A (as naming every class is not, for accuracy)."""
+    assert _mc("(A) or (B)", 0, ["red", "blue"]) == 0.0
+    assert multiple_choice_letter("(A) or (B)", ["red", "blue"]) is None
+    assert _mc("The answer is (A). No, the answer is (B).", 0, ["red", "blue"]) == 0.0
+    assert _mc("(A) red, so (A).", 0, ["red", "blue"]) == 1.0
+
+
+def test_3d_grounding_and_detection_need_iou_above_the_threshold():
+    """LAMM's 3-D scripts count IoU > t (lamm.md: "IoU > 0.5", "> 0.25 and > 0.5"); det2d keeps >=."""
+    from mmkit.evaluation.metrics import det2d, det3d, grounding3d
+
+    truth = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    half, quarter = [0.0, 0.0, 0.0, 1.0, 1.0, 2.0], [0.0, 0.0, 0.0, 1.0, 1.0, 4.0]
+    assert iou3d(half, truth) == 0.5 and iou3d(quarter, truth) == 0.25  # exactly, in floats
+    box = lambda b: "[" + ", ".join(str(v) for v in b) + "]"  # noqa: E731
+    got = grounding3d([box(half), box(quarter)], [{"bbox3d": truth}, {"bbox3d": truth}])
+    # IoU 0.5: > 0.25 but not > 0.5; IoU 0.25: neither
+    assert got == {"acc@0.25": 0.5, "acc@0.5": 0.0}
+    got = det3d([f"a chair {box(half)}"], [[{"label": "chair", "bbox3d": truth}]])
+    assert got == {"recall@0.25": 1.0, "recall@0.5": 0.0}
+    # 2-D: IoU exactly 0.5 still counts at 0.5 (ChEF's >=)
+    assert iou2d([0, 0, 1, 0.5], [0, 0, 1, 1]) == 0.5
+    assert det2d(["a dog [0, 0, 1, 0.5]"], [[{"label": "dog", "bbox": [0, 0, 1, 1]}]])["recall@0.5"] == 1.0
+
+
+def test_3d_boxes_read_from_centre_and_size_groups():
+    """LAMM's parse_bbox_3d takes the numbers of all groups and chunks them by 6: "at [1, 2, 0.5]
+    with size [0.5, 0.5, 1]" is the box [1, 2, 0.5, 0.5, 0.5, 1]. Chunking each group alone finds
+    no box: a right answer scored 0."""
+    truth = {"bbox3d": [1.0, 2.0, 0.5, 0.5, 0.5, 1.0]}
+    got = M.grounding3d(["The chair is at [1.0, 2.0, 0.5] with size [0.5, 0.5, 1.0]."], [truth])
+    assert got == {"acc@0.25": 1.0, "acc@0.5": 1.0}
+    # detection: each joined box takes the class named before its centre group
+    answer = "a chair at [0, 0, 0] size [1, 1, 1] and a table at (5, 5, 0) size (2, 2, 1)"
+    refs = [[{"label": "chair", "bbox3d": [0, 0, 0, 1, 1, 1]}, {"label": "table", "bbox3d": [5, 5, 0, 2, 2, 1]}]]
+    assert M.det3d([answer], refs) == {"recall@0.25": 1.0, "recall@0.5": 1.0}
+    # a group that is a box on its own is not joined with its neighbours; 2-D boxes are never joined
+    assert [b for b, _ in boxes("[1, 2, 3, 4, 5, 6] [7, 8, 9]", 6, join=True)] == [(1, 2, 3, 4, 5, 6)]
+    assert boxes("[0.1, 0.2] to [0.5, 0.6]", 4) == []
+
+
+def test_count_reads_thousands_separators():
+    """FSC147 counts run into the thousands; "1,200" is one number, not 1."""
+    assert M.count(["There are 1,200 people.", "I count 2,345 beans", "12, 13 or 14"], [1200, 2345, 12]) == \
+        {"mae": 0.0, "exact": 1.0}
+
+
+@pytest.mark.parametrize(("answer", "value"), [
+    ("twenty-three birds", 23), ("one hundred apples", 100), ("twenty five", 25), ("ninety-nine", 99),
+    ("two hundred and five cars", 205), ("three thousand four hundred", 3400), ("one, two, three", 1),
+    ("one two three", 1), ("one hundred and then some", 100), ("seven", 7),
+])
+def test_count_reads_compound_number_words(answer, value):
+    assert first_count(answer) == value
+
+
+def test_a_plural_label_accepts_its_singular():
+    """LAMM lemmatises the answer's words (WordNet, nouns) and accepts the label's lemmas: the
+    UCMerced class "buildings" is named by "a building", "storage tanks" by "a storage tank"."""
+    preds = ["This is a building.", "It shows a storage tank.", "a forest"]
+    assert accuracy(preds, ["buildings", "storage tanks", "forest"]) == {"accuracy": 1.0}
+    # still: naming another class of the set is not credited
+    assert accuracy(["a building next to a forest", "a forest"], ["buildings", "forest"]) == {"accuracy": 0.5}
+
+
+def test_svt_scores_the_share_of_the_images_words_read():
+    """An SVT record's ``word_list`` holds every word of the image; LAMM scores a sample by the
+    share of them found among the answer's words (then the mean over samples). Reading one word of
+    three is 1/3, not full marks."""
+    got = M.ocr_word_accuracy(["The sign says HOTEL", "grand central hotel"],
+                              [["hotel", "grand", "central"], ["hotel", "grand", "central"]])
+    assert got["ocr_word_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_bleu_ignores_case_and_punctuation_as_lamms_scorer():
+    """LAMM_Caption tokenises predictions and references with the COCO PTB tokenizer (lower case,
+    punctuation dropped) before BLEU. A caption differing from its reference only by a capital and
+    a full stop is a perfect match there; case-sensitive 13a scoring gives it about 68."""
+    got = M.bleu(["A brown dog runs on the grass."], [["a brown dog runs on the grass"]])["bleu4"]
+    assert got == pytest.approx(100.0)
