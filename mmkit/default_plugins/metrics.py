@@ -18,7 +18,7 @@ _BUILTIN = (
     ("det3d", "det3d", "class + [cx, cy, cz, dx, dy, dz] boxes, axis-aligned 3D IoU, micro recall @IoU>0.25, >0.5"),
     ("grounding3d", "grounding3d", "first 3D box vs the referred object's: acc@IoU>0.25, >0.5 (ScanRefer)"),
     ("pck", "pck", "k-th (x, y) point within 0.1 x the bbox's larger side of joint k (LSP)"),
-    ("ocr_word_accuracy", "ocr_word_accuracy", "share of the reference words (the image's word list) in the answer "
+    ("ocr_word_accuracy", "ocr_word_accuracy", "share of the reference words (every word of the input) in the answer "
                                                "as whole words, any case, mean over samples (SVT)"),
     ("exact_match", "exact_match", "answer equals the reference, case-insensitive"),
     ("count_mae", "count", "same as count (its former name)"),

@@ -99,9 +99,9 @@ def exact_match(predictions: Sequence[str], references: Refs) -> dict[str, float
 
 
 def ocr_word_accuracy(predictions: Sequence[str], references: Refs) -> dict[str, float]:
-    """OCR (SVT, LAMM's SVT_OCR): the reference is the image's word list (or one word); a sample
-    scores the share of its words the answer contains as whole words, case-insensitive ("HOTEL" is
-    read in "The sign says hotel.", not in "hotels"); the mean over samples."""
+    """OCR (SVT, LAMM's SVT_OCR): the reference is every word of the input (a list, or one word); a
+    sample scores the share of its words the answer contains as whole words, case-insensitive
+    ("HOTEL" is read in "The sign says hotel.", not in "hotels"); the mean over samples."""
     pairs = _pairs(predictions, references)
     scores = []
     for i, (pred, ref) in enumerate(pairs):
