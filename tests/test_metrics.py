@@ -394,6 +394,8 @@ def test_count_reads_thousands_separators():
     """FSC147 counts run into the thousands; "1,200" is one number, not 1."""
     assert M.count(["There are 1,200 people.", "I count 2,345 beans", "12, 13 or 14"], [1200, 2345, 12]) == \
         {"mae": 0.0, "exact": 1.0}
+    # only groups of three digits after a comma: "1,2000" is not a thousands-separated number
+    assert [first_count(a) for a in ("1,2000", "12,345.5 g", "1,200,000 grains")] == [1, 12345.5, 1200000]
 
 
 @pytest.mark.parametrize(("answer", "value"), [

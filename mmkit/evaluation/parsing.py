@@ -92,7 +92,7 @@ def last_named(text: str, vocabulary: Iterable[str]) -> str | None:
 _COUNT_TOKEN = re.compile(
     # thousands separators ("1,200", "2,345,000") before plain digits; a comma then a space ("12, 13")
     # separates numbers. A minus counts only as a sign ("-2"), not as a range's dash ("3-4").
-    r"(?<![\w.,])-?\d{1,3}(?:,\d{3})+(?![\d.,]\d)|(?<![\w.])-\d+(?:\.\d+)?|\d+(?:\.\d+)?|[a-zA-Z]+")
+    r"(?<![\w.,])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|[.,]\d)|(?<![\w.])-\d+(?:\.\d+)?|\d+(?:\.\d+)?|[a-zA-Z]+")
 _JOINER = re.compile(r"\s+|\s*-\s*")
 
 
