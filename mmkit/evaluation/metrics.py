@@ -333,8 +333,10 @@ def _detection(predictions: Sequence[str], references: Refs, *, key: str, size: 
 def det2d(predictions: Sequence[str], references: Refs) -> dict[str, float]:
     """2-D detection (VOC): each ``[x1, y1, x2, y2]`` box in the answer (normalised 0-1, corners in
     any order) takes the class named last before it; one-to-one matching to reference objects of
-    the same class at IoU >= t (the most pairs possible, each box used once). True positives, predicted boxes and reference objects are summed
-    over the whole set before dividing (micro-average). A box with no area never matches."""
+    the same class at IoU >= t (ChEF's 2-D rule; the 3-D metrics need IoU > t, as LAMM's 3-D
+    scripts), the most pairs possible, each box used once. True positives, predicted boxes and
+    reference objects are summed over the whole set before dividing (micro-average). A box with no
+    area never matches."""
     counts = _detection(predictions, references, key="bbox", size=4, iou=iou2d, thresholds=(0.5, 0.25))
     out = {}
     for t in ("0.5", "0.25"):
