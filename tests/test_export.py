@@ -552,3 +552,41 @@ def test_exported_tokenizers_render_the_runs_chat_template(mm_host, tiny_llm, tm
                                      f"trained on {mm.tokenizer.decode(expected)!r}")
         card = (folder.parent / "README.md").read_text()
         assert "template 'vicuna_v1'" in card and "Warning" not in card
+
+
+# Llama-3.2's way: today's date through strftime_now unless date_string is passed
+DATE_TEMPLATE = (
+    "{%- if not date_string is defined -%}{%- if strftime_now is defined -%}{%- set date_string = "
+    "strftime_now('%d %b %Y') -%}{%- else -%}{%- set date_string = '26 Jul 2024' -%}{%- endif -%}{%- endif -%}"
+    "Today Date: {{ date_string }}\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_exported_template_writes_the_date_mmkit_trained_with(mm_host, assemble_model):
+    """mmkit renders a date-reading template with one fixed date on every day; the exported
+    tokenizer's template must write that date too (not today's), unless the caller passes one."""
+    import attrs
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mmkit.export.template import _fixed_date, run_tokenizer
+    from mmkit.inference import LoadedModel
+    from mmkit.prompt import TEMPLATE_DATE, PromptBuilder
+
+    assembled = assemble_model(("image",))
+    prompts = PromptBuilder(assembled.tokenizer, assembled.prompts.markers, assembled.prompts.tokens_per_input,
+                            template=DATE_TEMPLATE, max_length=256)
+    mm = LoadedModel(attrs.evolve(assembled, prompts=prompts), mm_host)
+    tokenizer, notes = run_tokenizer(mm)
+    turns = [Turn("user", " what day is it ")]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": turns[0].text}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert TEMPLATE_DATE.strftime("%d %b %Y") in text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == prompts.encode_prompt(turns).input_ids
+    assert not [n for n in notes if n.startswith("Warning")]
+    own = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, date_string="1 Jan 2030")
+    assert "Today Date: 1 Jan 2030" in own
+    # a template that formats the date itself gets the same fixed date from the prelude's strftime_now
+    fmt = "%Y-%m-%d %A %B %j (100%%)"
+    rendered = render_jinja_template(conversations=[[{"role": "user", "content": "x"}]],
+                                     chat_template=_fixed_date() + f"{{{{ strftime_now({fmt!r}) }}}}")[0][0]
+    assert rendered == TEMPLATE_DATE.strftime(fmt)

@@ -20,12 +20,14 @@ _PROBES: tuple[tuple[str | None, tuple[Turn, ...]], ...] = (
 def run_chat_template(model: Any) -> str:
     """The run's template with a prelude that makes it render on its own what mmkit renders: mmkit
     trims each message's outer whitespace (dropping an empty system message), and passes the
-    modality ``placeholders`` (the ``plain`` template's) and ``enable_thinking=False`` (Qwen3's);
-    the prelude does the same unless the caller passes those variables."""
+    modality ``placeholders`` (the ``plain`` template's), ``enable_thinking=False`` (Qwen3's) and
+    one fixed date (Llama-3.2's "Today Date"); the prelude does the same unless the caller passes
+    those variables."""
     prompts = model.prompts
     placeholders = [spec.placeholder for spec in prompts.markers.values()]
     prelude = (
         f"{{%- if placeholders is not defined -%}}{{%- set placeholders = {placeholders!r} -%}}{{%- endif -%}}"
+        f"{_fixed_date()}"
         "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
         "{%- set ns_mmkit = namespace(msgs=[]) -%}"
         "{%- for m in messages -%}"
@@ -47,6 +49,27 @@ def run_chat_template(model: Any) -> str:
     return template
 
 
+def _date() -> str:
+    from mmkit.prompt import TEMPLATE_DATE
+
+    return TEMPLATE_DATE.strftime("%d %b %Y")
+
+
+def _fixed_date() -> str:
+    """mmkit renders a template that reads today's date with one fixed date (TEMPLATE_DATE: training
+    and inference on other days see the same text): ``date_string`` and a ``strftime_now`` that
+    formats that date (the usual directives), unless the caller passes ``date_string``."""
+    from mmkit.prompt import TEMPLATE_DATE
+
+    escaped = "\ue000"  # a literal '%%' while the directives are replaced
+    fmt = f"fmt | replace('%%', {escaped!r})"
+    for directive in "YmdbBaAyHMSjIpeU":
+        fmt += f" | replace('%{directive}', {TEMPLATE_DATE.strftime('%' + directive)!r})"
+    fmt += f" | replace({escaped!r}, '%')"
+    return ("{%- macro strftime_now(fmt) -%}{{- " + fmt + " -}}{%- endmacro -%}"
+            f"{{%- if date_string is not defined -%}}{{%- set date_string = {_date()!r} -%}}{{%- endif -%}}")
+
+
 def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
     """A copy of the run's tokenizer with the run's chat template, and notes for the model card on
     what it does not reproduce (empty when every probe conversation renders token for token)."""
@@ -56,8 +79,8 @@ def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
                   if (expected := _mmkit_ids(model, system, turns)) is not None
                   and _stock_ids(tokenizer, tokenizer.chat_template, system, turns) != expected]
     notes = ["The tokenizer's chat template is the run's (" + model.prompts.describe_template() + "), with a prelude "
-             "that trims each message's outer whitespace and sets `placeholders` and `enable_thinking=False` as mmkit "
-             "does; tokenise its output with `add_special_tokens=False`. Modality placeholders are not expanded: "
+             "that trims each message's outer whitespace and sets `placeholders`, `enable_thinking=False` and the "
+             f"date a template may write ({_date()}; pass `date_string` for another) as mmkit does; tokenise its output with `add_special_tokens=False`. Modality placeholders are not expanded: "
              "multimodal prompts need the projector's output in their slots (see mmkit_export.json)."]
     if mismatched:
         notes.append("Warning: for some text-only conversations this tokenizer's chat template does not render the "
