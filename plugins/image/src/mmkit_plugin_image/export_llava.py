@@ -92,6 +92,7 @@ def export_llava(model: Any, out: Path, *, adapter: str | None = None) -> None:
 
     from mmkit.export import ExportRefused
     from mmkit.export.llm import choose_adapter, standalone_llm, write_model_card
+    from mmkit.export.template import run_chat_template
 
     reason = why_not({"modalities": model.assembled.components, "encoder_lora": model.assembled.config.encoder_lora})
     if reason:
@@ -151,7 +152,8 @@ def export_llava(model: Any, out: Path, *, adapter: str | None = None) -> None:
         image_processor=encoder.processor, tokenizer=model.tokenizer, patch_size=int(patch if isinstance(patch, int)
                                                                                      else patch[0]),
         vision_feature_select_strategy=strategy, num_additional_image_tokens=1, image_token=markers.placeholder,
-        chat_template=chat_template(model.prompts.template, markers.placeholder, markers.begin, markers.end))
+        # the run's template as the merged / peft tokenizers carry it (messages trimmed, fixed date, ...)
+        chat_template=chat_template(run_chat_template(model), markers.placeholder, markers.begin, markers.end))
     processor.save_pretrained(out)
     write_model_card(
         out, title="mmkit run: LLaVA (Hugging Face format)", model=model,
