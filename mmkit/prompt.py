@@ -48,6 +48,21 @@ _MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never me
 TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
 
 
+def fixed_date_prelude() -> str:
+    """Jinja defining, for the template after it, ``date_string`` (unless the caller passes one) and a
+    ``strftime_now`` macro that formats :data:`TEMPLATE_DATE` (the usual directives). A callable
+    cannot be passed instead: transformers' renderer turns every non-JSON argument into an inert
+    string, and the template's call would then fail."""
+    escaped = "\ue000"  # a literal '%%' while the directives are replaced
+    fmt = f"fmt | replace('%%', {escaped!r})"
+    for directive in "YmdbBaAyHMSjIpeU":
+        fmt += f" | replace('%{directive}', {TEMPLATE_DATE.strftime('%' + directive)!r})"
+    fmt += f" | replace({escaped!r}, '%')"
+    date = TEMPLATE_DATE.strftime("%d %b %Y")
+    return ("{%- macro strftime_now(fmt) -%}{{- " + fmt + " -}}{%- endmacro -%}"
+            f"{{%- if date_string is not defined -%}}{{%- set date_string = {date!r} -%}}{{%- endif -%}}")
+
+
 #: per modality, the slots of each input in placeholder order (what ``input_tokens`` arguments take)
 InputTokens = Mapping[str, Sequence[int]]
 
@@ -139,15 +154,15 @@ class PromptBuilder:
         kwargs = {**self.tokenizer.special_tokens_map,
                   # for the plain template (placeholders only); Qwen3's template: no thinking block to
                   # generate, the same empty one its training rendering holds
-                  "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False,
-                  # a template that writes today's date (Llama-3.2's "Today Date") renders one fixed
-                  # date, its own fallback: training and inference on other days see the same text
-                  "date_string": TEMPLATE_DATE.strftime("%d %b %Y"), "strftime_now": TEMPLATE_DATE.strftime}
+                  "placeholders": [spec.placeholder for spec in self.markers.values()], "enable_thinking": False}
         try:
+            # a template that writes today's date (Llama-3.2's "Today Date") renders one fixed date,
+            # its own fallback: training and inference on other days see the same text
             rendered, indices = render_jinja_template(
-                conversations=[messages], chat_template=self.template, add_generation_prompt=add_generation_prompt,
+                conversations=[messages], chat_template=fixed_date_prelude() + self.template,
+                add_generation_prompt=add_generation_prompt,
                 return_assistant_tokens_mask=spans, **kwargs)
-        except TemplateError as exc:
+        except (TemplateError, TypeError) as exc:  # TypeError: the template called what is not callable
             raise ConfigError(f"the chat template ({self.describe_template()}) failed to render: {exc}") from None
         return rendered[0], [tuple(s) for s in (indices[0] if indices else [])]
 

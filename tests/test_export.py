@@ -568,9 +568,9 @@ def test_exported_template_writes_the_date_mmkit_trained_with(mm_host, assemble_
     import attrs
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from mmkit.export.template import _fixed_date, run_tokenizer
+    from mmkit.export.template import run_tokenizer
     from mmkit.inference import LoadedModel
-    from mmkit.prompt import TEMPLATE_DATE, PromptBuilder
+    from mmkit.prompt import TEMPLATE_DATE, PromptBuilder, fixed_date_prelude
 
     assembled = assemble_model(("image",))
     prompts = PromptBuilder(assembled.tokenizer, assembled.prompts.markers, assembled.prompts.tokens_per_input,
@@ -588,5 +588,5 @@ def test_exported_template_writes_the_date_mmkit_trained_with(mm_host, assemble_
     # a template that formats the date itself gets the same fixed date from the prelude's strftime_now
     fmt = "%Y-%m-%d %A %B %j (100%%)"
     rendered = render_jinja_template(conversations=[[{"role": "user", "content": "x"}]],
-                                     chat_template=_fixed_date() + f"{{{{ strftime_now({fmt!r}) }}}}")[0][0]
+                                     chat_template=fixed_date_prelude() + f"{{{{ strftime_now({fmt!r}) }}}}")[0][0]
     assert rendered == TEMPLATE_DATE.strftime(fmt)

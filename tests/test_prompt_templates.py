@@ -468,3 +468,15 @@ def test_a_template_reading_todays_date_renders_training_and_inference_alike(mon
         f"training saw {tok.decode(trained.input_ids[:len(prompt)])!r}, inference {tok.decode(prompt)!r}")
     assert trained.labels[len(prompt) - 1] == IGNORE_INDEX and trained.labels[len(prompt)] != IGNORE_INDEX
     assert "Today Date: 26 Jul 2024" in tok.decode(prompt)  # the template's own fallback date
+
+
+def test_a_template_calling_strftime_now_itself_gets_the_fixed_date():
+    """A template may call ``strftime_now`` without looking at ``date_string`` first; it renders
+    mmkit's fixed date (a callable passed to transformers' renderer would arrive as an inert string,
+    and the call then failed with a raw TypeError)."""
+    tok = load("llama3_1")
+    template = LLAMA_3_2.replace("{%- if not date_string is defined %}", "{%- if true %}").replace(
+        "\"%d %b %Y\"", "\"%Y-%m-%d (%A) 100%%\"")
+    pb = PromptBuilder(tok, MARKERS, {"image": 2}, template=template)
+    prompt = tok.decode(pb.encode_prompt((Turn("user", "<image>\nWhat is shown here?"),)).input_ids)
+    assert "Today Date: 2024-07-26 (Friday) 100%" in prompt, prompt

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from mmkit.prompt import fixed_date_prelude
 from mmkit.records import Turn
 
 # Probe conversations the exported template is checked on (text only: a stock tokenizer does not
@@ -27,7 +28,7 @@ def run_chat_template(model: Any) -> str:
     placeholders = [spec.placeholder for spec in prompts.markers.values()]
     prelude = (
         f"{{%- if placeholders is not defined -%}}{{%- set placeholders = {placeholders!r} -%}}{{%- endif -%}}"
-        f"{_fixed_date()}"
+        f"{fixed_date_prelude()}"
         "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
         "{%- set ns_mmkit = namespace(msgs=[]) -%}"
         "{%- for m in messages -%}"
@@ -53,21 +54,6 @@ def _date() -> str:
     from mmkit.prompt import TEMPLATE_DATE
 
     return TEMPLATE_DATE.strftime("%d %b %Y")
-
-
-def _fixed_date() -> str:
-    """mmkit renders a template that reads today's date with one fixed date (TEMPLATE_DATE: training
-    and inference on other days see the same text): ``date_string`` and a ``strftime_now`` that
-    formats that date (the usual directives), unless the caller passes ``date_string``."""
-    from mmkit.prompt import TEMPLATE_DATE
-
-    escaped = "\ue000"  # a literal '%%' while the directives are replaced
-    fmt = f"fmt | replace('%%', {escaped!r})"
-    for directive in "YmdbBaAyHMSjIpeU":
-        fmt += f" | replace('%{directive}', {TEMPLATE_DATE.strftime('%' + directive)!r})"
-    fmt += f" | replace({escaped!r}, '%')"
-    return ("{%- macro strftime_now(fmt) -%}{{- " + fmt + " -}}{%- endmacro -%}"
-            f"{{%- if date_string is not defined -%}}{{%- set date_string = {_date()!r} -%}}{{%- endif -%}}")
 
 
 def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
