@@ -172,6 +172,22 @@ def test_mixture_weights(tmp_path, host):
         read_mixture(host, [DataSource(empty)], ctx(), reader="generic")
 
 
+def test_mixture_weight_that_drops_a_file_is_refused(tmp_path, host):
+    """A weight that is not a finite positive number, or that rounds a file's share to no record
+    at all, is an error naming the file (never a file silently left out of the mixture, nor a
+    negative weight read as its fractional part: divmod(-0.3, 1) gives 0.7)."""
+    from mmkit.errors import ConfigError
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{i}", "conversations": conv("Q", "A")} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"b{i}", "conversations": conv("Q", "A")} for i in range(4)])
+    for weight in (0.0, -0.3, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=rf"b\.jsonl.*weight {weight}"):
+            read_mixture(host, [DataSource(a), DataSource(b, weight)], ctx(), seed=1)
+    with pytest.raises(DataError, match=r"b\.jsonl: weight 0\.1 x 4 records rounds to no record"):
+        read_mixture(host, [DataSource(a), DataSource(b, 0.1)], ctx(), seed=1)
+    assert len(read_mixture(host, [DataSource(a), DataSource(b, 0.2)], ctx(), seed=1)) == 11  # 0.8 -> 1 record
+
+
 def test_relative_paths_resolve_against_data_root(tmp_path):
     (tmp_path / "sub").mkdir()
     path = write_jsonl(tmp_path / "sub" / "d.jsonl", GOOD[:1])

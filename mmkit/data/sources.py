@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import attrs
 
 from mmkit.data.readers import head_records
 from mmkit.records import ReadContext, Sample
-from mmkit.errors import DataError
+from mmkit.errors import ConfigError, DataError
 from mmkit.plugins import PluginHost
 from mmkit.specs import resolve
 
@@ -98,10 +99,16 @@ def read_mixture(host: PluginHost, sources: Sequence[DataSource], ctx: ReadConte
     rng = random.Random(seed)
     out: list[Sample] = []
     for source in sources:
+        # divmod(-0.3, 1.0) is (-1, 0.7): a bad weight would silently become another share
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            raise ConfigError(f"data {source.path}: mixture weight {source.weight} is not a finite number > 0")
         samples = list(iter_samples(host, source.path, ctx, reader))
         if not samples:
             raise DataError(str(source.path), None, "no records")
         whole, frac = divmod(source.weight, 1.0)
         picked = samples * int(whole) + rng.sample(samples, round(frac * len(samples)))
+        if not picked:  # never leave a file out of the mixture without saying so
+            raise DataError(str(source.path), None, f"weight {source.weight} x {len(samples)} records rounds to no "
+                                                    "record: raise the weight or leave the file out")
         out.extend(picked)
     return out
