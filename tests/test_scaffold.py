@@ -82,6 +82,9 @@ def test_generated_tree(tmp_path):
     assert "class TestDemoContract(ModalityContract):" in contract and 'modality = "demo"' in contract
     plugin_source = (target / "src" / "mmkit_plugin_demo" / "plugin.py").read_text()
     assert not re.search(r"^\s*(import|from)\s+(torch|numpy)\b", plugin_source, re.M)
+    # The walkthrough runs `mmkit train --modalities demo` inside the plugin folder: its default
+    # output (runs/demo: weights, feature cache, the demo's base LLM) must not end up in the author's git.
+    assert "runs/" in (target / ".gitignore").read_text().splitlines()
 
 
 def test_the_variable_kind_replaces_the_encoder_and_keeps_the_default_as_it_was(tmp_path):
