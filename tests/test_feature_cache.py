@@ -125,6 +125,17 @@ def test_an_unreadable_shard_is_set_aside(tmp_path):
     assert not shard.exists() and list(shard.parent.glob(f"{shard.name}.*.corrupt"))
 
 
+def test_a_shard_gone_after_listing_is_skipped(tmp_path):
+    """Another process may set a shard aside (rename it) between this one listing the folder and
+    reading the shard: the shard is skipped, not a FileNotFoundError out of refresh()."""
+    s = store(tmp_path)
+    s.put("k0", torch.ones(2, 3))
+    s.flush()
+    os.symlink(tmp_path / "moved-away", s.directory / "shard-gone.safetensors")  # listed, then gone
+    fresh = store(tmp_path)
+    assert torch.equal(fresh.get("k0"), torch.ones(2, 3)) and list(fresh.index) == ["k0"]
+
+
 def test_concurrent_writers_do_not_corrupt(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     # two processes write overlapping keys at the same time, many small shards each

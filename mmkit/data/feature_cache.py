@@ -126,9 +126,16 @@ class FeatureStore:
         """Re-read which shards hold which keys (after other processes wrote)."""
         from safetensors import safe_open
 
-        shards = sorted(self.directory.glob(SHARD_GLOB), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+        listed = []
+        for shard in self.directory.glob(SHARD_GLOB):
+            try:
+                listed.append((shard.stat().st_mtime_ns, shard.name, shard))
+            except FileNotFoundError:  # set aside by another process since the listing
+                continue
         index: dict[str, list[str]] = {}
-        for shard in shards:
+        for *_, shard in sorted(listed, reverse=True):
+            if not shard.exists():  # set aside by another process meanwhile: not this one's to count
+                continue
             try:
                 with safe_open(str(shard), framework="pt") as fh:
                     keys = list(fh.keys())
@@ -149,7 +156,7 @@ class FeatureStore:
         try:
             os.replace(shard, shard.with_name(shard.name + f".{uuid.uuid4().hex[:8]}.corrupt"))
         except OSError:
-            pass  # another process moved it first
+            return  # another process moved it first (and counts it)
         self.quarantined.append(str(shard))
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers: no open files, no unsaved entries
