@@ -136,6 +136,27 @@ def test_a_shard_gone_after_listing_is_skipped(tmp_path):
     assert torch.equal(fresh.get("k0"), torch.ones(2, 3)) and list(fresh.index) == ["k0"]
 
 
+def test_a_shard_this_process_cannot_open_is_not_set_aside(tmp_path, monkeypatch):
+    """A shard another user's run wrote without group read permission (or any OS-level failure to
+    open it, such as too many open files) is not corrupt: it is left in place for whoever can read
+    it, and this process encodes the entries itself."""
+    import safetensors
+
+    s = store(tmp_path)
+    s.put("k0", torch.ones(2, 3))
+    shard = s.flush()
+    real = safetensors.safe_open
+
+    def denied(path, *args, **kwargs):
+        if str(path) == str(shard):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", denied)
+    fresh = store(tmp_path)
+    assert "k0" not in fresh and fresh.quarantined == [] and shard.exists()
+
+
 def test_concurrent_writers_do_not_corrupt(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     # two processes write overlapping keys at the same time, many small shards each

@@ -134,8 +134,6 @@ class FeatureStore:
                 continue
         index: dict[str, list[str]] = {}
         for *_, shard in sorted(listed, reverse=True):
-            if not shard.exists():  # set aside by another process meanwhile: not this one's to count
-                continue
             try:
                 with safe_open(str(shard), framework="pt") as fh:
                     keys = list(fh.keys())
@@ -143,6 +141,8 @@ class FeatureStore:
                 if meta.get("format") != FORMAT or meta.get("namespace") != self.namespace:
                     raise ValueError("not a shard of this namespace")
                 json.loads(meta["checksums"])
+            except OSError:  # cannot open it (permissions, too many open files, gone): not corrupt, leave it
+                continue
             except Exception:  # unreadable header, truncated file, foreign file: set it aside
                 self._quarantine(shard)
                 continue
