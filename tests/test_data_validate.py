@@ -262,3 +262,17 @@ def test_a_missing_data_file_is_named_as_train_names_it(cli, root):
     assert result.exit_code == 1
     assert f"{missing}: file not found" in result.output.replace("\n", " "), result.output
     assert "FileNotFoundError" not in result.output and "Errno" not in result.output
+
+
+def test_a_bad_encoder_option_is_a_config_error_not_every_file_corrupt(cli, root):
+    """An encoder option the run's encoder refuses is a problem of the configuration: one error
+    naming the option before any record is read, not each input file reported as undecodable."""
+    from mmkit.errors import MmkitError
+
+    path = write(root, [GOOD, {**GOOD, "id": "ok2"}])
+    result = cli(path, "--set", "encoder_options.image.feature_layer=99")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, MmkitError), result.output
+    assert "feature_layer=99" in str(result.exception) and "cannot decode" not in result.output
+    unknown = cli(path, "--set", "encoder_options.image.nope=1")
+    assert isinstance(unknown.exception, MmkitError) and "nope" in str(unknown.exception), unknown.output

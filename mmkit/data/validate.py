@@ -473,6 +473,8 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     names = list(modalities) if modalities else list(host.modalities())
     specs = {m: host.modality(m) for m in names}
     choices = dict(choices or {})
+    if preprocess and decode_files:
+        _build_chosen_encoders(host, specs, choices)
     report = Report()
     report.notes.extend(_notes(specs, choices, lengths=lengths, decode_files=decode_files, preprocess=preprocess))
     run = _Validation.plan(report, host, specs, choices, lengths=lengths, decode_files=decode_files,
@@ -486,6 +488,17 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     _summarise(report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _build_chosen_encoders(host: Any, specs: Mapping[str, Any], choices: Mapping[str, EncoderChoice]) -> None:
+    """Build the run's (non-default) encoders once, here: an option the encoder refuses is a
+    ConfigError / PluginError of the configuration, not every input file reported as undecodable."""
+    from mmkit.data import preprocess_check
+
+    for modality, choice in choices.items():
+        spec = specs.get(modality)
+        if spec is not None and choice != EncoderChoice() and isinstance(spec.load, str):
+            preprocess_check.encoder_for(modality, host, choice)
 
 
 def _notes(specs: Mapping[str, Any], choices: Mapping[str, EncoderChoice], *, lengths: PromptLengths | None,
