@@ -105,6 +105,7 @@ def validate(
 
     from mmkit import get_host, prompt_lengths_for, validate_data
 
+    _keyed_ints(tokens_per_input)  # a malformed value is refused even when no --llm uses it
     cfg = _run_config(config, set_, llm)
     if cfg is not None:
         llm, template = llm or cfg.llm, template or cfg.template

@@ -276,3 +276,12 @@ def test_a_bad_encoder_option_is_a_config_error_not_every_file_corrupt(cli, root
     assert "feature_layer=99" in str(result.exception) and "cannot decode" not in result.output
     unknown = cli(path, "--set", "encoder_options.image.nope=1")
     assert isinstance(unknown.exception, MmkitError) and "nope" in str(unknown.exception), unknown.output
+
+
+def test_a_malformed_tokens_per_input_is_refused_without_llm_too(cli, root):
+    """--tokens-per-input is checked whether or not --llm turns the length check on (it was ignored
+    unparsed without --llm, and the run reported OK)."""
+    from mmkit.errors import ConfigError
+
+    result = cli(write(root, [GOOD]), "--tokens-per-input", "image=abc", "--no-decode")
+    assert isinstance(result.exception, ConfigError) and "image=abc" in str(result.exception), result.output
