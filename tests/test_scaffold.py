@@ -99,6 +99,11 @@ def test_the_variable_kind_replaces_the_encoder_and_keeps_the_default_as_it_was(
     assert "int(rng.integers(64, 513))" in variable["src/mmkit_plugin_demo/demo.py"]
     assert "make_signal(kind, rng))" in fixed["src/mmkit_plugin_demo/demo.py"]
     assert "variable-size (contract 1.1)" in variable["README.md"] and "contract 1.1" not in fixed["README.md"]
+    # The README's "next steps" states each kind's forward contract (a variable encoder returns
+    # RaggedFeatures, never the fixed [B, num_tokens, output_dim] it used to claim for both).
+    assert "`[B, num_tokens, output_dim]`" in fixed["README.md"] and "RaggedFeatures" not in fixed["README.md"]
+    assert "`[B, num_tokens, output_dim]`" not in variable["README.md"]
+    assert "forward` maps a collated batch to\n   `RaggedFeatures`" in variable["README.md"]
     for rel, text in variable.items():
         assert "{{" not in text, rel
         if rel.endswith(".py"):

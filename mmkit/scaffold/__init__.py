@@ -36,6 +36,7 @@ KIND_VALUES: dict[bool, dict[str, str]] = {
         "separability_threshold": "0.6",
         "probe_measured": "0.79",
         "variable_note": "",
+        "forward_contract": "`[B, *input_shape]` to\n   `[B, num_tokens, output_dim]`",
     },
     True: {
         "encoder_tiny": '{"patch_size": 32, "max_tokens": 16, "hidden_size": 32, "num_layers": 1}',
@@ -47,6 +48,7 @@ KIND_VALUES: dict[bool, dict[str, str]] = {
         "variable_note": (" This encoder is variable-size (contract 1.1): `num_tokens = None`, `num_tokens_for(item)`"
                           " gives each input's token count before encoding, `collate` pads a batch and `forward`"
                           " returns `RaggedFeatures`; see mmkit's docs/plugins.md, \"Fixed and variable inputs\"."),
+        "forward_contract": "a collated batch to\n   `RaggedFeatures` (`[n_i, output_dim]` rows per input, `n_i = num_tokens_for(item_i)`)",
     },
 }
 PACKAGE_DIR = "__package__"
