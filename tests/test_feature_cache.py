@@ -157,6 +157,26 @@ def test_a_shard_this_process_cannot_open_is_not_set_aside(tmp_path, monkeypatch
     assert "k0" not in fresh and fresh.quarantined == [] and shard.exists()
 
 
+def test_a_shard_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+    """A full disk or a cache folder this user may not write: a ConfigError naming the cache folder
+    and the reason (no half-written shard left), not a raw OSError from safetensors."""
+    import safetensors.torch
+
+    from mmkit.errors import ConfigError
+
+    s = store(tmp_path)
+    s.put("k0", torch.ones(2, 3))
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ConfigError, match=rf"feature cache {s.directory}: cannot write a shard .*No space left"):
+        s.flush()
+    assert not list(s.directory.glob("*shard*"))
+
+
 def test_concurrent_writers_do_not_corrupt(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     # two processes write overlapping keys at the same time, many small shards each

@@ -249,6 +249,11 @@ class FeatureStore:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
+        except OSError as exc:  # a full disk, a folder this user may not write
+            from mmkit.errors import ConfigError
+
+            raise ConfigError(f"feature cache {self.directory}: cannot write a shard ({exc.strerror or exc}); "
+                              "free space or give --cache-features a folder you can write") from exc
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.directory)
