@@ -135,11 +135,16 @@ def test_bad_jsonl_lines_are_reported_and_the_rest_checked(root):
     assert report.files[0].records == 62 and report.files[0].ok == 60
 
 
-def test_unknown_keys_and_duplicate_ids_are_warnings(cli, root):
+def test_unknown_keys_are_errors_and_duplicate_ids_warnings(cli, root):
+    """`mmkit train` refuses a record with a key it would ignore, so validate fails it too (it was a
+    warning: validate said OK and the training run then stopped on the same file)."""
     path = write(root, [dict(GOOD, colour="red"), GOOD])
     result = cli(path)
-    assert result.exit_code == 0, result.output
-    assert "unknown key 'colour'" in result.output and "id 'ok' also used by" in result.output
+    assert result.exit_code == 1, result.output
+    assert "error" in result.output and "unknown key 'colour'" in result.output
+    assert "1 error(s): 2 records" in result.output and "id 'ok' also used by" in result.output
+    duplicates = cli(write(root, [GOOD, GOOD], "dup.jsonl"))
+    assert duplicates.exit_code == 0 and "id 'ok' also used by" in duplicates.output
 
 
 def test_json_report_lists_every_record(cli, root):
@@ -149,7 +154,7 @@ def test_json_report_lists_every_record(cli, root):
     report = json.loads(result.stdout)
     assert report["ok"] is False and report["summary"]["records"] == 3
     assert [(r["record"], r["id"], r["status"]) for r in report["records"]] == [
-        (0, "ok", "ok"), (1, "b", "error"), (2, "c", "warning")]
+        (0, "ok", "ok"), (1, "b", "error"), (2, "c", "error")]
     assert report["records"][1]["issues"] == [{"severity": "error", "kind": "empty_turn", "reason": "turn 1 is empty"}]
 
 

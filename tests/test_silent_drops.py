@@ -74,7 +74,7 @@ def test_validate_names_an_installed_but_unselected_modality(tmp_path, mm_host, 
     shutil.copy(input_files["pointcloud"][0], tmp_path / "pcl.npy")
     data = _write(tmp_path / "train.jsonl", _records(Path("img.png"), Path("pcl.npy")))
     report = validate([data], host=mm_host, modalities=["image"], decode_files=False)
-    texts = [issue.reason if hasattr(issue, "reason") else str(issue) for issue in report.warnings]
+    texts = [issue.reason if hasattr(issue, "reason") else str(issue) for issue in report.errors]
     joined = " | ".join(map(str, texts))
     assert "key 'pointcloud' holds pointcloud input, but pointcloud is not among the selected modalities" in joined
     assert "unknown key 'sonar': not a field of the format nor a data key of any installed modality" in joined

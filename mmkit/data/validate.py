@@ -4,7 +4,7 @@ runs up front.
 Per record: the schema and turn order, one placeholder per input of each modality, paths inside the
 data root, every input file present and decodable by its modality's ``load`` (in parallel, each
 distinct file once), the tokenised length including the modality tokens within the maximum (when
-a tokenizer is given), and unknown keys (warnings). The result is a :class:`Report`: a summary per
+a tokenizer is given), and unknown keys (errors: training refuses such records). The result is a :class:`Report`: a summary per
 file, every issue with its file, record index, record id, severity and reason, and a per-record
 status list for ``--json``.
 
@@ -686,10 +686,10 @@ def _record_checks(sample: Sample, specs: Mapping[str, Any], add: Callable[[Issu
                    decoders: Mapping[str, Any] | None = None) -> None:
     from mmkit.data.sources import ignored_key_reason
 
-    for key in sample.meta.get("unknown_keys", ()):  # training refuses such records (or skips them)
-        add(Issue(sample.source, sample.index, sample.id, WARNING, "unknown_key",
+    for key in sample.meta.get("unknown_keys", ()):  # an error: training refuses such records (or skips them)
+        add(Issue(sample.source, sample.index, sample.id, ERROR, "unknown_key",
                   ignored_key_reason(key, installed if installed is not None else specs, specs)
-                  + " (ignored: `mmkit train` refuses the record, or leaves it out with --skip-bad-records)"))
+                  + " (`mmkit train` refuses the record, or leaves it out with --skip-bad-records)"))
     previous = seen_ids.get(sample.id)
     if previous is not None:
         add(Issue(sample.source, sample.index, sample.id, WARNING, "duplicate_id",
