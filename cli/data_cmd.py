@@ -81,7 +81,7 @@ def validate(
                                                  "Without it the length check is skipped.")] = None,
     max_length: Annotated[int | None, typer.Option(
         help="Maximum tokens per sample, modality tokens included (default: --config's max_length, else 2048).",
-        show_default=False)] = None,
+        show_default=False, min=1)] = None,
     tokens_per_input: Annotated[list[str] | None, typer.Option(
         help="MODALITY=N tokens one input becomes (default: the run's encoder and projector from --config / --set, "
              "else the modality's default ones in their tiny configuration).")] = None,
@@ -92,7 +92,7 @@ def validate(
     decode: Annotated[bool, typer.Option(help="Decode every input file (--no-decode: only check they exist).")] = True,
     workers: Annotated[int | None, typer.Option(help="Processes decoding files (default: CPU count).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the full per-record report as JSON.")] = False,
-    show: Annotated[int, typer.Option(help="Issues listed after the summary.")] = 20,
+    show: Annotated[int, typer.Option(help="Issues listed after the summary.", min=0)] = 20,
 ) -> None:
     """Check every record before training: schema, turn order, one placeholder per input, paths
     inside the data root, input files present and decodable (in parallel), unknown keys, and with

@@ -290,3 +290,11 @@ def test_a_malformed_tokens_per_input_is_refused_without_llm_too(cli, root):
 
     result = cli(write(root, [GOOD]), "--tokens-per-input", "image=abc", "--no-decode")
     assert isinstance(result.exception, ConfigError) and "image=abc" in str(result.exception), result.output
+
+
+@pytest.mark.parametrize("option", [("--show", "-1"), ("--max-length", "0")])
+def test_out_of_range_counts_are_usage_errors(cli, root, option):
+    """--show -1 listed all but the last issue and said '... and 2 more' of one; --max-length 0
+    failed every record as too long."""
+    result = cli(write(root, [GOOD]), *option)
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
