@@ -363,3 +363,22 @@ def test_a_system_message_given_twice_is_refused_not_dropped(tmp_path):
     assert [e.record_id for e in skipped] == ["twice"]
     assert [(s.id, s.system) for s in samples] == [("key", "Answer in English."), ("turn", "Answer with one word."),
                                                    ("null-key", "Answer with one word.")]
+
+
+def test_a_reader_whose_detect_fails_on_a_record_does_not_claim_the_file(tmp_path, host):
+    """A plugin reader's ``detect`` that raises on a record (written for its own format only) counts
+    as not recognising it, as it does for the path: the file goes to the reader that does, never a
+    raw traceback out of the detection."""
+    from mmkit import ReaderSpec, hookimpl
+
+    def fragile(path, record):
+        return record["format"] == "mine"  # KeyError on any other record
+
+    class Fragile:
+        @hookimpl
+        def mmkit_dataset_readers(self):
+            return [ReaderSpec(name="fragile", read="mmkit.data.readers:read_generic", detect=fragile)]
+
+    host.register(Fragile(), name="fragile")
+    llava = write_json(tmp_path / "llava.json", [{"id": "a", "image": "x.png", "conversations": conv("<image> Q", "A")}])
+    assert pick_reader(host, llava, None) == "llava"

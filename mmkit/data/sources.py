@@ -60,7 +60,7 @@ def pick_reader(host: PluginHost, path: Path, name: str | None) -> str:
     # not a LLaVA file when a point-cloud record follows.
     head = head_records(path, DETECT_RECORDS)
     # Records no reader accepts (malformed ones) are left to the reader to report.
-    votes = [[detect(path, record) for _, detect in ordered] for record in head]
+    votes = [[_claims(detect, path, record) for _, detect in ordered] for record in head]
     usable = [v for v in votes if any(v)]
     if not head and GENERIC_READER in host.readers():
         return GENERIC_READER  # empty, or nothing readable at its start: the reader names what is wrong
@@ -71,6 +71,15 @@ def pick_reader(host: PluginHost, path: Path, name: str | None) -> str:
                                      f"({', '.join(host.readers())})")
 
 
+def _claims(detect: Any, path: Path, record: Any) -> bool:
+    """Whether a reader's ``detect`` accepts ``record``; one that raises on it (a plugin's detect
+    written for its own format only) does not, as for the path above."""
+    try:
+        return bool(detect(path, record))
+    except Exception:
+        return False
+
+
 def iter_samples(host: PluginHost, path: Path, ctx: ReadContext, reader: str | None = None) -> Iterator[Sample]:
     try:
         name = pick_reader(host, path, reader)
@@ -78,6 +87,8 @@ def iter_samples(host: PluginHost, path: Path, ctx: ReadContext, reader: str | N
     except RecursionError:  # any reader (a plugin's too) on deeply nested JSON: the file, not a traceback
         raise DataError(str(path), None, "nested too deeply to read (over ~1000 levels of lists/objects)",
                         kind="file_format") from None
+    except FileNotFoundError as exc:  # the data file (or one a reader opens): named, not a traceback
+        raise DataError(str(path), None, f"file not found: {exc.filename or path}", kind="missing_file") from None
 
 
 def ignored_key_reason(key: str, installed: Mapping[str, Any], selected: Collection[str]) -> str:
