@@ -80,12 +80,14 @@ def evaluate(
 
 def _run_held_out(output_dir: Path, data: list[Path], *, metric: str, out: Path | None, batch_size: int,
                   max_new_tokens: int, console: Any, show_table: bool) -> dict[str, Any]:
-    from mmkit import ConfigError, evaluate, print_eval
+    from mmkit import ConfigError, MissingFileError, evaluate, print_eval
 
     # Results and answer files are keyed by file name: two files of the same name would overwrite
     # each other's, so the clash is refused rather than one file silently not evaluated.
     by_stem: dict[str, Path] = {}
     for path in data:
+        if not path.exists():  # before loading the model, and not a raw FileNotFoundError from the reader
+            raise MissingFileError(str(path), None, "file not found")
         if path.stem in by_stem:
             raise ConfigError(f"--data {by_stem[path.stem]} and --data {path} have the same name {path.stem!r} "
                               "(results are keyed by file name): rename or copy one of them")

@@ -295,3 +295,22 @@ def test_scaffold_trains_on_own_data_offline_skips_a_bad_record_and_reloads(tmp_
                            "Which waveform is this?"], capture_output=True, text=True, env=env, timeout=600)
     assert chat.returncode == 0, chat.stdout[-3000:] + chat.stderr[-3000:]
     assert chat.stdout.strip()
+
+    # The walkthrough's eval step with a mistyped --data file: one error line naming it, exit 1,
+    # before the model loads and without leaving an empty RUN/eval/<name>/ (was a raw FileNotFoundError).
+    missing = subprocess.run([mmkit, "eval", "run", str(run), "--data", str(data / "tset.jsonl")],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert f"error: {data / 'tset.jsonl'}: file not found" in missing.stdout + missing.stderr
+    assert not (run / "eval" / "tset").exists()
+
+
+def test_reading_a_missing_data_file_is_a_missing_file_error(tmp_path):
+    """``mmkit.evaluate`` (or any caller of the readers) on a data file that is not there: a
+    ``MissingFileError`` naming it, not the reader's raw ``FileNotFoundError``."""
+    from mmkit import MissingFileError, get_host
+    from mmkit.data.readers import ReadContext
+    from mmkit.data.sources import iter_samples
+
+    with pytest.raises(MissingFileError, match="file not found"):
+        list(iter_samples(get_host(), tmp_path / "nosuch.jsonl", ReadContext(modalities={})))
