@@ -114,6 +114,21 @@ def test_a_corrupt_entry_is_detected_and_recomputed(tmp_path, mm_host, input_fil
     assert third.fill(paths, encoders={"image": encoder}, preprocess=preprocess).encoded == 0
 
 
+def test_filling_the_cache_leaves_the_random_state_alone(tmp_path, mm_host, input_files):
+    """A run that fills the cache must train exactly as one that finds it full: the fill's data
+    loader drew its base seed from torch's global generator, so LoRA dropout after a cold cache
+    differed from a warm one (the same run's loss differed from step 2 on)."""
+    spec = mm_host.modality("image")
+    encoder = build_encoder(mm_host, spec)
+    preprocess = {"image": make_preprocessor(resolve(spec.load), encoder.preprocess)}
+    paths = [("image", str(p)) for p in input_files["image"]]
+    cache = FeatureCache.for_model(tmp_path, {"image": encoder}, descriptions={})
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    assert cache.fill(paths, encoders={"image": encoder}, preprocess=preprocess).encoded == 3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_an_unreadable_shard_is_set_aside(tmp_path):
     s = store(tmp_path)
     for i in range(3):

@@ -371,8 +371,10 @@ class FeatureCache:
         for modality, todo in by_modality.items():
             encoder = encoders[modality]
             dataset = _Preprocessed(todo, preprocess[modality])
+            # its own generator: a loader draws its base seed from torch's global one otherwise, and a
+            # run that fills the cache would then train with other dropout than one that finds it full
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                                 collate_fn=_collate_preprocessed)
+                                                 collate_fn=_collate_preprocessed, generator=torch.Generator())
             for items, batch_keys, failures in loader:
                 stats.failed.extend(failures)
                 if items:
