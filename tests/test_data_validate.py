@@ -298,3 +298,12 @@ def test_out_of_range_counts_are_usage_errors(cli, root, option):
     failed every record as too long."""
     result = cli(write(root, [GOOD]), *option)
     assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
+def test_a_data_root_that_is_not_a_folder_is_one_config_error(cli, root):
+    """As train's preflight says it: one error naming the root, not every input 'file not found'."""
+    from mmkit.errors import ConfigError
+
+    result = cli(write(root, [GOOD, GOOD]), "--data-root", root / "nowhere")
+    assert isinstance(result.exception, ConfigError), result.output
+    assert f"data_root {root / 'nowhere'}: no such directory" in str(result.exception)

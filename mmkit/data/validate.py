@@ -480,6 +480,10 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     run = _Validation.plan(report, host, specs, choices, lengths=lengths, decode_files=decode_files,
                            workers=workers, preprocess=preprocess)
     root = Path(data_root) if data_root else None
+    if root is not None and not root.is_dir():  # one error, not every input "file not found"
+        from mmkit.errors import ConfigError
+
+        raise ConfigError(f"data_root {root}: no such directory")
     for file in files:
         run.read_file(file, say, data_root=root, allow_outside_root=allow_outside_root, data_format=data_format)
     run.finish_lengths()
