@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import attrs
@@ -48,6 +48,7 @@ _MARK = "\ue000{}\ue001"  # private-use characters: never in real text, never me
 TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
 
 
+@cache  # rendered into every prompt: built once
 def fixed_date_prelude() -> str:
     """Jinja defining, for the template after it, ``date_string`` (unless the caller passes one) and a
     ``strftime_now`` macro that formats :data:`TEMPLATE_DATE` (the usual directives). A callable
