@@ -7,7 +7,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mmkit.prompt import fixed_date_prelude
+from mmkit.errors import MmkitError
+from mmkit.prompt import TEMPLATE_DATE, fixed_date_prelude
 from mmkit.records import Turn
 
 # Probe conversations the exported template is checked on (text only: a stock tokenizer does not
@@ -50,12 +51,6 @@ def run_chat_template(model: Any) -> str:
     return template
 
 
-def _date() -> str:
-    from mmkit.prompt import TEMPLATE_DATE
-
-    return TEMPLATE_DATE.strftime("%d %b %Y")
-
-
 def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
     """A copy of the run's tokenizer with the run's chat template, and notes for the model card on
     what it does not reproduce (empty when every probe conversation renders token for token)."""
@@ -66,7 +61,7 @@ def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
                   and _stock_ids(tokenizer, tokenizer.chat_template, system, turns) != expected]
     notes = ["The tokenizer's chat template is the run's (" + model.prompts.describe_template() + "), with a prelude "
              "that trims each message's outer whitespace and sets `placeholders`, `enable_thinking=False` and the "
-             f"date a template may write ({_date()}; pass `date_string` for another) as mmkit does; tokenise its output with `add_special_tokens=False`. Modality placeholders are not expanded: "
+             f"date a template may write ({TEMPLATE_DATE:%d %b %Y}; pass `date_string` for another) as mmkit does; tokenise its output with `add_special_tokens=False`. Modality placeholders are not expanded: "
              "multimodal prompts need the projector's output in their slots (see mmkit_export.json)."]
     if mismatched:
         notes.append("Warning: for some text-only conversations this tokenizer's chat template does not render the "
@@ -75,8 +70,6 @@ def run_tokenizer(model: Any) -> tuple[Any, list[str]]:
 
 
 def _mmkit_ids(model: Any, system: str | None, turns: tuple[Turn, ...]) -> list[int] | None:
-    from mmkit.errors import MmkitError
-
     try:
         return list(model.prompts.encode_prompt(turns, system).input_ids)
     except MmkitError:  # a template without system turns: nothing to compare
