@@ -71,6 +71,7 @@ def _lamm_items(recipe: Recipe, path: Path, ctx: ReadContext, input_root: Path) 
     """LAMM-Bench records -> items: the modality placeholder(s), then the instruction."""
     items = []
     needed = recipe.fields()
+    synonyms = dict(recipe.synonyms)
     for index, rec in enumerate(_lamm_records(path)):
         source = str(path)
         if not isinstance(rec, dict):
@@ -97,7 +98,7 @@ def _lamm_items(recipe: Recipe, path: Path, ctx: ReadContext, input_root: Path) 
         question = recipe.instruction.format_map({k: rec[k] for k in needed})
         reference = (rec[recipe.reference] if isinstance(recipe.reference, str)
                      else {f: rec[f] for f in recipe.reference})
-        reference = with_synonyms(reference, dict(recipe.synonyms))
+        reference = with_synonyms(reference, synonyms)
         options: tuple[str, ...] = ()
         lettered = False
         if recipe.mode == "choice":
@@ -120,10 +121,11 @@ def _conversation_items(recipe: Recipe, path: Path, host: PluginHost, ctx: ReadC
     from mmkit.evaluation.evaluate import reference
 
     items = []
+    synonyms = dict(recipe.synonyms)
     for sample in iter_samples(host, path, ctx):
         if recipe.system is not None:
             sample = attrs.evolve(sample, system=recipe.system)
-        items.append(Item(sample, with_synonyms(reference(sample), dict(recipe.synonyms)),
+        items.append(Item(sample, with_synonyms(reference(sample), synonyms),
                           tuple(recipe.choices or ()) if recipe.mode == "choice" else ()))
     return items
 
