@@ -27,7 +27,7 @@ import attrs
 from mmkit.data import vocab
 from mmkit.data.preprocess_check import Decoder, EncoderChoice
 from mmkit.records import ReadContext, Sample
-from mmkit.errors import DataError, InputError, MmkitError
+from mmkit.errors import ConfigError, DataError, InputError, MmkitError
 from mmkit.specs import LazyRef, resolve
 
 ERROR, WARNING = "error", "warning"
@@ -247,7 +247,6 @@ def prompt_builder_for(llm: str, markers: Mapping[str, Any], tokens_per_input: M
     check_early(llm, template)
     from transformers import AutoTokenizer
 
-    from mmkit.errors import ConfigError
     from mmkit.modeling.tokens import add_marker_tokens
     from mmkit.prompt import PromptBuilder
 
@@ -470,6 +469,9 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     start = time.perf_counter()
     host = host or get_host()
     say = status or (lambda _msg: None)
+    root = Path(data_root) if data_root else None
+    if root is not None and not root.is_dir():  # one error, before any encoder is built
+        raise ConfigError(f"data_root {root}: no such directory")
     names = list(modalities) if modalities else list(host.modalities())
     specs = {m: host.modality(m) for m in names}
     choices = dict(choices or {})
@@ -479,11 +481,6 @@ def validate(files: Sequence[str | Path], *, host: Any = None, modalities: Seque
     report.notes.extend(_notes(specs, choices, lengths=lengths, decode_files=decode_files, preprocess=preprocess))
     run = _Validation.plan(report, host, specs, choices, lengths=lengths, decode_files=decode_files,
                            workers=workers, preprocess=preprocess)
-    root = Path(data_root) if data_root else None
-    if root is not None and not root.is_dir():  # one error, not every input "file not found"
-        from mmkit.errors import ConfigError
-
-        raise ConfigError(f"data_root {root}: no such directory")
     for file in files:
         run.read_file(file, say, data_root=root, allow_outside_root=allow_outside_root, data_format=data_format)
     run.finish_lengths()
