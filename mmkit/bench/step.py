@@ -103,33 +103,48 @@ class Recorder:
                 for h in self.hook(getattr(model, part)[m], part)]
 
 
-class TimedLoader:
-    """The loop's loader, with the wait for each batch timed; everything else is the loader's."""
+class _LoaderView:
+    """A training loader seen through a change to its batches (:meth:`_each`); every other attribute
+    is the loader's, and the loader's iterator is closed however iteration ends."""
 
-    def __init__(self, batches: Any, rec: Recorder):
-        self._batches, self._rec = batches, rec
+    def __init__(self, loader: Any):
+        self._loader = loader
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self._batches, name)
+        return getattr(self._loader, name)
 
     def __iter__(self):
-        source = iter(self._batches)
+        source = iter(self._loader)
         try:
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(source)
-                except StopIteration:
-                    return
-                self._rec.add("data", time.perf_counter() - start)
-                self._rec.batch(batch)
-                yield batch
+            yield from self._each(source)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
+
+    def _each(self, source: Any) -> Any:
+        raise NotImplementedError
+
+
+class TimedLoader(_LoaderView):
+    """The loop's loader, with the wait for each batch timed."""
+
+    def __init__(self, batches: Any, rec: Recorder):
+        super().__init__(batches)
+        self._rec = rec
+
+    def _each(self, source: Any) -> Any:
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            self._rec.add("data", time.perf_counter() - start)
+            self._rec.batch(batch)
+            yield batch
 
 
 class TimedEngine:
@@ -312,32 +327,22 @@ def add_variant(rig: Rig, name: str, **overrides: Any) -> Variant:
     return variant
 
 
-class StockInputs:
+class StockInputs(_LoaderView):
     """A loader whose batches carry ``encoder.stock_input(inputs)`` for every encoder that offers it:
     the inputs without the weight-free work (sampling, grouping) its ``preprocess`` does ahead of the
     step, which its forward then does in every step, as a stock implementation would. The ``stock``
     variant runs mmkit's default step on these, so one run measures what moving that work bought."""
 
     def __init__(self, loader: Any, encoders: dict[str, Any]):
-        self._loader, self._encoders = loader, encoders
+        super().__init__(loader)
+        self._encoders = encoders
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
-    def __iter__(self):
-        source = iter(self._loader)
-        try:
-            for batch in source:
-                if not batch.is_empty:
-                    batch.inputs = {m: self._encoders[m].stock_input(x).contiguous() if m in self._encoders else x
-                                    for m, x in batch.inputs.items()}
-                yield batch
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+    def _each(self, source: Any) -> Any:
+        for batch in source:
+            if not batch.is_empty:
+                batch.inputs = {m: self._encoders[m].stock_input(x).contiguous() if m in self._encoders else x
+                                for m, x in batch.inputs.items()}
+            yield batch
 
 
 def stock_encoders(rig: Rig) -> dict[str, Any]:
