@@ -56,6 +56,9 @@ DEMO_VIDEO = {
 VIDEO_FILE_TYPES = (".gif", ".apng", ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv",
                     ".wmv", ".flv")
 
+#: CLIP attention projections (CLIPAttention), the usual encoder-LoRA targets of images and video alike.
+CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
 
 @hookimpl
 def mmkit_modalities() -> list[ModalitySpec]:
@@ -68,8 +71,7 @@ def mmkit_modalities() -> list[ModalitySpec]:
             encoder="clip",
             projector="mlp",
             file_types=IMAGE_FILE_TYPES,
-            # CLIP attention projections (CLIPAttention), the usual encoder-LoRA targets.
-            encoder_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+            encoder_lora_targets=CLIP_LORA_TARGETS,
             demo=DemoSpec(
                 build="mmkit_plugin_image.demo:build_demo",
                 encoder_options=DEMO_CLIP,
@@ -85,7 +87,7 @@ def mmkit_modalities() -> list[ModalitySpec]:
             encoder="clip_video",
             projector="mlp",
             file_types=VIDEO_FILE_TYPES,
-            encoder_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+            encoder_lora_targets=CLIP_LORA_TARGETS,  # the same CLIP tower, frame by frame
             demo=DemoSpec(
                 build="mmkit_plugin_image.video_demo:build_demo",
                 encoder_options=DEMO_VIDEO,
